@@ -1,0 +1,157 @@
+"""Building blocks of a DiffusionGemma transformer layer."""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .cache import LayerCache
+from .config import LayerShape, RopeConfig, TextConfig
+
+ACTIVATIONS = {
+    "gelu_pytorch_tanh": nn.gelu_approx,
+    "gelu_new": nn.gelu_approx,
+    "gelu": nn.gelu,
+    "silu": nn.silu,
+    "relu": nn.relu,
+}
+
+
+class RMSNorm(nn.Module):
+    """RMS norm whose weight multiplies directly (Gemma 4 stores w, not w - 1)."""
+
+    def __init__(self, dims: int, eps: float):
+        super().__init__()
+        self.weight = mx.ones((dims,))
+        self.eps = eps
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return mx.fast.rms_norm(x, self.weight, self.eps)
+
+
+def rms_normalize(x: mx.array, eps: float) -> mx.array:
+    """Scale-free RMS norm (value states, router input, self-conditioning output)."""
+    return mx.fast.rms_norm(x, None, eps)
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE over the whole head, in the rotate-half layout.
+
+    "proportional" RoPE rotates only the first `partial_rotary_factor` of the
+    frequency pairs; the others get an infinite wavelength, i.e. no rotation.
+    """
+
+    def __init__(self, head_dim: int, rope: RopeConfig):
+        super().__init__()
+        self.head_dim = head_dim
+        self.base: float | None = rope.theta
+        self.scale = 1.0
+        self._freqs = None
+        if rope.rope_type == "linear":
+            self.scale = 1.0 / rope.factor
+        elif rope.rope_type == "proportional":
+            rotated = int(rope.partial_rotary_factor * head_dim // 2)
+            exponents = mx.arange(0, 2 * rotated, 2, dtype=mx.float32) / head_dim
+            wavelengths = rope.factor * mx.power(rope.theta, exponents)
+            unrotated = mx.full((head_dim // 2 - rotated,), mx.inf)
+            self._freqs = mx.concatenate([wavelengths, unrotated])
+            self.base = None
+
+    def __call__(self, x: mx.array, offset: int) -> mx.array:
+        return mx.fast.rope(
+            x, self.head_dim, traditional=False, base=self.base, scale=self.scale, offset=offset, freqs=self._freqs
+        )
+
+
+class Attention(nn.Module):
+    """Self-attention with q/k norms, normed values and attention scale 1.
+
+    Full-attention layers have no value projection: their values are the raw
+    key projection, before the key norm and RoPE.
+    """
+
+    def __init__(self, config: TextConfig, shape: LayerShape):
+        super().__init__()
+        heads, kv_heads, head_dim = config.num_attention_heads, shape.num_key_value_heads, shape.head_dim
+        bias = config.attention_bias
+        self.num_heads, self.num_kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.eps = config.rms_norm_eps
+        self.q_proj = nn.Linear(config.hidden_size, heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv_heads * head_dim, bias=bias)
+        if shape.is_sliding:
+            self.v_proj = nn.Linear(config.hidden_size, kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(heads * head_dim, config.hidden_size, bias=bias)
+        self.q_norm = RMSNorm(head_dim, config.rms_norm_eps)
+        self.k_norm = RMSNorm(head_dim, config.rms_norm_eps)
+        self.rope = RotaryEmbedding(head_dim, shape.rope)
+
+    def _heads(self, x: mx.array, count: int) -> mx.array:
+        batch, length, _ = x.shape
+        return x.reshape(batch, length, count, self.head_dim)
+
+    def keys_and_values(self, x: mx.array, offset: int) -> tuple[mx.array, mx.array]:
+        """Keys and values of `x`, shaped (batch, kv_heads, length, head_dim)."""
+        raw_keys = self._heads(self.k_proj(x), self.num_kv_heads)
+        raw_values = self._heads(self.v_proj(x), self.num_kv_heads) if "v_proj" in self else raw_keys
+        keys = self.rope(self.k_norm(raw_keys).transpose(0, 2, 1, 3), offset)
+        values = rms_normalize(raw_values, self.eps).transpose(0, 2, 1, 3)
+        return keys, values
+
+    def __call__(
+        self,
+        x: mx.array,
+        cache: LayerCache,
+        offset: int,
+        mask: mx.array | None,
+        store: bool,
+    ) -> mx.array:
+        """Attend over the cached states and `x`; `store` appends `x`'s states (encoder)."""
+        batch, length, _ = x.shape
+        queries = self.rope(self.q_norm(self._heads(self.q_proj(x), self.num_heads)).transpose(0, 2, 1, 3), offset)
+        keys, values = cache.extended(*self.keys_and_values(x, offset))
+        if store:
+            cache.store(keys, values)
+        out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=1.0, mask=mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)): the dense feed-forward block."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, activation: str):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.act = ACTIVATIONS[activation]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SelfConditioning(nn.Module):
+    """Mixes the previous step's soft prediction into the canvas embeddings."""
+
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.pre_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act = ACTIVATIONS[config.hidden_activation]
+        self.eps = config.rms_norm_eps
+
+    def __call__(self, embeddings: mx.array, soft_embeddings: mx.array | None) -> mx.array:
+        # With no previous prediction the signal is zero and the MLP of zero is
+        # zero (no biases), so only the output norm remains.
+        if soft_embeddings is not None:
+            normed = self.pre_norm(soft_embeddings)
+            embeddings = embeddings + self.down_proj(self.act(self.gate_proj(normed)) * self.up_proj(normed))
+        return rms_normalize(embeddings, self.eps)
+
+
+def embedding_scale(hidden_size: int, dtype: mx.Dtype) -> mx.array:
+    """sqrt(hidden), rounded to the embedding dtype as the reference does."""
+    return mx.array(math.sqrt(hidden_size), dtype=dtype)

@@ -1,0 +1,232 @@
+"""DiffusionGemma in MLX: one set of layer weights, two roles.
+
+The encoder runs the layers causally over the prompt (later, each committed
+canvas) and appends their keys and values to the cache. The decoder runs the
+same layers bidirectionally over a canvas, attending to [cached, canvas]
+without changing the cache, and returns soft-capped float32 logits.
+
+The module tree mirrors the checkpoint's key names (`model.decoder.layers.N...`,
+`model.encoder.language_model.layers.N.layer_scalar`), so weights load as they
+are stored and quantization paths match the community MLX conversions.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .cache import EncoderCache
+from .config import LayerShape, ModelConfig, TextConfig
+from .layers import Attention, GatedMLP, RMSNorm, SelfConditioning, embedding_scale
+from .moe import Experts, Router
+
+
+class TransformerLayer(nn.Module):
+    """Attention, then a dense MLP and a mixture of experts side by side."""
+
+    def __init__(self, config: TextConfig, shape: LayerShape):
+        super().__init__()
+        hidden, eps = config.hidden_size, config.rms_norm_eps
+        self.self_attn = Attention(config, shape)
+        self.mlp = GatedMLP(hidden, config.intermediate_size, config.hidden_activation)
+        self.router = Router(config)
+        self.experts = Experts(config)
+        self.input_layernorm = RMSNorm(hidden, eps)
+        self.post_attention_layernorm = RMSNorm(hidden, eps)
+        self.pre_feedforward_layernorm = RMSNorm(hidden, eps)
+        self.post_feedforward_layernorm = RMSNorm(hidden, eps)
+        self.post_feedforward_layernorm_1 = RMSNorm(hidden, eps)
+        self.pre_feedforward_layernorm_2 = RMSNorm(hidden, eps)
+        self.post_feedforward_layernorm_2 = RMSNorm(hidden, eps)
+        self.layer_scalar = mx.ones((1,))
+
+    def __call__(self, h, cache, offset, mask, store: bool, layer_scalar: mx.array) -> mx.array:
+        h = h + self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), cache, offset, mask, store))
+        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(h)))
+        moe = self.post_feedforward_layernorm_2(self._moe(h))
+        h = h + self.post_feedforward_layernorm(dense + moe)
+        return h * layer_scalar
+
+    def _moe(self, h: mx.array) -> mx.array:
+        # The router reads the residual stream itself; the experts its normed copy.
+        flat = h.reshape(-1, h.shape[-1])
+        indices, weights = self.router(flat)
+        out = self.experts(self.pre_feedforward_layernorm_2(flat), indices, weights)
+        return out.reshape(h.shape)
+
+
+class Decoder(nn.Module):
+    """Holds the shared weights: embeddings, layers, final norm, self-conditioning."""
+
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = [TransformerLayer(config, shape) for shape in config.layers]
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_conditioning = SelfConditioning(config)
+
+
+class EncoderLayerScalar(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer_scalar = mx.ones((1,))
+
+
+class EncoderLanguageModel(nn.Module):
+    """The encoder's only weights of its own: a per-layer output scalar."""
+
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.layers = [EncoderLayerScalar() for _ in config.layers]
+
+
+class Encoder(nn.Module):
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.language_model = EncoderLanguageModel(config)
+
+
+class Backbone(nn.Module):
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.decoder = Decoder(config)
+        self.encoder = Encoder(config)
+
+
+class Model(nn.Module):
+    """DiffusionGemma for block diffusion: `encode` fills a cache, `denoise` reads it."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.text_config = config.text
+        self.model = Backbone(config.text)
+
+    @property
+    def layers(self) -> list[TransformerLayer]:
+        return self.model.decoder.layers
+
+    @property
+    def embed_tokens(self) -> nn.Module:
+        return self.model.decoder.embed_tokens
+
+    def make_cache(self) -> EncoderCache:
+        return EncoderCache(self.text_config.sliding_window, [shape.is_sliding for shape in self.text_config.layers])
+
+    def _embed(self, ids: mx.array) -> mx.array:
+        embeddings = self.embed_tokens(ids)
+        return embeddings * embedding_scale(self.text_config.hidden_size, embeddings.dtype)
+
+    def encode(self, input_ids: mx.array, cache: EncoderCache, attention_mask: mx.array | None = None) -> None:
+        """Append the keys and values of `input_ids` (batch, length) to `cache`.
+
+        `attention_mask` (batch, length) marks real tokens with 1 and left
+        padding with 0; padded positions are never attended to afterwards.
+        """
+        batch, length = input_ids.shape
+        cache.check_batch(batch)
+        offset = cache.offset
+        masks = self._encoder_masks(cache, batch, length, attention_mask)
+        h = self._embed(input_ids)
+        scalars = self.model.encoder.language_model.layers
+        last = len(self.layers) - 1
+        for index, (layer, layer_cache) in enumerate(zip(self.layers, cache.layers)):
+            if index == last:
+                # The encoder's output is never read, only its cache: the last
+                # layer needs its keys and values and nothing more.
+                keys, values = layer_cache.extended(*layer.self_attn.keys_and_values(layer.input_layernorm(h), offset))
+                layer_cache.store(keys, values)
+                break
+            mask = masks[layer_cache.keep]
+            h = layer(h, layer_cache, offset, mask, True, scalars[index].layer_scalar)
+        cache.append_validity(attention_mask, length, batch)
+
+    def denoise(
+        self,
+        canvas_ids: mx.array,
+        cache: EncoderCache,
+        self_conditioning_logits: mx.array | None = None,
+    ) -> mx.array:
+        """Float32 soft-capped logits (batch, canvas, vocab) for a canvas; the cache is unchanged."""
+        batch, length = canvas_ids.shape
+        cache.check_batch(batch)
+        offset = cache.offset
+        embeddings = self._embed(canvas_ids)
+        soft = None if self_conditioning_logits is None else self._soft_embeddings(self_conditioning_logits)
+        h = self.model.decoder.self_conditioning(embeddings, soft)
+        for layer, layer_cache in zip(self.layers, cache.layers):
+            mask = self._decoder_mask(cache, layer_cache.length, length)
+            h = layer(h, layer_cache, offset, mask, False, layer.layer_scalar)
+        return self.logits(self.model.decoder.norm(h))
+
+    def logits(self, hidden: mx.array) -> mx.array:
+        """The tied head, in float32, soft-capped."""
+        logits = self.embed_tokens.as_linear(hidden).astype(mx.float32)
+        cap = self.text_config.final_logit_softcapping
+        if cap:
+            logits = mx.tanh(logits / cap) * cap
+        return logits
+
+    def _soft_embeddings(self, logits: mx.array) -> mx.array:
+        """softmax(logits) @ embeddings × scale: the expected embedding of the last prediction."""
+        embed = self.embed_tokens
+        probs = mx.softmax(logits.astype(mx.float32), axis=-1)
+        if isinstance(embed, nn.QuantizedEmbedding):
+            dtype = embed.scales.dtype
+            soft = mx.quantized_matmul(
+                probs.astype(dtype),
+                embed.weight,
+                embed.scales,
+                embed.biases,
+                transpose=False,
+                group_size=embed.group_size,
+                bits=embed.bits,
+                mode=embed.mode,
+            )
+        else:
+            dtype = embed.weight.dtype
+            soft = probs.astype(dtype) @ embed.weight
+        return soft * embedding_scale(self.text_config.hidden_size, dtype)
+
+    def _encoder_masks(
+        self, cache: EncoderCache, batch: int, length: int, attention_mask: mx.array | None
+    ) -> dict[int | None, mx.array]:
+        """Boolean masks (batch|1, 1, length, keys), one per kind of layer cache."""
+        config = self.text_config
+        offset = cache.offset
+        new_valid = None if attention_mask is None else attention_mask.astype(mx.bool_)
+        masks = {}
+        for layer_cache in cache.layers:
+            key = layer_cache.keep
+            if key in masks:
+                continue
+            cached = layer_cache.length
+            query_pos = mx.arange(offset, offset + length)[:, None]
+            key_pos = mx.arange(offset - cached, offset + length)[None, :]
+            allowed = key_pos <= query_pos
+            if layer_cache.keep is not None:
+                allowed = allowed & (key_pos > query_pos - config.sliding_window)
+            old_valid = cache.validity_of_last(cached)
+            if new_valid is not None or old_valid is not None:
+                valid = mx.concatenate(
+                    [
+                        old_valid if old_valid is not None else mx.ones((batch, cached), dtype=mx.bool_),
+                        new_valid if new_valid is not None else mx.ones((batch, length), dtype=mx.bool_),
+                    ],
+                    axis=1,
+                )
+                # A padded query may see no real key; letting it see itself
+                # keeps its (never read) output finite.
+                allowed = (allowed[None] & valid[:, None, :]) | (key_pos == query_pos)[None]
+                masks[key] = allowed[:, None]
+            else:
+                masks[key] = allowed[None, None]
+        return masks
+
+    def _decoder_mask(self, cache: EncoderCache, cached: int, canvas: int) -> mx.array | None:
+        """The canvas sees every real cached position and the whole canvas."""
+        valid = cache.validity_of_last(cached)
+        if valid is None:
+            return None
+        canvas_valid = mx.ones((valid.shape[0], canvas), dtype=mx.bool_)
+        return mx.concatenate([valid, canvas_valid], axis=1)[:, None, None, :]

@@ -1,0 +1,128 @@
+"""Mixture of experts: the router and the expert feed-forward blocks.
+
+How tokens reach their experts is chosen per backend (`moe_dispatch`):
+- "gather": MLX's sorted `gather_mm` / `gather_qmm`, the tuned path on Metal
+  that mlx-lm's switch layers use;
+- "grouped": tokens sorted by expert, then one dense matmul per expert that
+  was hit. MLX's CPU `gather_mm` is about a thousand times slower than a dense
+  matmul and refuses bf16, so this is the CPU path.
+Both compute the same thing; tests hold them to float tolerance.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+
+from .config import TextConfig
+from .layers import ACTIVATIONS, rms_normalize
+
+DISPATCHES = ("gather", "grouped")
+_forced_dispatch: str | None = None
+
+
+def moe_dispatch() -> str:
+    """The MoE dispatch for the current default device."""
+    if _forced_dispatch is not None:
+        return _forced_dispatch
+    if mx.default_device().type == mx.cpu:
+        return "grouped"
+    return "gather"
+
+
+def set_moe_dispatch(dispatch: str | None) -> None:
+    """Force a dispatch (tests, benchmarks); None restores the per-backend choice."""
+    global _forced_dispatch
+    if dispatch is not None and dispatch not in DISPATCHES:
+        raise ValueError(f"unknown MoE dispatch {dispatch!r}; choose from {DISPATCHES}")
+    _forced_dispatch = dispatch
+
+
+class Router(nn.Module):
+    """Picks top-k experts per token from the un-normed residual stream."""
+
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.proj = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.scale = mx.ones((config.hidden_size,))
+        self.per_expert_scale = mx.ones((config.num_experts,))
+        self.top_k = config.top_k_experts
+        self.eps = config.rms_norm_eps
+        self.root_size = config.hidden_size**-0.5
+
+    def __call__(self, x: mx.array) -> tuple[mx.array, mx.array]:
+        x = rms_normalize(x, self.eps) * (self.scale * self.root_size)
+        scores = self.proj(x).astype(mx.float32)
+        indices = mx.argpartition(-scores, kth=self.top_k - 1, axis=-1)[..., : self.top_k]
+        # Softmax over the chosen scores equals the full softmax renormalised
+        # over the top k, as the reference computes it.
+        weights = mx.softmax(mx.take_along_axis(scores, indices, axis=-1), axis=-1)
+        return indices, weights * self.per_expert_scale[indices].astype(mx.float32)
+
+
+class Experts(nn.Module):
+    """The experts' gated feed-forward blocks, stacked as (experts, out, in)."""
+
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        hidden, inner, count = config.hidden_size, config.moe_intermediate_size, config.num_experts
+        self.gate_up_proj = SwitchLinear(hidden, 2 * inner, count, bias=False)
+        self.down_proj = SwitchLinear(inner, hidden, count, bias=False)
+        self.inner = inner
+        self.act = ACTIVATIONS[config.hidden_activation]
+
+    def __call__(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
+        """x: (tokens, hidden); indices, weights: (tokens, k). Returns (tokens, hidden)."""
+        if moe_dispatch() == "grouped":
+            return self._grouped(x, indices, weights)
+        return self._gathered(x, indices, weights)
+
+    def _glu(self, gate_up: mx.array) -> mx.array:
+        return self.act(gate_up[..., : self.inner]) * gate_up[..., self.inner :]
+
+    def _gathered(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
+        tokens, k = indices.shape
+        flat = indices.flatten()
+        order = mx.argsort(flat)
+        rows = mx.expand_dims(x[order // k], -2)  # (tokens*k, 1, hidden), sorted by expert
+        sorted_experts = flat[order]
+        hidden = self._glu(self.gate_up_proj(rows, sorted_experts, sorted_indices=True))
+        out = self.down_proj(hidden, sorted_experts, sorted_indices=True).squeeze(-2)
+        out = out[mx.argsort(order)].reshape(tokens, k, -1)
+        return (out * weights[..., None].astype(out.dtype)).sum(axis=1)
+
+    def _grouped(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
+        tokens, k = indices.shape
+        flat = indices.flatten()
+        order = mx.argsort(flat)
+        counts = mx.zeros((self.gate_up_proj.num_experts,), dtype=mx.int32).at[flat].add(1)
+        rows = x[order // k]
+        # One host read per MoE block: the per-expert row counts set the slices.
+        ends = mx.cumsum(counts).tolist()
+        pieces, start = [], 0
+        for expert, end in enumerate(ends):
+            if end > start:
+                part = rows[start:end]
+                hidden = self._glu(_expert_matmul(self.gate_up_proj, part, expert))
+                pieces.append(_expert_matmul(self.down_proj, hidden, expert))
+            start = end
+        out = mx.concatenate(pieces, axis=0)[mx.argsort(order)].reshape(tokens, k, -1)
+        return (out * weights[..., None].astype(out.dtype)).sum(axis=1)
+
+
+def _expert_matmul(layer: SwitchLinear | QuantizedSwitchLinear, x: mx.array, expert: int) -> mx.array:
+    """x @ W[expert].T for a plain or quantized stacked-expert layer."""
+    if isinstance(layer, QuantizedSwitchLinear):
+        biases = layer.biases[expert] if layer.biases is not None else None
+        return mx.quantized_matmul(
+            x,
+            layer.weight[expert],
+            layer.scales[expert],
+            biases,
+            transpose=True,
+            group_size=layer.group_size,
+            bits=layer.bits,
+            mode=layer.mode,
+        )
+    return x @ layer.weight[expert].T

@@ -1,0 +1,293 @@
+"""The block-diffusion sampler: denoise a canvas, commit it, append it, repeat.
+
+Per canvas: start from uniform noise; at each step (N down to 1) scale the
+logits by a linear temperature, draw a token per position, accept the
+lowest-entropy positions while their summed entropy (less the largest) stays
+within the bound, re-noise the rest, and stop early once the argmax canvas is
+stable and confident. The committed canvas is the last argmax canvas; after
+the first EOS everything becomes pad.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+import mlx.core as mx
+
+from .cache import EncoderCache
+from .model import Model
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """Sampler parameters; defaults are the reference's, a checkpoint's generation_config.json overrides them."""
+
+    steps: int = 48
+    entropy_bound: float = 0.1
+    t_min: float = 0.4
+    t_max: float = 0.8
+    stability_threshold: int = 1
+    confidence_threshold: float = 0.005
+    max_new_tokens: int = 256
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks = [
+            (isinstance(self.steps, int) and self.steps > 0, "steps must be a positive integer"),
+            (self.entropy_bound > 0, "entropy_bound must be > 0"),
+            (0 <= self.t_min < self.t_max, "temperatures need 0 <= t_min < t_max"),
+            (
+                isinstance(self.stability_threshold, int) and self.stability_threshold >= 0,
+                "stability_threshold must be an integer >= 0",
+            ),
+            (self.confidence_threshold > 0, "confidence_threshold must be > 0"),
+            (isinstance(self.max_new_tokens, int) and self.max_new_tokens > 0, "max_new_tokens must be positive"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"{message} (got {self._describe()})")
+
+    def _describe(self) -> str:
+        return ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self))
+
+    def updated(self, **overrides: Any) -> SamplerSettings:
+        """A copy with the given parameters changed; None leaves one as it is."""
+        unknown = set(overrides) - {f.name for f in fields(self)}
+        if unknown:
+            raise ValueError(f"unknown sampler parameter(s): {', '.join(sorted(unknown))}")
+        changes = {key: value for key, value in overrides.items() if value is not None}
+        if "eos_token_ids" in changes:
+            changes["eos_token_ids"] = _as_tuple(changes["eos_token_ids"])
+        return replace(self, **changes)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, text_config: Any | None = None) -> SamplerSettings:
+        """Defaults overridden by the checkpoint's generation_config.json (nulls keep defaults)."""
+        generation = {}
+        file = Path(path) / "generation_config.json"
+        if file.is_file():
+            try:
+                generation = json.loads(file.read_text())
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{file} is not valid JSON ({error})") from None
+        return cls.from_generation_config(generation, text_config)
+
+    @classmethod
+    def from_generation_config(cls, generation: dict[str, Any], text_config: Any | None = None) -> SamplerSettings:
+        sampler = generation.get("sampler_config") or {}
+        values = {
+            "steps": generation.get("max_denoising_steps"),
+            "entropy_bound": sampler.get("entropy_bound") if isinstance(sampler, dict) else None,
+            "t_min": generation.get("t_min"),
+            "t_max": generation.get("t_max"),
+            "stability_threshold": generation.get("stability_threshold"),
+            "confidence_threshold": generation.get("confidence_threshold"),
+            "max_new_tokens": generation.get("max_new_tokens"),
+            "pad_token_id": generation.get("pad_token_id"),
+        }
+        eos = generation.get("eos_token_id")
+        if eos is None and text_config is not None:
+            eos = text_config.eos_token_id
+        if values["pad_token_id"] is None and text_config is not None:
+            values["pad_token_id"] = text_config.pad_token_id
+        return cls().updated(eos_token_ids=_as_tuple(eos), **values)
+
+
+def _as_tuple(value: int | list[int] | tuple[int, ...] | None) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, int):
+        return (value,)
+    return tuple(int(v) for v in value)
+
+
+class Noise(Protocol):
+    """Every random number the sampler uses. `canvas` counts from 0 within one call;
+    `step` 0 is a canvas's initial noise and s ≥ 1 the s-th denoising step."""
+
+    def tokens(self, canvas: int, step: int, shape: tuple[int, ...], vocab: int) -> mx.array: ...
+
+    def gumbel(self, canvas: int, step: int, shape: tuple[int, ...]) -> mx.array: ...
+
+
+class SeededNoise:
+    """Noise from MLX's counter-based RNG, one key per (seed, canvas, step, kind)."""
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+
+    def _key(self, canvas: int, step: int, kind: int) -> mx.array:
+        return mx.random.key(((self.seed * 1_000_003 + canvas) * 65_537 + step) * 2 + kind)
+
+    def tokens(self, canvas: int, step: int, shape: tuple[int, ...], vocab: int) -> mx.array:
+        return mx.random.randint(0, vocab, shape, key=self._key(canvas, step, 0))
+
+    def gumbel(self, canvas: int, step: int, shape: tuple[int, ...]) -> mx.array:
+        return mx.random.gumbel(shape, key=self._key(canvas, step, 1))
+
+
+def temperature(step: int, settings: SamplerSettings) -> mx.array:
+    """t_min + (t_max - t_min) * step / N in float32, the division as the reference does it."""
+    ratio = mx.array(step, dtype=mx.float32) / mx.array(settings.steps, dtype=mx.float32)
+    return mx.array(settings.t_min, dtype=mx.float32) + mx.array(settings.t_max - settings.t_min, mx.float32) * ratio
+
+
+def token_entropy(processed: mx.array) -> mx.array:
+    """Entropy of softmax(processed) per position."""
+    log_probs = processed - mx.logsumexp(processed, axis=-1, keepdims=True)
+    return -(mx.exp(log_probs) * log_probs).sum(axis=-1)
+
+
+def accepted_positions(entropy: mx.array, bound: float) -> mx.array:
+    """Lowest-entropy positions whose summed entropy, less the largest of them, stays within `bound`."""
+    order = mx.argsort(entropy, axis=-1)
+    ascending = mx.take_along_axis(entropy, order, axis=-1)
+    within = (mx.cumsum(ascending, axis=-1) - ascending) <= bound
+    return mx.take_along_axis(within, mx.argsort(order, axis=-1), axis=-1)
+
+
+@dataclass
+class StepResult:
+    canvas: mx.array  # the next step's input: accepted draws, the rest re-noised
+    argmax: mx.array  # this step's argmax canvas (the draft)
+    processed: mx.array  # temperature-scaled logits, the next step's self-conditioning
+    finished: mx.array  # rows whose denoising has stopped
+
+
+def denoising_step(
+    logits: mx.array,
+    state: StepResult,
+    history: mx.array | None,
+    remaining: int,
+    settings: SamplerSettings,
+    noise_tokens: mx.array,
+    gumbel: mx.array,
+) -> tuple[StepResult, mx.array | None]:
+    """All the vocabulary-wide math of one step; `remaining` counts N down to 1."""
+    processed = logits / temperature(remaining, settings)
+    drawn = mx.argmax(processed + gumbel, axis=-1)
+    argmax = mx.argmax(processed, axis=-1)
+    entropy = token_entropy(processed)
+    canvas = mx.where(accepted_positions(entropy, settings.entropy_bound), drawn, noise_tokens)
+
+    # Rows that stopped earlier keep their canvas, draft and self-conditioning.
+    done = state.finished
+    canvas = mx.where(done[:, None], state.canvas, canvas)
+    argmax = mx.where(done[:, None], state.argmax, argmax)
+    if state.processed is not None:
+        processed = mx.where(done[:, None, None], state.processed, processed)
+
+    if settings.stability_threshold == 0:
+        stable = mx.ones(done.shape, dtype=mx.bool_)
+    else:
+        stable = (history == argmax[None]).all(axis=(0, 2))
+        history = mx.concatenate([history[1:], argmax[None]], axis=0)
+    confident = entropy.mean(axis=-1) < settings.confidence_threshold
+    return StepResult(canvas, argmax, processed, done | (stable & confident)), history
+
+
+@dataclass
+class CanvasResult:
+    tokens: mx.array  # committed canvas (batch, canvas), pads after EOS applied
+    steps: list[int]  # denoising steps each row ran
+    finished: list[bool]  # rows finished (EOS or length) after this canvas
+
+
+DraftCallback = Callable[[int, int, mx.array], None]
+
+
+class BlockSampler:
+    """Runs the sampler over a cache that already holds the prompt."""
+
+    def __init__(self, model: Model, settings: SamplerSettings, noise: Noise | None = None):
+        self.model = model
+        self.settings = settings
+        self.noise = noise if noise is not None else SeededNoise(settings.seed)
+        self.vocab = model.text_config.vocab_size
+        self.canvas_length = model.config.canvas_length
+
+    @property
+    def max_canvases(self) -> int:
+        return math.ceil(self.settings.max_new_tokens / self.canvas_length)
+
+    def canvases(
+        self,
+        cache: EncoderCache,
+        batch: int,
+        on_draft: DraftCallback | None = None,
+        finished: list[bool] | None = None,
+    ) -> Iterator[CanvasResult]:
+        """Denoise and commit canvases until every row has finished or the token budget is spent."""
+        finished = list(finished) if finished is not None else [False] * batch
+        previous = None
+        for index in range(self.max_canvases):
+            if previous is not None:
+                # The committed canvas becomes context for the next one.
+                self.model.encode(previous, cache)
+            argmax, steps = self._denoise(cache, batch, index, finished, on_draft)
+            previous, finished_now = self._commit(argmax, finished, last=index == self.max_canvases - 1)
+            yield CanvasResult(previous, steps, finished_now)
+            finished = finished_now
+            if all(finished):
+                return
+
+    def _denoise(
+        self, cache: EncoderCache, batch: int, canvas_index: int, finished: list[bool], on_draft
+    ) -> tuple[mx.array, list[int]]:
+        settings, shape = self.settings, (batch, self.canvas_length)
+        canvas = self.noise.tokens(canvas_index, 0, shape, self.vocab)
+        state = StepResult(canvas, canvas, None, mx.zeros((batch,), dtype=mx.bool_))
+        history = None
+        if settings.stability_threshold > 0:
+            history = mx.full((settings.stability_threshold, *shape), -1, dtype=canvas.dtype)
+        embed_dtype = self._embedding_dtype()
+        steps = [0] * batch
+        stopped = [False] * batch
+        for step_index, remaining in enumerate(range(settings.steps, 0, -1), start=1):
+            for row in range(batch):
+                steps[row] += not (stopped[row] or finished[row])
+            self_conditioning = None if state.processed is None else state.processed.astype(embed_dtype)
+            logits = self.model.denoise(state.canvas, cache, self_conditioning)
+            state, history = denoising_step(
+                logits,
+                state,
+                history,
+                remaining,
+                settings,
+                self.noise.tokens(canvas_index, step_index, shape, self.vocab),
+                self.noise.gumbel(canvas_index, step_index, (*shape, self.vocab)),
+            )
+            mx.eval(state.canvas, state.argmax, state.finished, state.processed)
+            # The one host read per step: which rows have stopped.
+            stopped = state.finished.tolist()
+            if on_draft is not None:
+                on_draft(canvas_index, step_index, state.argmax)
+            if all(stopped):
+                break
+        return state.argmax, steps
+
+    def _embedding_dtype(self) -> mx.Dtype:
+        embed = self.model.embed_tokens
+        return embed.scales.dtype if hasattr(embed, "scales") else embed.weight.dtype
+
+    def _commit(self, argmax: mx.array, finished: list[bool], last: bool) -> tuple[mx.array, list[bool]]:
+        """Rows done before this canvas become all pad; rows hitting EOS are padded after it."""
+        settings = self.settings
+        eos = mx.array(settings.eos_token_ids or [-1])
+        is_eos = (argmax[..., None] == eos).any(axis=-1)
+        hit_eos = is_eos.any(axis=-1).tolist()
+        finished_now = [done or eos_here or last for done, eos_here in zip(finished, hit_eos)]
+        if settings.pad_token_id is None or not any(finished_now):
+            return argmax, finished_now
+        seen = mx.cumsum(is_eos.astype(mx.int32), axis=-1)
+        after_first_eos = (seen > 0) & ~((seen == 1) & is_eos)
+        was_done = mx.array(finished)[:, None]
+        pad = was_done | (mx.array(hit_eos)[:, None] & after_first_eos)
+        return mx.where(pad, settings.pad_token_id, argmax), finished_now

@@ -1,0 +1,213 @@
+"""The MLX model against the transformers reference on random-weight checkpoints.
+
+Float32 checkpoints: logits and encoder caches to 1e-4 absolute.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from checkpoints import build_reference_model, save_reference_checkpoint
+from transformers.cache_utils import DynamicCache
+
+import mlx_dgemma
+from mlx_dgemma import set_moe_dispatch
+
+TOLERANCE = 1e-4
+
+
+def to_mx(tensor: torch.Tensor) -> mx.array:
+    return mx.array(tensor.numpy())
+
+
+def max_error(ours: mx.array, reference: torch.Tensor) -> float:
+    return float(np.abs(np.array(ours.astype(mx.float32)) - reference.float().numpy()).max())
+
+
+class ReferenceRun:
+    """Drives the reference the way its `generate` does: encoder fills, decoder reads."""
+
+    def __init__(self, model):
+        self.model = model
+        self.cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+        self.mask = None
+
+    @torch.no_grad()
+    def encode(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        if mask is not None or self.mask is not None:
+            new = mask if mask is not None else torch.ones_like(ids, dtype=torch.bool)
+            self.mask = new.bool() if self.mask is None else torch.cat([self.mask, new.bool()], dim=1)
+        self.model.model.encoder(input_ids=ids, attention_mask=self.mask, past_key_values=self.cache)
+
+    @torch.no_grad()
+    def denoise(self, canvas: torch.Tensor, self_conditioning_logits: torch.Tensor | None = None) -> torch.Tensor:
+        decoder_mask = None
+        if self.mask is not None:
+            decoder_mask = torch.nn.functional.pad(self.mask, (0, canvas.shape[1]), value=True)
+        return self.model(
+            decoder_input_ids=canvas,
+            past_key_values=self.cache,
+            self_conditioning_logits=self_conditioning_logits,
+            decoder_attention_mask=decoder_mask,
+        ).logits
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """The default small shape, written in the released layout across several shards."""
+    reference = build_reference_model(seed=0).eval()
+    reference.config._attn_implementation = "eager"
+    path = save_reference_checkpoint(reference, tmp_path_factory.mktemp("small"), max_shard_size="200KB")
+    return reference, mlx_dgemma.load_model(path)
+
+
+def random_ids(generator: torch.Generator, vocab: int, *shape: int) -> torch.Tensor:
+    return torch.randint(0, vocab, shape, generator=generator)
+
+
+def test_encoder_cache_matches_reference(small):
+    reference, ours = small
+    vocab, window = reference.config.text_config.vocab_size, reference.config.text_config.sliding_window
+    prompt = random_ids(torch.Generator().manual_seed(1), vocab, 1, 3 * window + 5)
+    run = ReferenceRun(reference)
+    run.encode(prompt)
+    cache = ours.make_cache()
+    ours.encode(to_mx(prompt), cache)
+    # The last layer's keys/values are written before its (skipped) feed-forward.
+    for index, (ref_layer, our_layer) in enumerate(zip(run.cache.layers, cache.layers)):
+        assert our_layer.keys.shape == tuple(ref_layer.keys.shape), index
+        assert max_error(our_layer.keys, ref_layer.keys) < TOLERANCE, index
+        assert max_error(our_layer.values, ref_layer.values) < TOLERANCE, index
+    sliding = [layer for layer in cache.layers if layer.keep is not None]
+    assert sliding and all(layer.length == window - 1 for layer in sliding)
+
+
+def test_decoder_logits_with_and_without_self_conditioning(small):
+    reference, ours = small
+    vocab, canvas_length = reference.config.text_config.vocab_size, reference.config.canvas_length
+    generator = torch.Generator().manual_seed(2)
+    prompt = random_ids(generator, vocab, 1, 2 * reference.config.text_config.sliding_window + 3)
+    canvas = random_ids(generator, vocab, 1, canvas_length)
+    run = ReferenceRun(reference)
+    run.encode(prompt)
+    cache = ours.make_cache()
+    ours.encode(to_mx(prompt), cache)
+
+    first = run.denoise(canvas)
+    ours_first = ours.denoise(to_mx(canvas), cache)
+    assert ours_first.dtype == mx.float32 and ours_first.shape == tuple(first.shape)
+    assert max_error(ours_first, first) < TOLERANCE
+
+    processed = first / 0.6
+    second = run.denoise(canvas, processed)
+    ours_second = ours.denoise(to_mx(canvas), cache, to_mx(processed))
+    assert max_error(ours_second, second) < TOLERANCE
+    # Self-conditioning must actually change the prediction.
+    assert float(torch.abs(second - first).max()) > 100 * TOLERANCE
+    # Denoising leaves the cache as it was.
+    assert cache.offset == prompt.shape[1]
+    assert max_error(ours.denoise(to_mx(canvas), cache), first) < TOLERANCE
+
+
+def test_second_and_third_canvas_appended_through_the_encoder(small):
+    reference, ours = small
+    vocab, canvas_length = reference.config.text_config.vocab_size, reference.config.canvas_length
+    generator = torch.Generator().manual_seed(3)
+    run = ReferenceRun(reference)
+    cache = ours.make_cache()
+    chunk = random_ids(generator, vocab, 1, 7)
+    for _ in range(3):
+        run.encode(chunk)
+        ours.encode(to_mx(chunk), cache)
+        canvas = random_ids(generator, vocab, 1, canvas_length)
+        assert max_error(ours.denoise(to_mx(canvas), cache), run.denoise(canvas)) < TOLERANCE
+        chunk = canvas  # the committed canvas becomes context
+    assert cache.offset == 7 + 2 * canvas_length
+
+
+def test_left_padded_batch_of_two(small):
+    reference, ours = small
+    vocab, canvas_length = reference.config.text_config.vocab_size, reference.config.canvas_length
+    window = reference.config.text_config.sliding_window
+    generator = torch.Generator().manual_seed(4)
+    length = window + 9
+    prompt = random_ids(generator, vocab, 2, length)
+    mask = torch.ones(2, length, dtype=torch.long)
+    mask[1, :6] = 0  # the second row is 6 tokens shorter, padded on the left
+    prompt[1, :6] = 0
+    run = ReferenceRun(reference)
+    run.encode(prompt, mask)
+    cache = ours.make_cache()
+    ours.encode(to_mx(prompt), cache, attention_mask=to_mx(mask))
+
+    canvas = random_ids(generator, vocab, 2, canvas_length)
+    first = run.denoise(canvas)
+    assert max_error(ours.denoise(to_mx(canvas), cache), first) < TOLERANCE
+    assert max_error(ours.denoise(to_mx(canvas), cache, to_mx(first)), run.denoise(canvas, first)) < TOLERANCE
+
+    # Append the canvas as the sampler does, then denoise the next one.
+    run.encode(canvas)
+    ours.encode(to_mx(canvas), cache)
+    canvas = random_ids(generator, vocab, 2, canvas_length)
+    assert max_error(ours.denoise(to_mx(canvas), cache), run.denoise(canvas)) < TOLERANCE
+    assert cache.valid is not None and not bool(cache.valid[1, :6].any())
+
+
+def test_moe_dispatches_agree(small):
+    _, ours = small
+    vocab, canvas_length = ours.text_config.vocab_size, ours.config.canvas_length
+    generator = torch.Generator().manual_seed(5)
+    prompt, canvas = random_ids(generator, vocab, 2, 20), random_ids(generator, vocab, 2, canvas_length)
+    results = {}
+    try:
+        for dispatch in ("grouped", "gather"):
+            set_moe_dispatch(dispatch)
+            cache = ours.make_cache()
+            ours.encode(to_mx(prompt), cache)
+            results[dispatch] = np.array(ours.denoise(to_mx(canvas), cache))
+    finally:
+        set_moe_dispatch(None)
+    assert np.abs(results["grouped"] - results["gather"]).max() < 1e-5
+
+
+VARIANTS = {
+    "per-layer-config spelling, top-1 routing": dict(spelling="per_layer", top_k_experts=1),
+    "attention bias, exact gelu": dict(attention_bias=True, hidden_activation="gelu"),
+    "3 layers, window 5, 2 global KV heads": dict(
+        num_hidden_layers=3, sliding_window=5, head_dim=8, global_head_dim=16, num_global_key_value_heads=2
+    ),
+    "MHA, 16 experts top-4, long rope share": dict(
+        num_key_value_heads=4,
+        num_experts=16,
+        top_k_experts=4,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        num_hidden_layers=4,
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 5000.0},
+            "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.5, "rope_theta": 20000.0},
+        },
+    ),
+    "no vision attention flag, window 9": dict(use_bidirectional_attention=None, sliding_window=9),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_other_configurations(variant, tmp_path):
+    overrides = dict(VARIANTS[variant])
+    spelling = overrides.pop("spelling", "released")
+    reference = build_reference_model(seed=7, canvas_length=12, **overrides).eval()
+    reference.config._attn_implementation = "eager"
+    ours = mlx_dgemma.load_model(save_reference_checkpoint(reference, tmp_path, spelling=spelling))
+    vocab = reference.config.text_config.vocab_size
+    generator = torch.Generator().manual_seed(8)
+    run, cache = ReferenceRun(reference), ours.make_cache()
+    for length in (23, 12):
+        chunk = random_ids(generator, vocab, 1, length)
+        run.encode(chunk)
+        ours.encode(to_mx(chunk), cache)
+        canvas = random_ids(generator, vocab, 1, 12)
+        first = run.denoise(canvas)
+        assert max_error(ours.denoise(to_mx(canvas), cache), first) < TOLERANCE
+        assert max_error(ours.denoise(to_mx(canvas), cache, to_mx(first)), run.denoise(canvas, first)) < TOLERANCE
