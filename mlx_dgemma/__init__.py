@@ -1,19 +1,45 @@
-"""mlx-dgemma: DiffusionGemma on MLX."""
+"""mlx-dgemma: DiffusionGemma on MLX.
+
+Data flow: checkpoint -> `dgemma convert` -> `load` -> `Model.encode` (prompt
+into the cache) -> `Model.denoise` (canvas logits) -> sampler -> text.
+"""
 
 from .cache import EncoderCache
 from .config import ConfigError, ModelConfig
+from .generate import (
+    Chat,
+    Commit,
+    Done,
+    Draft,
+    GenerationResult,
+    GenerationStats,
+    generate,
+    stream_generate,
+)
 from .loader import LoadError, load, load_model
 from .model import Model
 from .moe import moe_dispatch, set_moe_dispatch
+from .sampler import Noise, SamplerSettings, SeededNoise
 
 __all__ = [
+    "Chat",
+    "Commit",
     "ConfigError",
+    "Done",
+    "Draft",
     "EncoderCache",
+    "GenerationResult",
+    "GenerationStats",
     "LoadError",
     "Model",
     "ModelConfig",
+    "Noise",
+    "SamplerSettings",
+    "SeededNoise",
+    "generate",
     "load",
     "load_model",
     "moe_dispatch",
     "set_moe_dispatch",
+    "stream_generate",
 ]

@@ -16,6 +16,7 @@ import mlx.nn as nn
 
 from .config import ConfigError, ModelConfig
 from .model import Model
+from .sampler import SamplerSettings
 
 # Tensors a text runtime does not use: the vision tower and its projection, the
 # encoder's copies of tied weights (the released checkpoint stores none), a
@@ -113,6 +114,10 @@ def load_model(path: str | Path, revision: str | None = None) -> Model:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as error:
         raise LoadError(f"{path}: weights do not match config.json: {_first_line(error)}") from None
+    try:
+        model.generation_settings = SamplerSettings.from_checkpoint(path, config.text)
+    except ValueError as error:
+        raise LoadError(f"{path}: generation_config.json: {error}") from None
     mx.eval(model.parameters())
     model.eval()
     return model
