@@ -49,6 +49,7 @@ def build_reference_model(
     seed: int = 0,
     canvas_length: int = 16,
     final_norm_gain: float = 4.0,
+    well_conditioned: bool = False,
     **text_overrides,
 ) -> DiffusionGemmaForBlockDiffusion:
     """A float32 reference model with perturbed norms and near-1 layer scalars.
@@ -57,6 +58,12 @@ def build_reference_model(
     logits; layer scalars stay within ±5% (REFERENCE.md: wider spreads make
     free-running comparisons chaotic); the final norm is scaled up so logits
     are sharp enough for token-exact sampler comparisons.
+
+    Random weights make a chaotic network: routers with near-tied expert
+    scores and sharp unscaled attention turn a rounding difference into a
+    different expert or attention pattern. `well_conditioned` gives routers
+    clear margins and attention soft scores, so that reduced-precision
+    checkpoints (bf16, quantized) can be held to meaningful tolerances.
     """
     text = {**SMALL_TEXT, **text_overrides}
     config = DiffusionGemmaConfig(text_config=text, vision_config=dict(TINY_VISION), canvas_length=canvas_length)
@@ -77,6 +84,11 @@ def build_reference_model(
                 param.copy_(jitter(param.shape, 0.3))
         decoder = model.model.decoder
         decoder.norm.weight.mul_(final_norm_gain)
+        if well_conditioned:
+            for layer in decoder.layers:
+                layer.router.proj.weight.mul_(50.0)
+                layer.self_attn.q_norm.weight.mul_(0.25)
+                layer.self_attn.k_norm.weight.mul_(0.25)
         encoder_layers = model.model.encoder.language_model.layers
         for decoder_layer, encoder_layer in zip(decoder.layers, encoder_layers):
             decoder_layer.layer_scalar.copy_(jitter((1,), 0.05))
