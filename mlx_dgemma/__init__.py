@@ -16,6 +16,7 @@ from .generate import (
     generate,
     stream_generate,
 )
+from .infill import FillResult, edit, fill_template, infill
 from .loader import LoadError, load, load_model
 from .model import Model
 from .moe import moe_dispatch, set_moe_dispatch
@@ -28,6 +29,7 @@ __all__ = [
     "Done",
     "Draft",
     "EncoderCache",
+    "FillResult",
     "GenerationResult",
     "GenerationStats",
     "LoadError",
@@ -36,7 +38,10 @@ __all__ = [
     "Noise",
     "SamplerSettings",
     "SeededNoise",
+    "edit",
+    "fill_template",
     "generate",
+    "infill",
     "load",
     "load_model",
     "moe_dispatch",

@@ -153,6 +153,25 @@ def accepted_positions(entropy: mx.array, bound: float) -> mx.array:
     return mx.take_along_axis(within, mx.argsort(order, axis=-1), axis=-1)
 
 
+@dataclass(frozen=True)
+class Pins:
+    """Canvas positions held to given tokens at every step, and a starting canvas.
+
+    `pinned` (batch, canvas) bool: these positions always hold `tokens`; they are
+    never re-noised or replaced, spend none of the entropy budget and are left
+    out of the confidence test. `start` (batch, canvas) bool: free positions that
+    begin from `tokens` instead of noise (editing an existing text).
+    """
+
+    pinned: mx.array
+    tokens: mx.array
+    start: mx.array | None = None
+
+    def initial_canvas(self, noise: mx.array) -> mx.array:
+        use_tokens = self.pinned if self.start is None else self.pinned | self.start
+        return mx.where(use_tokens, self.tokens, noise)
+
+
 @dataclass
 class StepResult:
     canvas: mx.array  # the next step's input: accepted draws, the rest re-noised
@@ -169,13 +188,19 @@ def denoising_step(
     settings: SamplerSettings,
     noise_tokens: mx.array,
     gumbel: mx.array,
+    pins: Pins | None = None,
 ) -> tuple[StepResult, mx.array | None]:
     """All the vocabulary-wide math of one step; `remaining` counts N down to 1."""
     processed = logits / temperature(remaining, settings)
     drawn = mx.argmax(processed + gumbel, axis=-1)
     argmax = mx.argmax(processed, axis=-1)
     entropy = token_entropy(processed)
+    if pins is not None:
+        entropy = mx.where(pins.pinned, 0.0, entropy)
     canvas = mx.where(accepted_positions(entropy, settings.entropy_bound), drawn, noise_tokens)
+    if pins is not None:
+        canvas = mx.where(pins.pinned, pins.tokens, canvas)
+        argmax = mx.where(pins.pinned, pins.tokens, argmax)
 
     # Rows that stopped earlier keep their canvas, draft and self-conditioning.
     done = state.finished
@@ -189,7 +214,8 @@ def denoising_step(
     else:
         stable = (history == argmax[None]).all(axis=(0, 2))
         history = mx.concatenate([history[1:], argmax[None]], axis=0)
-    confident = entropy.mean(axis=-1) < settings.confidence_threshold
+    free = entropy.shape[-1] if pins is None else mx.maximum((~pins.pinned).sum(axis=-1), 1)
+    confident = entropy.sum(axis=-1) / free < settings.confidence_threshold
     return StepResult(canvas, argmax, processed, done | (stable & confident)), history
 
 
@@ -239,10 +265,20 @@ class BlockSampler:
                 return
 
     def _denoise(
-        self, cache: EncoderCache, batch: int, canvas_index: int, finished: list[bool], on_draft
+        self,
+        cache: EncoderCache,
+        batch: int,
+        canvas_index: int,
+        finished: list[bool],
+        on_draft: DraftCallback | None,
+        pins: Pins | None = None,
     ) -> tuple[mx.array, list[int]]:
-        settings, shape = self.settings, (batch, self.canvas_length)
+        # A constrained layout's last canvas may be shorter than the model's.
+        length = self.canvas_length if pins is None else pins.tokens.shape[1]
+        settings, shape = self.settings, (batch, length)
         canvas = self.noise.tokens(canvas_index, 0, shape, self.vocab)
+        if pins is not None:
+            canvas = pins.initial_canvas(canvas)
         state = StepResult(canvas, canvas, None, mx.zeros((batch,), dtype=mx.bool_))
         history = None
         if settings.stability_threshold > 0:
@@ -263,6 +299,7 @@ class BlockSampler:
                 settings,
                 self.noise.tokens(canvas_index, step_index, shape, self.vocab),
                 self.noise.gumbel(canvas_index, step_index, (*shape, self.vocab)),
+                pins,
             )
             mx.eval(state.canvas, state.argmax, state.finished, state.processed)
             # The one host read per step: which rows have stopped.
@@ -272,6 +309,22 @@ class BlockSampler:
             if all(stopped):
                 break
         return state.argmax, steps
+
+    def pinned_canvases(
+        self, cache: EncoderCache, layouts: list[Pins], on_draft: DraftCallback | None = None
+    ) -> Iterator[CanvasResult]:
+        """Denoise one canvas per layout, each appended to the cache before the next.
+
+        No EOS handling: a constrained canvas is committed whole, and the caller
+        decides what an EOS or pad in a free position means.
+        """
+        previous = None
+        for index, pins in enumerate(layouts):
+            batch = pins.tokens.shape[0]
+            if previous is not None:
+                self.model.encode(previous, cache)
+            previous, steps = self._denoise(cache, batch, index, [False] * batch, on_draft, pins)
+            yield CanvasResult(previous, steps, [index == len(layouts) - 1] * batch)
 
     def _embedding_dtype(self) -> mx.Dtype:
         embed = self.model.embed_tokens
