@@ -16,7 +16,7 @@ from .generate import (
     generate,
     stream_generate,
 )
-from .infill import FillResult, edit, fill_template, infill
+from .constrained import FillResult, edit, fill_template, infill
 from .loader import LoadError, load, load_model
 from .model import Model
 from .moe import moe_dispatch, set_moe_dispatch

@@ -9,7 +9,7 @@ from checkpoints import build_reference_model, save_reference_checkpoint
 from tokenizer_fixture import write_tokenizer
 
 import mlx_dgemma
-from mlx_dgemma.infill import edit, fill_template, infill, parse_template
+from mlx_dgemma.constrained import edit, fill_template, infill, parse_template
 from mlx_dgemma.sampler import BlockSampler, Pins, SamplerSettings, SeededNoise
 from mlx_dgemma.tokenizer import encode_text
 
