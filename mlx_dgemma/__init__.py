@@ -6,6 +6,7 @@ into the cache) -> `Model.denoise` (canvas logits) -> sampler -> text.
 
 from .cache import EncoderCache
 from .config import ConfigError, ModelConfig
+from .constrained import FillResult, edit, fill_template, infill
 from .generate import (
     Chat,
     Commit,
@@ -16,7 +17,6 @@ from .generate import (
     generate,
     stream_generate,
 )
-from .constrained import FillResult, edit, fill_template, infill
 from .loader import LoadError, load, load_model
 from .model import Model
 from .moe import moe_dispatch, set_moe_dispatch

@@ -146,13 +146,21 @@ class Model(nn.Module):
         canvas_ids: mx.array,
         cache: EncoderCache,
         self_conditioning_logits: mx.array | None = None,
+        *,
+        self_conditioning_probs: mx.array | None = None,
     ) -> mx.array:
-        """Float32 soft-capped logits (batch, canvas, vocab) for a canvas; the cache is unchanged."""
+        """Float32 soft-capped logits (batch, canvas, vocab) for a canvas; the cache is unchanged.
+
+        The previous prediction comes as logits (softmax taken here) or, when the
+        caller has them already, as `self_conditioning_probs`.
+        """
         batch, length = canvas_ids.shape
         cache.check_batch(batch)
         offset = cache.offset
         embeddings = self._embed(canvas_ids)
-        soft = None if self_conditioning_logits is None else self._soft_embeddings(self_conditioning_logits)
+        if self_conditioning_logits is not None:
+            self_conditioning_probs = mx.softmax(self_conditioning_logits.astype(mx.float32), axis=-1)
+        soft = None if self_conditioning_probs is None else self._soft_embeddings(self_conditioning_probs)
         h = self.model.decoder.self_conditioning(embeddings, soft)
         for layer, layer_cache in zip(self.layers, cache.layers):
             mask = self._decoder_mask(cache, layer_cache.length, length)
@@ -167,10 +175,9 @@ class Model(nn.Module):
             logits = mx.tanh(logits / cap) * cap
         return logits
 
-    def _soft_embeddings(self, logits: mx.array) -> mx.array:
-        """softmax(logits) @ embeddings × scale: the expected embedding of the last prediction."""
+    def _soft_embeddings(self, probs: mx.array) -> mx.array:
+        """probs @ embeddings × scale: the expected embedding of the last prediction."""
         embed = self.embed_tokens
-        probs = mx.softmax(logits.astype(mx.float32), axis=-1)
         if isinstance(embed, nn.QuantizedEmbedding):
             dtype = embed.scales.dtype
             soft = mx.quantized_matmul(

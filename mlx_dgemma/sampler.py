@@ -117,20 +117,52 @@ class Noise(Protocol):
     def gumbel(self, canvas: int, step: int, shape: tuple[int, ...]) -> mx.array: ...
 
 
+def _mix32(x: mx.array) -> mx.array:
+    """murmur3's 32-bit finaliser: a bijection that scatters every input bit."""
+    x = x ^ (x >> 16)
+    x = x * mx.array(0x85EBCA6B, dtype=mx.uint32)
+    x = x ^ (x >> 13)
+    x = x * mx.array(0xC2B2AE35, dtype=mx.uint32)
+    return x ^ (x >> 16)
+
+
+@mx.compile
+def _hashed_bits(counter: mx.array, key: mx.array) -> mx.array:
+    # Two keyed rounds over the element counter: streams for different keys
+    # are unrelated, and the whole draw is one fused elementwise pass.
+    return _mix32(_mix32(counter + key[0]) ^ key[1])
+
+
+@mx.compile
+def _gumbel_from_bits(bits: mx.array) -> mx.array:
+    uniform = ((bits >> 8).astype(mx.float32) + 0.5) * (1.0 / (1 << 24))  # strictly inside (0, 1)
+    return -mx.log(-mx.log(uniform))
+
+
 class SeededNoise:
-    """Noise from MLX's counter-based RNG, one key per (seed, canvas, step, kind)."""
+    """Counter-based noise: element i of the draw for (seed, canvas, step, kind) is a
+    hash of i under that key. Reproducible on every backend, and far cheaper
+    on a CPU than MLX's threefry RNG (the Gumbel draw covers the whole vocabulary
+    at every position, every step)."""
 
     def __init__(self, seed: int = 0):
         self.seed = seed
 
-    def _key(self, canvas: int, step: int, kind: int) -> mx.array:
-        return mx.random.key(((self.seed * 1_000_003 + canvas) * 65_537 + step) * 2 + kind)
+    def _bits(self, canvas: int, step: int, kind: int, shape: tuple[int, ...]) -> mx.array:
+        words = [self.seed & 0xFFFFFFFF, (self.seed >> 32) & 0xFFFFFFFF, canvas, step, kind]
+        key = 0x9E3779B9
+        for word in words:  # fold the words into two 32-bit keys (splitmix-style)
+            key = (key ^ word) * 0x2545F491 & 0xFFFFFFFF
+            key ^= key >> 15
+        keys = mx.array([key, (key * 0x9E3779B9 + 0x7F4A7C15) & 0xFFFFFFFF], dtype=mx.uint32)
+        counter = mx.arange(math.prod(shape), dtype=mx.uint32).reshape(shape)
+        return _hashed_bits(counter, keys)
 
     def tokens(self, canvas: int, step: int, shape: tuple[int, ...], vocab: int) -> mx.array:
-        return mx.random.randint(0, vocab, shape, key=self._key(canvas, step, 0))
+        return (self._bits(canvas, step, 0, shape) % vocab).astype(mx.int32)
 
     def gumbel(self, canvas: int, step: int, shape: tuple[int, ...]) -> mx.array:
-        return mx.random.gumbel(shape, key=self._key(canvas, step, 1))
+        return _gumbel_from_bits(self._bits(canvas, step, 1, shape))
 
 
 def temperature(step: int, settings: SamplerSettings) -> mx.array:
@@ -139,10 +171,17 @@ def temperature(step: int, settings: SamplerSettings) -> mx.array:
     return mx.array(settings.t_min, dtype=mx.float32) + mx.array(settings.t_max - settings.t_min, mx.float32) * ratio
 
 
-def token_entropy(processed: mx.array) -> mx.array:
-    """Entropy of softmax(processed) per position."""
-    log_probs = processed - mx.logsumexp(processed, axis=-1, keepdims=True)
-    return -(mx.exp(log_probs) * log_probs).sum(axis=-1)
+def softmax_and_entropy(processed: mx.array) -> tuple[mx.array, mx.array]:
+    """softmax(processed) and its entropy per position, from one exponential pass.
+
+    H = log Σe − Σ(e·s)/Σe with s = x − max x and e = exp(s): the same value as
+    −Σ p log p, without a second pass of exponentials over the vocabulary.
+    """
+    shifted = processed - processed.max(axis=-1, keepdims=True)
+    exps = mx.exp(shifted)
+    total = exps.sum(axis=-1)
+    entropy = mx.log(total) - (exps * shifted).sum(axis=-1) / total
+    return exps / total[..., None], entropy
 
 
 def accepted_positions(entropy: mx.array, bound: float) -> mx.array:
@@ -176,7 +215,7 @@ class Pins:
 class StepResult:
     canvas: mx.array  # the next step's input: accepted draws, the rest re-noised
     argmax: mx.array  # this step's argmax canvas (the draft)
-    processed: mx.array  # temperature-scaled logits, the next step's self-conditioning
+    conditioning: mx.array | None  # the next step's self-conditioning: probabilities or processed logits
     finished: mx.array  # rows whose denoising has stopped
 
 
@@ -189,12 +228,20 @@ def denoising_step(
     noise_tokens: mx.array,
     gumbel: mx.array,
     pins: Pins | None = None,
+    conditioning_dtype: mx.Dtype | None = None,
 ) -> tuple[StepResult, mx.array | None]:
-    """All the vocabulary-wide math of one step; `remaining` counts N down to 1."""
+    """All the vocabulary-wide math of one step; `remaining` counts N down to 1.
+
+    The next step is conditioned on softmax(processed) itself when
+    `conditioning_dtype` is None (a float32 model: the same numbers, one
+    exponential pass fewer), else on the processed logits cast to that dtype,
+    exactly as the reference rounds them for a bf16 model.
+    """
     processed = logits / temperature(remaining, settings)
     drawn = mx.argmax(processed + gumbel, axis=-1)
     argmax = mx.argmax(processed, axis=-1)
-    entropy = token_entropy(processed)
+    probs, entropy = softmax_and_entropy(processed)
+    conditioning = probs if conditioning_dtype is None else processed.astype(conditioning_dtype)
     if pins is not None:
         entropy = mx.where(pins.pinned, 0.0, entropy)
     canvas = mx.where(accepted_positions(entropy, settings.entropy_bound), drawn, noise_tokens)
@@ -206,8 +253,8 @@ def denoising_step(
     done = state.finished
     canvas = mx.where(done[:, None], state.canvas, canvas)
     argmax = mx.where(done[:, None], state.argmax, argmax)
-    if state.processed is not None:
-        processed = mx.where(done[:, None, None], state.processed, processed)
+    if state.conditioning is not None:
+        conditioning = mx.where(done[:, None, None], state.conditioning, conditioning)
 
     if settings.stability_threshold == 0:
         stable = mx.ones(done.shape, dtype=mx.bool_)
@@ -216,7 +263,7 @@ def denoising_step(
         history = mx.concatenate([history[1:], argmax[None]], axis=0)
     free = entropy.shape[-1] if pins is None else mx.maximum((~pins.pinned).sum(axis=-1), 1)
     confident = entropy.sum(axis=-1) / free < settings.confidence_threshold
-    return StepResult(canvas, argmax, processed, done | (stable & confident)), history
+    return StepResult(canvas, argmax, conditioning, done | (stable & confident)), history
 
 
 @dataclass
@@ -284,13 +331,16 @@ class BlockSampler:
         if settings.stability_threshold > 0:
             history = mx.full((settings.stability_threshold, *shape), -1, dtype=canvas.dtype)
         embed_dtype = self._embedding_dtype()
+        conditioning_dtype = None if embed_dtype == mx.float32 else embed_dtype
         steps = [0] * batch
         stopped = [False] * batch
         for step_index, remaining in enumerate(range(settings.steps, 0, -1), start=1):
             for row in range(batch):
                 steps[row] += not (stopped[row] or finished[row])
-            self_conditioning = None if state.processed is None else state.processed.astype(embed_dtype)
-            logits = self.model.denoise(state.canvas, cache, self_conditioning)
+            if conditioning_dtype is None:
+                logits = self.model.denoise(state.canvas, cache, self_conditioning_probs=state.conditioning)
+            else:
+                logits = self.model.denoise(state.canvas, cache, state.conditioning)
             state, history = denoising_step(
                 logits,
                 state,
@@ -300,8 +350,9 @@ class BlockSampler:
                 self.noise.tokens(canvas_index, step_index, shape, self.vocab),
                 self.noise.gumbel(canvas_index, step_index, (*shape, self.vocab)),
                 pins,
+                conditioning_dtype,
             )
-            mx.eval(state.canvas, state.argmax, state.finished, state.processed)
+            mx.eval(state.canvas, state.argmax, state.finished, state.conditioning)
             # The one host read per step: which rows have stopped.
             stopped = state.finished.tolist()
             if on_draft is not None:

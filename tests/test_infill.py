@@ -31,9 +31,9 @@ class Recorder:
         self._denoise = model.denoise
 
     def __enter__(self):
-        def recording(canvas, cache, self_conditioning_logits=None):
+        def recording(canvas, cache, *args, **kwargs):
             self.inputs.append(np.array(canvas))
-            return self._denoise(canvas, cache, self_conditioning_logits)
+            return self._denoise(canvas, cache, *args, **kwargs)
 
         self.model.denoise = recording
         return self
@@ -118,7 +118,7 @@ def test_eos_and_pad_in_free_positions_mean_nothing(loaded):
     always_eos = mx.full((vocab,), -30.0).at[eos].add(60.0)
 
     original = model.denoise
-    model.denoise = lambda canvas, cache, sc=None: mx.broadcast_to(always_eos, (*canvas.shape, vocab))
+    model.denoise = lambda canvas, cache, *_, **__: mx.broadcast_to(always_eos, (*canvas.shape, vocab))
     try:
         result = fill_template(model, tokenizer, "x", "A{{hole:4}}B", steps=3)
     finally:
