@@ -373,27 +373,39 @@ class BlockSampler:
             history = mx.full((settings.stability_threshold, *shape), -1, dtype=canvas.dtype)
         embed_dtype = self._embedding_dtype()
         conditioning_dtype = None if embed_dtype == mx.float32 else embed_dtype
-        steps = [0] * batch
-        stopped = [False] * batch
-        for step_index, remaining in enumerate(range(settings.steps, 0, -1), start=1):
-            for row in range(batch):
-                steps[row] += not (stopped[row] or finished[row])
+
+        def launch(state: StepResult, history: mx.array | None, step_index: int):
+            """Build step `step_index` on `state` and start computing it."""
             if conditioning_dtype is None:
                 logits = self.model.denoise(state.canvas, cache, self_conditioning_probs=state.conditioning)
             else:
                 logits = self.model.denoise(state.canvas, cache, state.conditioning)
-            state, history = denoising_step(
+            result = denoising_step(
                 logits,
                 state,
                 history,
-                remaining,
+                settings.steps + 1 - step_index,
                 settings,
                 self.noise.tokens(canvas_index, step_index, shape, self.vocab),
                 self.noise.gumbel(canvas_index, step_index, (*shape, self.vocab)),
                 pins,
                 conditioning_dtype,
             )
-            mx.eval(state.canvas, state.argmax, state.finished, state.conditioning)
+            mx.async_eval(result[0].canvas, result[0].argmax, result[0].finished, result[0].conditioning)
+            return result
+
+        steps = [0] * batch
+        stopped = [False] * batch
+        pending = launch(state, history, 1)
+        for step_index in range(1, settings.steps + 1):
+            for row in range(batch):
+                steps[row] += not (stopped[row] or finished[row])
+            state, history = pending
+            # Launch the next step before reading this one's stop flags, so the
+            # device never idles on the host round-trip; if every row stops
+            # here, that speculative step is simply dropped.
+            if step_index < settings.steps:
+                pending = launch(state, history, step_index + 1)
             # The one host read per step: which rows have stopped.
             stopped = state.finished.tolist()
             if on_draft is not None:
