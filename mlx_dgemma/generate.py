@@ -19,7 +19,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .cache import EncoderCache
 from .model import Model
-from .sampler import BlockSampler, Noise, SamplerSettings, SeededNoise
+from .sampler import BlockSampler, Noise, SamplerSettings, SeededNoise, StepDraft
 from .tokenizer import Message, ReplyDecoder, encode_text, render_chat
 
 PREFILL_CHUNK = 512
@@ -126,17 +126,13 @@ class _Turn:
         self.stats = GenerationStats()
 
     def run(self, cache: EncoderCache, drafts: bool) -> Iterator[Event]:
-        drafted: list[Draft] = []
-
-        def on_draft(canvas: int, step: int, argmax: mx.array) -> None:
-            text = self.tokenizer.decode(argmax[0].tolist(), skip_special_tokens=True)
-            drafted.append(Draft(canvas, step, text))
-
         start = time.perf_counter()
         eos = set(self.settings.eos_token_ids)
-        for result in self.sampler.canvases(cache, 1, on_draft if drafts else None):
-            yield from drafted
-            drafted.clear()
+        for result in self.sampler.canvases(cache, 1, drafts=drafts):
+            if isinstance(result, StepDraft):
+                text = self.tokenizer.decode(result.argmax[0].tolist(), skip_special_tokens=True)
+                yield Draft(result.canvas, result.step, text)
+                continue
             self.stats.canvases += 1
             self.stats.denoising_steps += result.steps[0]
             row = result.tokens[0].tolist()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -314,7 +314,13 @@ class CanvasResult:
     finished: list[bool]  # rows finished (EOS or length) after this canvas
 
 
-DraftCallback = Callable[[int, int, mx.array], None]
+@dataclass
+class StepDraft:
+    """A denoising step's argmax canvas, handed out as the step finishes."""
+
+    canvas: int
+    step: int
+    argmax: mx.array
 
 
 class BlockSampler:
@@ -335,17 +341,20 @@ class BlockSampler:
         self,
         cache: EncoderCache,
         batch: int,
-        on_draft: DraftCallback | None = None,
+        drafts: bool = False,
         finished: list[bool] | None = None,
-    ) -> Iterator[CanvasResult]:
-        """Denoise and commit canvases until every row has finished or the token budget is spent."""
+    ) -> Iterator[CanvasResult | StepDraft]:
+        """Denoise and commit canvases until every row has finished or the token budget is spent.
+
+        With `drafts`, each step's argmax canvas is yielded as it is ready.
+        """
         finished = list(finished) if finished is not None else [False] * batch
         previous = None
         for index in range(self.max_canvases):
             if previous is not None:
                 # The committed canvas becomes context for the next one.
                 self.model.encode(previous, cache)
-            argmax, steps = self._denoise(cache, batch, index, finished, on_draft)
+            argmax, steps = yield from self._denoise(cache, batch, index, finished, drafts)
             previous, finished_now = self._commit(argmax, finished, last=index == self.max_canvases - 1)
             yield CanvasResult(previous, steps, finished_now)
             finished = finished_now
@@ -358,9 +367,9 @@ class BlockSampler:
         batch: int,
         canvas_index: int,
         finished: list[bool],
-        on_draft: DraftCallback | None,
+        drafts: bool,
         pins: Pins | None = None,
-    ) -> tuple[mx.array, list[int]]:
+    ) -> Generator[StepDraft, None, tuple[mx.array, list[int]]]:
         # A constrained layout's last canvas may be shorter than the model's.
         length = self.canvas_length if pins is None else pins.tokens.shape[1]
         settings, shape = self.settings, (batch, length)
@@ -408,15 +417,15 @@ class BlockSampler:
                 pending = launch(state, history, step_index + 1)
             # The one host read per step: which rows have stopped.
             stopped = state.finished.tolist()
-            if on_draft is not None:
-                on_draft(canvas_index, step_index, state.argmax)
+            if drafts:
+                yield StepDraft(canvas_index, step_index, state.argmax)
             if all(stopped):
                 break
         return state.argmax, steps
 
     def pinned_canvases(
-        self, cache: EncoderCache, layouts: list[Pins], on_draft: DraftCallback | None = None
-    ) -> Iterator[CanvasResult]:
+        self, cache: EncoderCache, layouts: list[Pins], drafts: bool = False
+    ) -> Iterator[CanvasResult | StepDraft]:
         """Denoise one canvas per layout, each appended to the cache before the next.
 
         No EOS handling: a constrained canvas is committed whole, and the caller
@@ -427,7 +436,7 @@ class BlockSampler:
             batch = pins.tokens.shape[0]
             if previous is not None:
                 self.model.encode(previous, cache)
-            previous, steps = self._denoise(cache, batch, index, [False] * batch, on_draft, pins)
+            previous, steps = yield from self._denoise(cache, batch, index, [False] * batch, drafts, pins)
             yield CanvasResult(previous, steps, [index == len(layouts) - 1] * batch)
 
     def _embedding_dtype(self) -> mx.Dtype:

@@ -10,7 +10,7 @@ from tokenizer_fixture import write_tokenizer
 
 import mlx_dgemma
 from mlx_dgemma.constrained import edit, fill_template, infill, parse_template
-from mlx_dgemma.sampler import BlockSampler, Pins, SamplerSettings, SeededNoise
+from mlx_dgemma.sampler import BlockSampler, Pins, SamplerSettings, SeededNoise, StepDraft
 from mlx_dgemma.tokenizer import encode_text
 
 CANVAS = 16
@@ -50,13 +50,14 @@ def test_pinned_positions_never_change(loaded):
     settings = SamplerSettings(steps=9, max_new_tokens=CANVAS)
     cache = model.make_cache()
     model.encode(mx.array(rng.integers(30, 380, size=(2, 10))), cache)
-    drafts = []
     with Recorder(model) as recorder:
-        results = list(
+        events = list(
             BlockSampler(model, settings, SeededNoise(1)).pinned_canvases(
-                cache, [Pins(mx.array(pinned), mx.array(tokens))], on_draft=lambda c, s, a: drafts.append(np.array(a))
+                cache, [Pins(mx.array(pinned), mx.array(tokens))], drafts=True
             )
         )
+    drafts = [np.array(event.argmax) for event in events if isinstance(event, StepDraft)]
+    results = [event for event in events if not isinstance(event, StepDraft)]
     assert len(recorder.inputs) == 9 and len(drafts) == 9
     for seen in recorder.inputs + drafts + [np.array(results[0].tokens)]:
         np.testing.assert_array_equal(seen[pinned], tokens[pinned])

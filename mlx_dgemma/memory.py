@@ -1,0 +1,385 @@
+"""What a checkpoint costs: parameters, bytes on disk, and peak memory for a context.
+
+Everything here reads `config.json` and safetensors headers only, never tensor
+data, so `dgemma info` and the check before loading are instant even for a
+50 GB checkpoint.
+
+Peak memory for a context of N tokens is estimated as
+
+    weights                      text tensors as stored (vision tower excluded: never loaded)
+  + KV cache at N                per layer 2 (K, V) x kv_heads x head_dim x positions x dtype bytes,
+                                 positions = min(N, window - 1) on sliding layers, N on full layers
+  + vocabulary-wide arrays       6 x canvas x vocab x 4 bytes (float32 logits, tempered logits,
+                                 Gumbel noise, softmax, entropy terms, self-conditioning input)
+  + attention scores             query heads x Q x (N + Q) x 4 bytes, Q = max(canvas, prefill chunk)
+  + one layer's KV copy          the decoder attends over [cache, canvas], a concatenated copy
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import ModelConfig
+from .generate import PREFILL_CHUNK
+
+# The context the pre-load check assumes when none is given: a long chat, not the model's maximum.
+DEFAULT_CONTEXT = 4096
+# Float32 arrays of canvas x vocab alive at once in a denoising step (see the module docstring).
+VOCAB_ARRAYS = 6
+FLOAT32_BYTES = 4
+_IGNORED_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
+_DTYPE_BYTES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I64": 8, "U64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+}  # fmt: skip
+_DTYPE_NAMES = {"float32": 4, "float16": 2, "bfloat16": 2, "F32": 4, "F16": 2, "BF16": 2}
+
+
+class InsufficientMemoryError(RuntimeError):
+    """The model cannot fit this machine's memory; the message is one line."""
+
+
+# ----------------------------------------------------------------- parameters
+
+
+@dataclass(frozen=True)
+class _Tensor:
+    module: str  # module path, as config.json's quantization overrides name it
+    numel: int
+    group: str  # embeddings, attention, dense_mlp, router, experts, self_conditioning, norms_and_scalars
+    matrix: bool  # a weight matrix that quantization may pack
+    active_fraction: float = 1.0  # share used per token (experts: top_k / num_experts)
+    in_features: int = 0  # a matrix's last dimension, which quantization groups split
+
+
+def _tensors(config: ModelConfig) -> Iterator[_Tensor]:
+    """Every text parameter of the model, by module, as the loader builds it."""
+    text = config.text
+    hidden, heads = text.hidden_size, text.num_attention_heads
+    experts, top_k, moe = text.num_experts, text.top_k_experts, text.moe_intermediate_size
+    dense = text.intermediate_size
+    yield _Tensor("model.decoder.embed_tokens", text.vocab_size * hidden, "embeddings", True, 1.0, hidden)
+    for index, shape in enumerate(text.layers):
+        prefix = f"model.decoder.layers.{index}"
+        q_width, kv_width = heads * shape.head_dim, shape.num_key_value_heads * shape.head_dim
+        # name -> (output width, input width)
+        projections = {"q_proj": (q_width, hidden), "k_proj": (kv_width, hidden), "o_proj": (hidden, q_width)}
+        if shape.is_sliding:  # full layers use their keys as values: no v_proj
+            projections["v_proj"] = (kv_width, hidden)
+        for name, (width, inputs) in projections.items():
+            yield _Tensor(f"{prefix}.self_attn.{name}", width * inputs, "attention", True, 1.0, inputs)
+            if text.attention_bias:
+                yield _Tensor(f"{prefix}.self_attn.{name}.bias", width, "attention", False)
+        yield _Tensor(f"{prefix}.self_attn.q_norm", shape.head_dim, "norms_and_scalars", False)
+        yield _Tensor(f"{prefix}.self_attn.k_norm", shape.head_dim, "norms_and_scalars", False)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            yield _Tensor(f"{prefix}.mlp.{name}", hidden * dense, "dense_mlp", True, 1.0, _in(name, hidden, dense))
+        yield _Tensor(f"{prefix}.router.proj", hidden * experts, "router", True, 1.0, hidden)
+        yield _Tensor(f"{prefix}.router.scale", hidden, "router", False)
+        yield _Tensor(f"{prefix}.router.per_expert_scale", experts, "router", False)
+        share = top_k / experts
+        yield _Tensor(f"{prefix}.experts.gate_up_proj", experts * 2 * moe * hidden, "experts", True, share, hidden)
+        yield _Tensor(f"{prefix}.experts.down_proj", experts * hidden * moe, "experts", True, share, moe)
+        # Seven norms around attention, the dense MLP and the MoE; the decoder's
+        # and the encoder's per-layer scalars.
+        yield _Tensor(f"{prefix}.norms", 7 * hidden, "norms_and_scalars", False)
+        yield _Tensor(f"{prefix}.layer_scalar", 1, "norms_and_scalars", False)
+        yield _Tensor(f"model.encoder.language_model.layers.{index}.layer_scalar", 1, "norms_and_scalars", False)
+    yield _Tensor("model.decoder.norm", hidden, "norms_and_scalars", False)
+    yield _Tensor("model.decoder.self_conditioning.pre_norm", hidden, "self_conditioning", False)
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        inputs = _in(name, hidden, dense)
+        yield _Tensor(f"model.decoder.self_conditioning.{name}", hidden * dense, "self_conditioning", True, 1.0, inputs)
+
+
+def _in(name: str, hidden: int, inner: int) -> int:
+    """Input width of a gated MLP's projection."""
+    return inner if name == "down_proj" else hidden
+
+
+@dataclass(frozen=True)
+class ParameterCount:
+    total: int
+    active: int  # used for one token: all but the top_k / num_experts share of the experts
+    groups: dict[str, int]
+
+
+def count_parameters(config: ModelConfig) -> ParameterCount:
+    """Text parameters from the config alone (the embedding is tied to the output head: counted once)."""
+    groups: dict[str, int] = {}
+    total = active = 0.0
+    for tensor in _tensors(config):
+        groups[tensor.group] = groups.get(tensor.group, 0) + tensor.numel
+        total += tensor.numel
+        active += tensor.numel * tensor.active_fraction
+    return ParameterCount(int(total), int(round(active)), groups)
+
+
+# ----------------------------------------------------------------- bytes
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    return sorted(Path(path).glob("*.safetensors"))
+
+
+def model_bytes(path: str | Path) -> int:
+    """Size on disk of the checkpoint's weights (every *.safetensors file)."""
+    return sum(file.stat().st_size for file in _safetensors_files(Path(path)))
+
+
+def _read_header(file: Path) -> dict[str, Any]:
+    with file.open("rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise ValueError(f"{file} has no safetensors header")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > min(100_000_000, file.stat().st_size - 8):
+            raise ValueError(f"{file} has a corrupt safetensors header")
+        header = json.loads(handle.read(length))
+    header.pop("__metadata__", None)
+    return header
+
+
+def _all_tensor_headers(path: Path) -> dict[str, dict[str, Any]] | None:
+    """name -> {dtype, shape} for every stored tensor, or None when a header is unreadable."""
+    tensors: dict[str, dict[str, Any]] = {}
+    try:
+        for file in _safetensors_files(path):
+            tensors.update(_read_header(file))
+    except (OSError, ValueError):
+        return None  # the loader reports a broken file with a better message
+    return tensors
+
+
+def _text_tensor_headers(path: Path) -> dict[str, dict[str, Any]] | None:
+    """The tensors the loader keeps: all but the vision tower and its projection."""
+    tensors = _all_tensor_headers(path)
+    if tensors is None:
+        return None
+    return {name: info for name, info in tensors.items() if not name.startswith(_IGNORED_PREFIXES)}
+
+
+def vision_bytes(path: str | Path) -> int:
+    """Bytes of the vision tower's tensors, which a text runtime never loads."""
+    tensors = _all_tensor_headers(Path(path)) or {}
+    return sum(_tensor_bytes(info) for name, info in tensors.items() if name.startswith(_IGNORED_PREFIXES))
+
+
+def _tensor_bytes(info: dict[str, Any]) -> int:
+    count = 1
+    for size in info.get("shape", []):
+        count *= int(size)
+    return count * _DTYPE_BYTES.get(info.get("dtype", ""), 2)
+
+
+def _activation_bytes_per_value(config: ModelConfig, headers: dict[str, dict[str, Any]] | None) -> int:
+    """Bytes of one activation (and KV entry): the embedding's float dtype, as the model computes in it."""
+    if headers:
+        for name in ("model.decoder.embed_tokens.scales", "model.decoder.embed_tokens.weight"):
+            dtype = headers.get(name, {}).get("dtype")
+            if dtype in _DTYPE_NAMES:
+                return _DTYPE_NAMES[dtype]
+    dtype = config.raw.get("dtype") or config.raw.get("torch_dtype") or config.raw.get("text_config", {}).get("dtype")
+    return _DTYPE_NAMES.get(str(dtype), 2)
+
+
+def _quantized_as(config: ModelConfig, tensor: _Tensor) -> tuple[int, int] | None:
+    """(bits, group size) a matrix is likely stored with according to config.json, or None for float."""
+    quantization = config.quantization
+    if not quantization or not tensor.matrix:
+        return None
+    specific = quantization.get(tensor.module)
+    if specific is False:
+        return None
+    if isinstance(specific, dict):
+        return int(specific["bits"]), int(specific["group_size"])
+    group = int(quantization["group_size"])
+    # Converters leave a matrix float when the group size does not divide its rows.
+    return (int(quantization["bits"]), group) if tensor.in_features % group == 0 else None
+
+
+def config_weight_bytes(config: ModelConfig, value_bytes: int = 2) -> int:
+    """Weight bytes from the config alone: quantized matrices at their bits plus a scale and bias per group."""
+    total = 0.0
+    for tensor in _tensors(config):
+        quantized = _quantized_as(config, tensor)
+        if quantized is None:
+            total += tensor.numel * value_bytes
+        else:
+            bits, group = quantized
+            total += tensor.numel * bits / 8 + 2 * tensor.numel / group * value_bytes
+    return int(total)
+
+
+def kv_cache_bytes(config: ModelConfig, context: int, value_bytes: int = 2) -> int:
+    """Keys and values the encoder cache holds after `context` tokens."""
+    return sum(_layer_kv_bytes(config, shape, context, value_bytes) for shape in config.text.layers)
+
+
+def _layer_kv_bytes(config: ModelConfig, shape: Any, context: int, value_bytes: int) -> int:
+    positions = min(context, config.text.sliding_window - 1) if shape.is_sliding else context
+    return 2 * shape.num_key_value_heads * shape.head_dim * positions * value_bytes
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    context: int
+    weights: int
+    kv_cache: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.activations
+
+
+def estimate_memory(path_or_config: str | Path | ModelConfig, context: int) -> MemoryEstimate:
+    """The estimate's parts for a context of `context` tokens (see the module docstring)."""
+    if context < 1:
+        raise ValueError(f"context must be a positive number of tokens, got {context}")
+    if isinstance(path_or_config, ModelConfig):
+        config, headers = path_or_config, None
+        value_bytes = _activation_bytes_per_value(config, None)
+        weights = config_weight_bytes(config, value_bytes)
+    else:
+        path = Path(path_or_config)
+        config = ModelConfig.from_path(path)
+        headers = _text_tensor_headers(path)
+        value_bytes = _activation_bytes_per_value(config, headers)
+        if headers:
+            weights = sum(_tensor_bytes(info) for info in headers.values())
+        elif _safetensors_files(path):
+            weights = model_bytes(path)
+        else:
+            weights = config_weight_bytes(config, value_bytes)
+    text = config.text
+    canvas = config.canvas_length
+    queries = max(canvas, PREFILL_CHUNK)
+    vocab_wide = VOCAB_ARRAYS * canvas * text.vocab_size * FLOAT32_BYTES
+    scores = text.num_attention_heads * queries * (context + queries) * FLOAT32_BYTES
+    layer_copy = max(_layer_kv_bytes(config, shape, context + canvas, value_bytes) for shape in text.layers)
+    kv_cache = kv_cache_bytes(config, context, value_bytes)
+    return MemoryEstimate(context, weights, kv_cache, vocab_wide + scores + layer_copy)
+
+
+def estimate_peak_bytes(path_or_config: str | Path | ModelConfig, context: int) -> int:
+    """Estimated peak memory, in bytes, to serve a context of `context` tokens."""
+    return estimate_memory(path_or_config, context).total
+
+
+# ----------------------------------------------------------------- the machine
+
+
+def available_memory() -> tuple[int, str]:
+    """Bytes the model may use here, and where that figure comes from."""
+    import mlx.core as mx
+
+    # Unified memory on a Mac: Metal's recommended working set, the figure
+    # mlx-lm's wired_limit also uses. On CUDA: the GPU's memory.
+    try:
+        if mx.metal.is_available():
+            return int(mx.device_info()["max_recommended_working_set_size"]), "Metal's recommended working set"
+        if mx.cuda.is_available():
+            info = mx.device_info()
+            size = info.get("total_memory") or info.get("memory_size")
+            if size:
+                return int(size), "GPU memory"
+    except (AttributeError, KeyError, RuntimeError, TypeError, ValueError):
+        pass  # fall back to the RAM figure
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "physical RAM"
+
+
+def available_bytes() -> int:
+    """Memory this machine offers a model, in bytes."""
+    return available_memory()[0]
+
+
+def check_fits(path: str | Path, context: int = DEFAULT_CONTEXT) -> MemoryEstimate:
+    """The estimate for `path` at `context` tokens (capped at the model's context); raises when it cannot fit."""
+    config = ModelConfig.from_path(path)
+    context = min(context, config.text.max_position_embeddings)
+    estimate = estimate_memory(path, context)
+    available, source = available_memory()
+    if estimate.total > available:
+        raise InsufficientMemoryError(
+            f"{path} needs about {format_bytes(estimate.total)} for a {context}-token context "
+            f"(weights {format_bytes(estimate.weights)}), more than this machine's {format_bytes(available)} "
+            f"({source}); use a smaller quantization (dgemma convert --bits 4) or a machine with more memory"
+        )
+    return estimate
+
+
+# ----------------------------------------------------------------- descriptions
+
+
+def format_bytes(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(count) < 1000:
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    return f"{count:.1f} TB"
+
+
+def format_count(count: float) -> str:
+    for unit in ("", "K", "M", "B"):
+        if abs(count) < 1000:
+            return f"{count:.0f}" if unit == "" else f"{count:.2f}{unit}"
+        count /= 1000
+    return f"{count:.2f}T"
+
+
+def _module_kind(module: str) -> str:
+    """`model.decoder.layers.12.self_attn.q_proj` -> `self_attn.q_proj`."""
+    parts = module.split(".")
+    if "layers" in parts:
+        index = parts.index("layers")
+        return ".".join(parts[index + 2 :])
+    return ".".join(parts[2:]) if module.startswith("model.decoder.") else module
+
+
+def quantization_summary(config: ModelConfig, headers_dtype: str | None = None) -> str:
+    """`4-bit affine, group size 64; 8-bit g64: embed_tokens, mlp.down_proj, ... (N modules)`, or the dtype."""
+    quantization = config.quantization
+    if not quantization:
+        dtype = config.raw.get("dtype") or config.raw.get("torch_dtype") or headers_dtype or "unknown dtype"
+        return f"none ({dtype})"
+    mode = quantization.get("mode", "affine")
+    parts = [f"{quantization.get('bits')}-bit {mode}, group size {quantization.get('group_size')}"]
+    overrides: dict[str, set[str]] = {}
+    counts: dict[str, int] = {}
+    for module, value in quantization.items():
+        if module in ("bits", "group_size", "mode"):
+            continue
+        if value is False:
+            key = "float"
+        elif isinstance(value, dict):
+            key = f"{value.get('bits')}-bit g{value.get('group_size')}"
+            if value.get("mode", mode) != mode:
+                key += f" {value['mode']}"
+        else:
+            continue
+        overrides.setdefault(key, set()).add(_module_kind(module))
+        counts[key] = counts.get(key, 0) + 1
+    for key in sorted(overrides):
+        kinds = ", ".join(sorted(overrides[key]))
+        parts.append(f"{key}: {kinds} ({counts[key]} modules)")
+    return "; ".join(parts)
+
+
+def checkpoint_dtype(path: str | Path) -> str | None:
+    """The float dtype most text tensors are stored in, from the headers."""
+    headers = _text_tensor_headers(Path(path)) or {}
+    counts: dict[str, int] = {}
+    for info in headers.values():
+        dtype = info.get("dtype", "")
+        if dtype in ("F32", "F16", "BF16"):
+            counts[dtype] = counts.get(dtype, 0) + 1
+    if not counts:
+        return None
+    return {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[max(counts, key=counts.__getitem__)]
