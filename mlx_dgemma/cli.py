@@ -31,6 +31,9 @@ from convert.cli import convert_command
 from convert.errors import ConversionError
 
 from .config import ConfigError, ModelConfig
+from .constrained import edit as rewrite_span
+from .constrained import infill as fill_in
+from .files import offset_of, read_text, span_of_lines, write_in_place
 from .generate import Chat, Commit, Done, Draft, GenerationResult, stream_generate
 from .loader import LoadError, load, resolve_model_path
 from .memory import (
@@ -808,6 +811,85 @@ def info(
     """
     facts = _info(resolve_model_path(model), context)
     print(json.dumps(facts, indent=2) if json_output else _format_info(facts))
+
+
+# ----------------------------------------------------------------- infill and edit
+
+InPlaceOption = Annotated[
+    bool,
+    typer.Option(
+        "--in-place", "-i", help="Write the result back to FILE (atomically; the old file is kept as FILE.bak)."
+    ),
+]
+FileArgument = Annotated[Path, typer.Argument(metavar="FILE", help="A UTF-8 text file.")]
+
+
+def _emit(path: Path, text: str, in_place: bool) -> None:
+    if in_place:
+        backup = write_in_place(path, text)
+        _status(f"wrote {path} (previous version in {backup})")
+    else:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+
+@app.command()
+def infill(
+    file: FileArgument,
+    at: Annotated[
+        str,
+        typer.Option(
+            "--at", metavar="LINE[:COL]", help="Where the hole opens: a line (its start) or LINE:COL, 1-based."
+        ),
+    ],
+    tokens: Annotated[
+        int, typer.Option("--tokens", "-t", min=1, help="Most tokens the model may put in the hole.")
+    ] = 64,
+    model: ModelOption = DEFAULT_MODEL,
+    steps: StepsOption = None,
+    seed: SeedOption = None,
+    in_place: InPlaceOption = False,
+) -> None:
+    """Fill in text at a position of FILE, using what comes before and after it.
+
+    Every canvas position sees every other, so the fill fits the text on both
+    sides. Prints the whole file with the fill (or writes it back with
+    --in-place). Example: dgemma infill app.py --at 12 --tokens 48
+    """
+    text = read_text(file)
+    offset = offset_of(text, at)
+    params = _sampler_params(None, None, steps, seed)
+    loaded, tokenizer, _ = _load_model(model, params, max(DEFAULT_CONTEXT, len(text) // 3 + tokens))
+    result = fill_in(loaded, tokenizer, text[:offset], text[offset:], hole_tokens=tokens, **params)
+    _emit(file, result.text, in_place)
+
+
+@app.command()
+def edit(
+    file: FileArgument,
+    lines: Annotated[
+        str, typer.Option("--lines", "-l", metavar="A-B", help="The lines to rewrite, 1-based, inclusive.")
+    ],
+    instruction: Annotated[
+        str | None, typer.Option("--instruction", help="What to change, e.g. 'use a list comprehension'.")
+    ] = None,
+    model: ModelOption = DEFAULT_MODEL,
+    steps: StepsOption = None,
+    seed: SeedOption = None,
+    in_place: InPlaceOption = False,
+) -> None:
+    """Rewrite lines A-B of FILE, starting from their current text instead of noise.
+
+    The rest of the file stays as it is (the text after the span is pinned in
+    the canvas). Prints the whole file (or writes it back with --in-place).
+    Example: dgemma edit app.py --lines 10-14 --instruction "add type hints"
+    """
+    text = read_text(file)
+    start, end = span_of_lines(text, lines)
+    params = _sampler_params(None, None, steps, seed)
+    loaded, tokenizer, _ = _load_model(model, params, max(DEFAULT_CONTEXT, len(text) // 2))
+    result = rewrite_span(loaded, tokenizer, text, start, end, instruction, **params)
+    _emit(file, result.text, in_place)
 
 
 # ----------------------------------------------------------------- entry point

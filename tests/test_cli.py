@@ -593,3 +593,64 @@ def test_thinking_is_dimmed_before_the_answer():
     view.commit("Yes", "Hmm. ")
     view.finish()
     assert plain.getvalue() == "Hmm. \n\nYes\n"
+
+
+# ---------------------------------------------------------------- infill and edit on files
+
+
+SOURCE = "def add(a, b):\n    return a + b\n\n\nprint(add(1, 2))\n"
+
+
+def test_infill_prints_the_file_with_the_hole_filled(model_dir, tmp_path, capsys):
+    path = tmp_path / "code.py"
+    path.write_text(SOURCE)
+    code, out, _ = run_main(
+        capsys, "infill", str(path), "--at", "4", "--tokens", "6", "-m", str(model_dir), "--steps", "3"
+    )
+    assert code == 0
+    line_four = SOURCE.index("\n\n") + 2  # lines 3 and 4 are empty; the hole opens where line 4 starts
+    head, tail = SOURCE[:line_four], SOURCE[line_four:]
+    assert out.startswith(head) and out.endswith(tail) and len(out) >= len(SOURCE)
+    assert path.read_text() == SOURCE  # printed, not written
+
+
+def test_infill_at_a_column_in_place_keeps_a_backup(model_dir, tmp_path, capsys):
+    path = tmp_path / "code.py"
+    path.write_text(SOURCE)
+    args = ["infill", str(path), "--at", "2:13", "--tokens", "4", "-m", str(model_dir), "--steps", "3", "--in-place"]
+    code, out, _ = run_main(capsys, *args)
+    assert code == 0 and out == ""
+    new = path.read_text()
+    assert new.startswith("def add(a, b):\n    return a") and new.endswith(" + b\n\n\nprint(add(1, 2))\n")
+    assert (tmp_path / "code.py.bak").read_text() == SOURCE
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_edit_rewrites_only_the_given_lines(model_dir, tmp_path, capsys):
+    path = tmp_path / "code.py"
+    path.write_text(SOURCE)
+    args = ["edit", str(path), "--lines", "2-2", "--instruction", "subtract instead", "-m", str(model_dir)]
+    code, out, _ = run_main(capsys, *args, "--steps", "3")
+    assert code == 0
+    assert out.startswith("def add(a, b):\n") and out.endswith("\n\n\nprint(add(1, 2))\n")
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["infill", "{file}", "--at", "99"], "outside the file"),
+        (["infill", "{file}", "--at", "2:80"], "outside line 2"),
+        (["infill", "{file}", "--at", "x"], "LINE or LINE:COL"),
+        (["infill", "{missing}", "--at", "1"], "no file at"),
+        (["edit", "{file}", "--lines", "3-1"], "bad line range"),
+        (["edit", "{file}", "--lines", "1-99"], "outside the file"),
+        (["edit", "{file}", "--lines", "a-b"], "A-B"),
+    ],
+)
+def test_bad_positions_and_spans(args, fragment, model_dir, tmp_path, capsys):
+    path = tmp_path / "code.py"
+    path.write_text(SOURCE)
+    filled = [a.format(file=path, missing=tmp_path / "nope.py") for a in args]
+    code, _, err = run_main(capsys, *filled, "-m", str(model_dir))
+    assert_one_line_error(code, err, fragment)
+    assert path.read_text() == SOURCE
