@@ -15,6 +15,8 @@ and bfloat16 against the reference run in bfloat16 itself: min cosine 0.999.
 
 from __future__ import annotations
 
+from functools import partial
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -24,6 +26,8 @@ from transformers.cache_utils import DynamicCache
 
 import mlx_dgemma
 from convert import convert_checkpoint
+from mlx_dgemma import sampler
+from mlx_dgemma.sampler import BlockSampler, SamplerSettings, SeededNoise
 
 TOLERANCES = {
     # name: (convert options, min cosine, mean cosine, top-1 agreement)
@@ -100,3 +104,49 @@ def test_bfloat16_matches_the_reference_in_bfloat16(setup):
     ours, _ = our_logits(model, prompt, canvas, first)
     worst, _, _ = agreement(ours, first)
     assert worst >= 0.999
+
+
+@pytest.mark.parametrize("name", ["bfloat16", "4-bit mixed"])
+def test_generation_runs_on_reduced_precision_conversions(setup, name):
+    """The whole sampler on bf16 weights and bf16-scaled quantized weights (self-conditioning in bf16)."""
+    _, source, prompt, _, _, factory = setup
+    options = TOLERANCES[name][0]
+    model = mlx_dgemma.load_model(
+        convert_checkpoint(source, factory.mktemp("gen-" + name.replace(" ", "-")) / "o", **options)
+    )
+    cache = model.make_cache()
+    model.encode(mx.array(prompt.numpy()), cache)
+    settings = SamplerSettings(steps=3, max_new_tokens=32, eos_token_ids=(1,), pad_token_id=0)
+    canvases = list(BlockSampler(model, settings, SeededNoise(0)).canvases(cache, prompt.shape[0]))
+    tokens = np.concatenate([np.array(c.tokens) for c in canvases], axis=1)
+    assert tokens.shape[0] == prompt.shape[0] and tokens.shape[1] in (16, 32)
+    assert ((tokens >= 0) & (tokens < 384)).all()
+
+
+@pytest.mark.parametrize("dtype", [None, mx.bfloat16])
+def test_fused_step_graph_equals_the_plain_ops(dtype):
+    """The GPU's compiled step math (one graph per dtype) computes what the CPU's plain ops do."""
+    generator = np.random.default_rng(0)
+    shape = (2, 16, 384)
+    args = (
+        mx.array(generator.normal(size=shape).astype(np.float32) * 3),
+        mx.array(0.6),
+        mx.array(generator.integers(0, 384, shape[:2])),
+        mx.array(generator.integers(0, 384, shape[:2])),
+        None,
+        mx.array([False, True]),
+        mx.full((1, *shape[:2]), -1, dtype=mx.int32),
+        mx.array(generator.integers(0, 384, shape[:2])),
+        mx.array(generator.gumbel(size=shape).astype(np.float32)),
+        None,
+        None,
+        0.5,
+        1,
+        2.0,
+    )
+    plain = sampler._step_math(*args, conditioning_dtype=dtype)
+    fused = mx.compile(partial(sampler._step_math, conditioning_dtype=dtype))(*args)
+    for a, b in zip(plain, fused):
+        assert a.dtype == b.dtype
+        np.testing.assert_allclose(np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32)), rtol=1e-5, atol=1e-6)
+    assert callable(sampler._step_math_for(dtype))

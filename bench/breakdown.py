@@ -1,0 +1,299 @@
+"""Where one of our denoising steps spends its time.
+
+Nothing here re-implements the step. A short real sampler run records the
+arguments of its second step (self-conditioned, as every step but the first):
+the `Model.denoise` call and the `denoising_step` call, exactly as
+`BlockSampler` makes them. One more `denoise` with the layer classes'
+`__call__` (and the model's embedding / self-conditioning / head methods)
+wrapped records every part's inputs. Each recorded call is then re-run alone
+on its recorded (evaluated) inputs: `mx.eval` + `time.perf_counter`, median
+of repeats. The parts are therefore timed in isolation on the very inputs of a
+real step, and the whole step is timed the same way for comparison; the
+difference shows as "unaccounted" (graph building and scheduling that only
+appear when the parts run together, and any part not wrapped).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from .record import summary, time_repeated
+
+# Modules whose calls are parts of a step; containers hold parts and are timed whole.
+PART_CLASSES = {
+    "Attention": ("attention", "attention"),
+    "GatedMLP": ("dense MLP", "dense MLP"),
+    "Router": ("MoE: router", "MoE"),
+    "Experts": ("MoE: experts", "MoE"),
+    "SelfConditioning": ("self-conditioning: MLP + norm", "self-conditioning"),
+}
+CONTAINER_CLASSES = {"TransformerLayer": ("layer total", "layer totals")}
+MODEL_METHODS = {
+    "_embed": ("embedding lookup", "embedding"),
+    "_soft_embeddings": ("self-conditioning: probs @ embeddings", "self-conditioning"),
+    "logits": ("tied head (vocabulary matmul) + soft-cap", "head"),
+}
+
+
+def arrays_in(obj: Any) -> list:
+    """Every mx.array inside nested tuples, lists, dicts and dataclasses."""
+    import mlx.core as mx
+
+    if isinstance(obj, mx.array):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [a for item in obj for a in arrays_in(item)]
+    if isinstance(obj, dict):
+        return [a for item in obj.values() for a in arrays_in(item)]
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return [a for f in dataclasses.fields(obj) for a in arrays_in(getattr(obj, f.name))]
+    return []
+
+
+@contextlib.contextmanager
+def _patched(cls: type, attr: str, make: Callable[[Callable], Callable]) -> Iterator[None]:
+    original = cls.__dict__.get(attr)
+    if original is None:
+        yield
+        return
+    setattr(cls, attr, make(original))
+    try:
+        yield
+    finally:
+        setattr(cls, attr, original)
+
+
+class StepBreakdown:
+    def __init__(self, driver, prompt: list[int]):
+        import mlx.core as mx
+
+        self.mx = mx
+        self.driver = driver
+        self.model = driver.model
+        self.prompt = prompt
+        self.repeats = driver.settings.breakdown_repeats
+        self.parts: dict[str, dict[str, Any]] = {}
+        self.errors: dict[str, str] = {}
+
+    # -- timing --------------------------------------------------------------------------------------------------
+
+    def time(self, name: str, group: str, run: Callable[[], Any], layer: int | None = None) -> float | None:
+        mx = self.mx
+        try:
+            times = time_repeated(run, lambda out: mx.eval(arrays_in(out)), self.repeats)
+        except Exception as error:  # a part that cannot be re-run alone must not sink the breakdown
+            self.errors[name] = f"{type(error).__name__}: {error}"
+            return None
+        ms = summary(times)["median"] * 1e3
+        entry = self.parts.setdefault(name, {"ms": 0.0, "calls": 0, "group": group, "per_layer": {}})
+        entry["ms"] += ms
+        entry["calls"] += 1
+        if layer is not None:
+            entry["per_layer"][layer] = round(entry["per_layer"].get(layer, 0.0) + ms, 3)
+        return ms
+
+    # -- recording a real step -----------------------------------------------------------------------------------
+
+    def capture_second_step(self):
+        """The (args, kwargs) of `Model.denoise` and `denoising_step` at a real second step."""
+        import mlx_dgemma.sampler as sampler_module
+        from mlx_dgemma.sampler import BlockSampler, SeededNoise
+
+        from .runtimes.ours import sampler_events
+
+        driver, model = self.driver, self.model
+        settings = driver.sampler_settings(driver.settings.steps, adaptive=False, seed=driver.settings.seed)
+        calls: dict[str, list] = {"denoise": [], "step": []}
+
+        def record_denoise(original):
+            def denoise(this, *args, **kwargs):
+                calls["denoise"].append((args, kwargs))
+                return original(this, *args, **kwargs)
+
+            return denoise
+
+        original_step = sampler_module.denoising_step
+
+        def record_step(*args, **kwargs):
+            calls["step"].append((args, kwargs))
+            return original_step(*args, **kwargs)
+
+        cache = driver.prefill(self.prompt)
+        sampler = BlockSampler(model, settings, SeededNoise(driver.settings.seed))
+        sampler_module.denoising_step = record_step
+        try:
+            with _patched(type(model), "denoise", record_denoise):
+                events = sampler_events(sampler, cache)
+                for kind, item in events:
+                    if kind == "draft" and item.step >= 2:
+                        events.close()
+                        break
+        finally:
+            sampler_module.denoising_step = original_step
+        if len(calls["denoise"]) < 2 or len(calls["step"]) < 2:
+            raise RuntimeError("could not record a second denoising step")
+        self.mx.eval(arrays_in(calls["denoise"][1]), arrays_in(calls["step"][1]))
+        return calls["denoise"][1], calls["step"][1], original_step, sampler.noise
+
+    def record_parts(self, denoise_call) -> list[tuple[str, str, Any, tuple, dict, tuple[str, ...]]]:
+        """Every part's call during one `denoise`: (class, method, module, args, kwargs, enclosing classes)."""
+        import mlx_dgemma.layers as layers_module
+        import mlx_dgemma.model as model_module
+        import mlx_dgemma.moe as moe_module
+
+        model = self.model
+        sink: list = []
+        stack: list[str] = []
+
+        def recorder(cls_name: str, attr: str) -> Callable[[Callable], Callable]:
+            def make(original):
+                def wrapper(this, *args, **kwargs):
+                    parents = tuple(stack)
+                    stack.append(cls_name)
+                    try:
+                        return original(this, *args, **kwargs)
+                    finally:
+                        stack.pop()
+                        sink.append((cls_name, attr, this, args, kwargs, parents))
+
+                return wrapper
+
+            return make
+
+        targets = []
+        for cls_name in (*PART_CLASSES, *CONTAINER_CLASSES, "RMSNorm"):
+            for module in (layers_module, model_module, moe_module):
+                cls = getattr(module, cls_name, None)
+                if isinstance(cls, type):
+                    targets.append((cls, "__call__", recorder(cls_name, "__call__")))
+                    break
+        for method in MODEL_METHODS:
+            targets.append((type(model), method, recorder("Model", method)))
+        with contextlib.ExitStack() as patches:
+            for cls, attr, make in targets:
+                patches.enter_context(_patched(cls, attr, make))
+            args, kwargs = denoise_call
+            self.mx.eval(model.denoise(*args, **kwargs))
+        self.mx.eval([arrays_in(entry[3:5]) for entry in sink])
+        return sink
+
+    # -- the report ----------------------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        from mlx_dgemma import moe
+
+        model = self.model
+        (d_args, d_kwargs), (s_args, s_kwargs), step_fn, noise = self.capture_second_step()
+        canvas_len, vocab = self.driver.canvas, self.driver.vocab
+
+        def whole():
+            return step_fn(model.denoise(*d_args, **d_kwargs), *s_args[1:], **s_kwargs)
+
+        self.time("whole step (decoder + sampling math)", "total", whole)
+        self.time("decoder forward (Model.denoise)", "total", lambda: model.denoise(*d_args, **d_kwargs))
+        self.time("sampling: vocab-wide math (denoising_step)", "sampling", lambda: step_fn(*s_args, **s_kwargs))
+        self.time(
+            "sampling: noise draw (Gumbel over the vocabulary + tokens)",
+            "sampling",
+            lambda: (noise.gumbel(0, 3, (1, canvas_len, vocab)), noise.tokens(0, 3, (1, canvas_len), vocab)),
+        )
+
+        owner, kinds = {}, {}
+        for index, layer in enumerate(model.layers):
+            for _, module in layer.named_modules():
+                owner[id(module)] = index
+        for index, shape in enumerate(getattr(model.text_config, "layers", ())):
+            kinds[index] = "sliding" if shape.is_sliding else "full"
+        final_norm = getattr(getattr(getattr(model, "model", None), "decoder", None), "norm", None)
+
+        experts_layer0 = None
+        for cls_name, attr, module, args, kwargs, parents in self.record_parts((d_args, d_kwargs)):
+            if any(parent in PART_CLASSES for parent in parents):
+                continue  # inside a part that is timed whole
+            layer = owner.get(id(module))
+            if cls_name == "RMSNorm":
+                if module is not final_norm:
+                    continue  # layer norms are in the layer glue
+                name, group = "final norm", "head"
+            elif cls_name == "Model":
+                name, group = MODEL_METHODS[attr]
+            else:
+                name, group = {**PART_CLASSES, **CONTAINER_CLASSES}[cls_name]
+                if cls_name == "Attention" and layer in kinds:
+                    name = f"attention ({kinds[layer]})"
+            call = getattr(module, attr) if attr != "__call__" else module
+            self.time(name, group, lambda call=call, args=args, kwargs=kwargs: call(*args, **kwargs), layer)
+            if cls_name == "Experts" and layer == 0:
+                experts_layer0 = (module, args, kwargs)
+
+        compare = {}
+        if self.driver.settings.moe_compare and experts_layer0 is not None:
+            module, args, kwargs = experts_layer0
+            forced = getattr(moe, "_forced_dispatch", None)
+            try:
+                for dispatch in moe.DISPATCHES:
+                    moe.set_moe_dispatch(dispatch)
+                    times = time_repeated(lambda: module(*args, **kwargs), self.mx.eval, self.repeats)
+                    compare[f"MoE experts, layer 0, dispatch {dispatch!r}"] = summary(times)["median"] * 1e3
+            except Exception as error:
+                self.errors["moe compare"] = f"{type(error).__name__}: {error}"
+            finally:
+                moe.set_moe_dispatch(forced)
+        return self.report(compare)
+
+    def report(self, compare: dict[str, float]) -> dict[str, Any]:
+        parts = self.parts
+        step = parts.get("whole step (decoder + sampling math)", {}).get("ms")
+        noise = parts.get("sampling: noise draw (Gumbel over the vocabulary + tokens)", {}).get("ms", 0.0)
+        whole = step + noise if step is not None else None
+        components = {n: p for n, p in parts.items() if p["group"] not in ("total", "layer totals")}
+        rows = [
+            {"component": n, "group": p["group"], "ms": round(p["ms"], 3), "calls": p["calls"]}
+            for n, p in components.items()
+        ]
+        layer_total = parts.get("layer total")
+        if layer_total:
+            inside = sum(p["ms"] for p in components.values() if p["group"] in ("attention", "dense MLP", "MoE"))
+            rows.append(
+                {
+                    "component": "layer glue (norms, residual adds, scalars)",
+                    "group": "layer glue",
+                    "ms": round(layer_total["ms"] - inside, 3),
+                    "calls": layer_total["calls"],
+                }
+            )
+        if whole is not None:
+            rows.append(
+                {
+                    "component": "unaccounted (whole step minus the parts)",
+                    "group": "unaccounted",
+                    "ms": round(whole - sum(r["ms"] for r in rows), 3),
+                    "calls": 1,
+                }
+            )
+        rows.sort(key=lambda r: -r["ms"])
+        for row in rows:
+            row["share"] = row["ms"] / whole if whole else None
+        groups: dict[str, float] = {}
+        for row in rows:
+            groups[row["group"]] = groups.get(row["group"], 0.0) + row["ms"]
+        per_layer: dict[int, dict[str, float]] = {}
+        for name, part in parts.items():
+            for layer, ms in part["per_layer"].items():
+                per_layer.setdefault(layer, {})[name] = ms
+        return {
+            "step_ms": whole,
+            "step_ms_without_noise": step,
+            "decoder_forward_ms": parts.get("decoder forward (Model.denoise)", {}).get("ms"),
+            "rows": rows,
+            "groups_ms": {k: round(v, 3) for k, v in sorted(groups.items(), key=lambda item: -item[1])},
+            "per_layer": {str(k): v for k, v in sorted(per_layer.items())},
+            "compare": compare,
+            "repeats": self.repeats,
+            "errors": self.errors,
+            "method": "each part re-run alone on the recorded inputs of a real second (self-conditioned) step; "
+            "mx.eval + perf_counter, median of repeats",
+        }
