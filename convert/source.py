@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mlx_dgemma.config import ConfigError, ModelConfig
+from mlx_dgemma.loader import LoadError, resolve_model_path
 
 from .errors import ConversionError
 from .safetensors_header import TensorInfo, read_header
@@ -28,10 +28,6 @@ SIDE_FILES = (
     "processor_config.json",
     "preprocessor_config.json",
 )
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.model", "tokenizer*"]
-
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
 
 @dataclass(frozen=True)
 class SourceCheckpoint:
@@ -56,27 +52,10 @@ class SourceCheckpoint:
 
 def resolve_source(src: str | Path, revision: str | None = None) -> Path:
     """A local checkpoint directory for SRC, downloading it when SRC is a hub repo id."""
-    path = Path(src).expanduser()
-    if path.is_dir():
-        return path
-    text = str(src)
-    if not _REPO_ID.match(text):
-        raise ConversionError(f"{src} is not a checkpoint directory or a hub repo id")
-    return _download(text, revision)
-
-
-def _download(repo_id: str, revision: str | None) -> Path:
-    # Imported here: only hub sources need it.
-    from huggingface_hub import snapshot_download
-
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
-    except Exception as error:  # any hub failure (offline, 404, auth, network) is one line for the user
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ConversionError(
-            f"cannot fetch {repo_id} from the Hugging Face hub ({type(error).__name__}: {reason}); "
-            "pass a local checkpoint directory, or pre-download it and set HF_HUB_OFFLINE=1"
-        ) from None
+        return resolve_model_path(src, revision)
+    except LoadError as error:
+        raise ConversionError(str(error)) from None
 
 
 def index_tensors(root: Path) -> dict[str, TensorInfo]:

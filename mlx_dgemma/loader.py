@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from .sampler import SamplerSettings
 # head tied to the embeddings, and RoPE tables recomputed from the config.
 _IGNORED_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 class LoadError(RuntimeError):
@@ -35,21 +37,21 @@ def resolve_model_path(path_or_repo: str | Path, revision: str | None = None) ->
     if path.is_dir():
         return path
     text = str(path_or_repo)
-    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
-        raise LoadError(f"no model directory at {text}")
+    if path.exists() or not _REPO_ID.match(text):
+        raise LoadError(f"no model directory at {text} (and it is not a Hugging Face repo id)")
     return _download(text, revision)
 
 
 def _download(repo_id: str, revision: str | None) -> Path:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import RepositoryNotFoundError
 
-    patterns = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
+    patterns = ["*.json", "*.safetensors", "*.jinja", "*.model", "tokenizer*", "*.txt"]
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except RepositoryNotFoundError:
         raise LoadError(f"no model {repo_id!r} on the Hugging Face hub (or it needs a login)") from None
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as error:
+    except Exception as error:  # offline, unreachable, refused: whatever the transport raised, one line
         offline = os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0")
         reason = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else type(error).__name__
         raise LoadError(
