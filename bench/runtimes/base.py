@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..record import Skip
+from ..record import Skip, maxrss_gb
 from ..shapes import RunSpec
 
 __all__ = ["Driver", "GenerationRun", "Skip"]
@@ -67,3 +67,20 @@ class Driver:
 
     def breakdown(self, prompt: list[int]) -> dict[str, Any] | None:
         return None
+
+
+class MlxDriver(Driver):
+    """A runtime on MLX: memory comes from MLX's allocator as well as the process."""
+
+    is_mlx = True
+    mx: Any = None  # mlx.core, imported in setup()
+
+    def memory(self) -> dict[str, Any]:
+        return {
+            "peak_gb": self.mx.get_peak_memory() / 1e9,
+            "active_gb": self.mx.get_active_memory() / 1e9,
+            "maxrss_gb": maxrss_gb(),
+        }
+
+    def reset_peak_memory(self) -> None:
+        self.mx.reset_peak_memory()

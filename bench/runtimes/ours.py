@@ -8,16 +8,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from ..record import maxrss_gb
-from .base import Driver, GenerationRun
+from .base import GenerationRun, MlxDriver
 
 # Never stops early: a mean entropy below this is impossible short of exact one-hot logits.
 NEVER_CONFIDENT = 1e-30
 
 
-class OursDriver(Driver):
+class OursDriver(MlxDriver):
     name = "us"
-    is_mlx = True
 
     def setup(self) -> dict[str, Any]:
         import mlx.core as mx
@@ -106,17 +104,6 @@ class OursDriver(Driver):
                 steps_per_canvas.append(item.steps[0])
         seconds = time.perf_counter() - start
         return GenerationRun(tokens, seconds, steps_per_canvas, _intervals(start, marks))
-
-    def memory(self) -> dict[str, Any]:
-        mx = self.mx
-        return {
-            "peak_gb": mx.get_peak_memory() / 1e9,
-            "active_gb": mx.get_active_memory() / 1e9,
-            "maxrss_gb": maxrss_gb(),
-        }
-
-    def reset_peak_memory(self) -> None:
-        self.mx.reset_peak_memory()
 
     # -- where a step's time goes --------------------------------------------------------------------------------
 

@@ -14,8 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..record import maxrss_gb
-from .base import Driver, GenerationRun, Skip
+from .base import GenerationRun, MlxDriver, Skip
 
 
 class _Detokenizer:
@@ -47,9 +46,8 @@ class _Tokenizer:
         return ""
 
 
-class VlmDriver(Driver):
+class VlmDriver(MlxDriver):
     name = "mlx-vlm"
-    is_mlx = True
 
     def setup(self) -> dict[str, Any]:
         import importlib.metadata
@@ -159,17 +157,6 @@ class VlmDriver(Driver):
                 "its_denoising_steps": last.diffusion_denoising_steps,
             },
         )
-
-    def memory(self) -> dict[str, Any]:
-        mx = self.mx
-        return {
-            "peak_gb": mx.get_peak_memory() / 1e9,
-            "active_gb": mx.get_active_memory() / 1e9,
-            "maxrss_gb": maxrss_gb(),
-        }
-
-    def reset_peak_memory(self) -> None:
-        self.mx.reset_peak_memory()
 
 
 def _intervals(marks: list[tuple[int, int, float]]) -> tuple[list[list[float]], list[int]]:
