@@ -131,12 +131,13 @@ def attend(queries: mx.array, keys: mx.array, values: mx.array, mask: mx.array |
     batch, heads, length, dim = queries.shape
     kv_heads = keys.shape[1]
     grouped = queries.reshape(batch, kv_heads, heads // kv_heads, length, dim)
-    scores = grouped @ keys[:, :, None].swapaxes(-1, -2)
+    # The softmax runs in float32 whatever the model's dtype, as the fused kernel's does.
+    scores = (grouped @ keys[:, :, None].swapaxes(-1, -2)).astype(mx.float32)
     if mask is not None:
         scores = mx.where(mask[:, :, None], scores, -mx.inf)
     scores = scores - scores.max(axis=-1, keepdims=True)
     weights = mx.power(2.0, scores * LOG2_E)
-    weights = weights / weights.sum(axis=-1, keepdims=True)
+    weights = (weights / weights.sum(axis=-1, keepdims=True)).astype(values.dtype)
     return (weights @ values[:, :, None]).reshape(batch, heads, length, dim)
 
 
