@@ -22,9 +22,9 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from .generate import GenerationStats, check_context, default_settings, prefill
+from .generate import GenerationStats, check_context, default_settings, encode_prompt
 from .model import Model
-from .sampler import BlockSampler, Noise, Pins, SamplerSettings, SeededNoise
+from .sampler import BlockSampler, Noise, Pins, SamplerSettings
 from .tokenizer import encode_text, render_chat
 
 HOLE_MARKER = re.compile(r"\{\{hole:(\d+)\}\}")
@@ -75,26 +75,17 @@ def _fill(
     check_context(model, 0, len(prompt_ids) + len(slots), settings.updated(max_new_tokens=1))
     layouts = [_pins(slots[start : start + canvas]) for start in range(0, len(slots), canvas)]
 
-    stats = GenerationStats(prompt_tokens=len(prompt_ids))
+    stats = GenerationStats()
     cache = model.make_cache()
-    begin = time.perf_counter()
-    prefill(model, cache, mx.array([prompt_ids]))
-    stats.prompt_tps = len(prompt_ids) / max(time.perf_counter() - begin, 1e-9)
+    encode_prompt(model, cache, prompt_ids, stats)
 
-    sampler = BlockSampler(model, settings, noise if noise is not None else SeededNoise(settings.seed))
     begin = time.perf_counter()
     tokens: list[int] = []
-    for result in sampler.pinned_canvases(cache, layouts):
+    for result in BlockSampler(model, settings, noise).pinned_canvases(cache, layouts):
         tokens += result.tokens[0].tolist()
         stats.canvases += 1
         stats.denoising_steps += result.steps[0]
-    elapsed = time.perf_counter() - begin
-    free = sum(slot.kind != PINNED for slot in slots)
-    stats.generation_tokens = free
-    stats.generation_tps = free / max(elapsed, 1e-9)
-    stats.steps_per_canvas = stats.denoising_steps / stats.canvases
-    stats.tokens_per_forward = free / max(stats.denoising_steps, 1)
-    stats.peak_memory_gb = mx.get_peak_memory() / 1e9
+    stats.record_generation(sum(slot.kind != PINNED for slot in slots), time.perf_counter() - begin)
     return _Filled(tokens, slots, stats)
 
 

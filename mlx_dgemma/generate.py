@@ -19,7 +19,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .cache import EncoderCache
 from .model import Model
-from .sampler import BlockSampler, Noise, SamplerSettings, SeededNoise, StepDraft
+from .sampler import BlockSampler, Noise, SamplerSettings, StepDraft
 from .tokenizer import Message, ReplyDecoder, encode_text, render_chat
 
 PREFILL_CHUNK = 512
@@ -37,6 +37,16 @@ class GenerationStats:
     steps_per_canvas: float = 0.0
     tokens_per_forward: float = 0.0
     peak_memory_gb: float = 0.0
+
+    def record_generation(self, tokens: int, seconds: float) -> None:
+        """Fill in the generation figures once `canvases` and `denoising_steps` are counted."""
+        self.generation_tokens = tokens
+        self.generation_tps = tokens / seconds if seconds > 0 else 0.0
+        if self.canvases:
+            self.steps_per_canvas = self.denoising_steps / self.canvases
+        if self.denoising_steps:
+            self.tokens_per_forward = tokens / self.denoising_steps
+        self.peak_memory_gb = mx.get_peak_memory() / 1e9
 
 
 @dataclass
@@ -118,7 +128,7 @@ class _Turn:
 
     def __init__(self, model: Model, tokenizer: TokenizerWrapper, settings: SamplerSettings, noise: Noise | None):
         self.model, self.tokenizer, self.settings = model, tokenizer, settings
-        self.sampler = BlockSampler(model, settings, noise if noise is not None else SeededNoise(settings.seed))
+        self.sampler = BlockSampler(model, settings, noise)
         self.decoder = ReplyDecoder(tokenizer)
         self.tokens: list[int] = []  # the reply, EOS and pads removed, capped at max_new_tokens
         self.last_canvas: list[int] = []  # the reply tokens not yet in the cache
@@ -150,20 +160,14 @@ class _Turn:
                 tail_answer, tail_thinking = self.decoder.finish()
                 answer, thinking = answer + tail_answer, thinking + tail_thinking
             yield Commit(answer, thinking, new)
-        elapsed = time.perf_counter() - start
-        self.stats.generation_tokens = len(self.tokens)
-        self.stats.generation_tps = len(self.tokens) / elapsed if elapsed > 0 else 0.0
-        if self.stats.canvases:
-            self.stats.steps_per_canvas = self.stats.denoising_steps / self.stats.canvases
-        if self.stats.denoising_steps:
-            self.stats.tokens_per_forward = len(self.tokens) / self.stats.denoising_steps
-        self.stats.peak_memory_gb = mx.get_peak_memory() / 1e9
+        self.stats.record_generation(len(self.tokens), time.perf_counter() - start)
 
     def result(self) -> GenerationResult:
         return GenerationResult(self.decoder.answer, self.decoder.thinking, self.tokens, self.finish_reason, self.stats)
 
 
-def _encode_prompt(model: Model, cache: EncoderCache, ids: list[int], stats: GenerationStats) -> None:
+def encode_prompt(model: Model, cache: EncoderCache, ids: list[int], stats: GenerationStats) -> None:
+    """Prefill `ids` (one row) into `cache`, recording the prompt figures."""
     start = time.perf_counter()
     prefill(model, cache, mx.array([ids]))
     elapsed = time.perf_counter() - start
@@ -192,7 +196,7 @@ def stream_generate(
     turn = _Turn(model, tokenizer, settings, noise)
     with wired_limit(model):
         cache = model.make_cache()
-        _encode_prompt(model, cache, ids, turn.stats)
+        encode_prompt(model, cache, ids, turn.stats)
         yield from turn.run(cache, drafts)
     yield Done(turn.result())
 
@@ -264,7 +268,7 @@ class Chat:
             with wired_limit(self.model):
                 if self._cache is None:
                     self._cache = self.model.make_cache()
-                _encode_prompt(self.model, self._cache, new_ids, turn.stats)
+                encode_prompt(self.model, self._cache, new_ids, turn.stats)
                 self.last_encoded_tokens = len(new_ids)
                 yield from turn.run(self._cache, drafts)
         except BaseException:

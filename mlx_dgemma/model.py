@@ -162,9 +162,10 @@ class Model(nn.Module):
             self_conditioning_probs = mx.softmax(self_conditioning_logits.astype(mx.float32), axis=-1)
         soft = None if self_conditioning_probs is None else self._soft_embeddings(self_conditioning_probs)
         h = self.model.decoder.self_conditioning(embeddings, soft)
+        # Layers keeping the same number of cached positions share one mask.
+        masks = {cached: self._decoder_mask(cache, cached, length) for cached in {lc.length for lc in cache.layers}}
         for layer, layer_cache in zip(self.layers, cache.layers):
-            mask = self._decoder_mask(cache, layer_cache.length, length)
-            h = layer(h, layer_cache, offset, mask, False, layer.layer_scalar)
+            h = layer(h, layer_cache, offset, masks[layer_cache.length], False, layer.layer_scalar)
         return self.logits(self.model.decoder.norm(h))
 
     def logits(self, hidden: mx.array) -> mx.array:

@@ -99,7 +99,7 @@ class SamplerSettings:
             eos = text_config.eos_token_id
         if values["pad_token_id"] is None and text_config is not None:
             values["pad_token_id"] = text_config.pad_token_id
-        return cls().updated(eos_token_ids=_as_tuple(eos), **values)
+        return cls().updated(eos_token_ids=eos, **values)
 
 
 def _as_tuple(value: int | list[int] | tuple[int, ...] | None) -> tuple[int, ...]:
