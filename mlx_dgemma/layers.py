@@ -11,10 +11,41 @@ from .cache import LayerCache
 from .config import LayerShape, RopeConfig, TextConfig
 
 LOG2_E = math.log2(math.e)
+# gelu's tanh approximation as a logistic: 0.5·(1 + tanh(z)) = 1 / (1 + e^(-2z)).
+_GELU_TANH_SCALE = 2 * math.sqrt(2 / math.pi) * LOG2_E
+
+
+def on_cpu() -> bool:
+    return mx.default_device().type == mx.cpu
+
+
+def gelu_tanh(x: mx.array) -> mx.array:
+    """gelu's tanh approximation (PyTorch's "tanh" gelu).
+
+    In float32 on the CPU it is written as x / (1 + 2^(-c·(x + 0.044715x³))):
+    MLX's CPU `tanh` is its slowest elementwise op, and this form is 5× faster
+    there, to float32 rounding. (In bf16 every step of it would round.)
+    """
+    if not on_cpu() or x.dtype != mx.float32:
+        return nn.gelu_approx(x)
+    return x / (1 + mx.power(2.0, -_GELU_TANH_SCALE * (x + 0.044715 * x * x * x)))
+
+
+def soft_cap(x: mx.array, cap: float) -> mx.array:
+    """cap · tanh(x / cap), written as cap − 2cap / (1 + 2^(2x·log2(e)/cap)) on the CPU (2× faster there)."""
+    if not on_cpu() or x.dtype != mx.float32:
+        return mx.tanh(x / cap) * cap
+    return _soft_cap_cpu(x, mx.array(cap, dtype=x.dtype))
+
+
+@mx.compile
+def _soft_cap_cpu(x: mx.array, cap: mx.array) -> mx.array:
+    return cap - (2 * cap) / (1 + mx.power(2.0, x * ((2 * LOG2_E) / cap)))
+
 
 ACTIVATIONS = {
-    "gelu_pytorch_tanh": nn.gelu_approx,
-    "gelu_new": nn.gelu_approx,
+    "gelu_pytorch_tanh": gelu_tanh,
+    "gelu_new": gelu_tanh,
     "gelu": nn.gelu,
     "silu": nn.silu,
     "relu": nn.relu,
@@ -126,7 +157,7 @@ def attend(queries: mx.array, keys: mx.array, values: mx.array, mask: mx.array |
     in `exp`; grouping the query heads per KV head and exponentiating as powers
     of two is a third faster there, to float32 rounding.
     """
-    if mx.default_device().type != mx.cpu:
+    if not on_cpu():
         return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=1.0, mask=mask)
     batch, heads, length, dim = queries.shape
     kv_heads = keys.shape[1]

@@ -16,6 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import ConfigError, ModelConfig
+from .cpu import reuse_freed_memory
 from .model import Model
 from .sampler import SamplerSettings
 
@@ -102,6 +103,7 @@ def _quantization_params(config: ModelConfig, path: str) -> dict[str, Any]:
 def load_model(path: str | Path, revision: str | None = None) -> Model:
     """Build the model from a checkpoint directory (or hub repo id)."""
     path = resolve_model_path(path, revision)
+    reuse_freed_memory()
     try:
         config = ModelConfig.from_path(path)
     except ConfigError as error:

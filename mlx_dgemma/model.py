@@ -17,7 +17,7 @@ import mlx.nn as nn
 
 from .cache import EncoderCache
 from .config import LayerShape, ModelConfig, TextConfig
-from .layers import Attention, GatedMLP, RMSNorm, SelfConditioning, embedding_scale
+from .layers import Attention, GatedMLP, RMSNorm, SelfConditioning, embedding_scale, soft_cap
 from .moe import Experts, Router
 
 
@@ -173,7 +173,7 @@ class Model(nn.Module):
         logits = self.embed_tokens.as_linear(hidden).astype(mx.float32)
         cap = self.text_config.final_logit_softcapping
         if cap:
-            logits = mx.tanh(logits / cap) * cap
+            logits = soft_cap(logits, cap)
         return logits
 
     def _soft_embeddings(self, probs: mx.array) -> mx.array:
