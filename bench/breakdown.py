@@ -2,10 +2,12 @@
 
 Nothing here re-implements the step. A short real sampler run records the
 arguments of its second step (self-conditioned, as every step but the first):
-the `Model.denoise` call and the `denoising_step` call, exactly as
-`BlockSampler` makes them. One more `denoise` with the layer classes'
-`__call__` (and the model's embedding / self-conditioning / head methods)
-wrapped records every part's inputs. Each recorded call is then re-run alone
+the decoder call (`Model.denoise_hidden`) and the sampling call
+(`BlockSampler._sample`: head, Gumbel draw and vocabulary math on the row
+blocks, each on its stream, then the step's decisions), exactly as
+`BlockSampler` makes them. One more decoder call with the layer classes'
+`__call__` (and the model's embedding / self-conditioning methods) wrapped
+records every part's inputs. Each recorded call is then re-run alone
 on its recorded (evaluated) inputs: `mx.eval` + `time.perf_counter`, median
 of repeats. The parts are therefore timed in isolation on the very inputs of a
 real step, and the whole step is timed the same way for comparison; the
@@ -34,8 +36,8 @@ CONTAINER_CLASSES = {"TransformerLayer": ("layer total", "layer totals")}
 MODEL_METHODS = {
     "_embed": ("embedding lookup", "embedding"),
     "_soft_embeddings": ("self-conditioning: probs @ embeddings", "self-conditioning"),
-    "logits": ("tied head (vocabulary matmul) + soft-cap", "head"),
 }
+SAMPLING = "sampling: head, then soft-cap, Gumbel draw, vocab-wide math on the row blocks"
 
 
 def arrays_in(obj: Any) -> list:
@@ -98,45 +100,38 @@ class StepBreakdown:
     # -- recording a real step -----------------------------------------------------------------------------------
 
     def capture_second_step(self):
-        """The (args, kwargs) of `Model.denoise` and `denoising_step` at a real second step."""
-        import mlx_dgemma.sampler as sampler_module
+        """The (args, kwargs) of the decoder call and of `BlockSampler._sample` at a real second step."""
         from mlx_dgemma.sampler import BlockSampler, SeededNoise
 
         from .runtimes.ours import sampler_events
 
         driver, model = self.driver, self.model
         settings = driver.sampler_settings(driver.settings.steps, adaptive=False, seed=driver.settings.seed)
-        calls: dict[str, list] = {"denoise": [], "step": []}
+        calls: dict[str, list] = {"denoise": [], "sample": []}
 
-        def record_denoise(original):
-            def denoise(this, *args, **kwargs):
-                calls["denoise"].append((args, kwargs))
-                return original(this, *args, **kwargs)
+        def recorder(kind):
+            def make(original):
+                def record(this, *args, **kwargs):
+                    calls[kind].append((args, kwargs))
+                    return original(this, *args, **kwargs)
 
-            return denoise
+                return record
 
-        original_step = sampler_module.denoising_step
-
-        def record_step(*args, **kwargs):
-            calls["step"].append((args, kwargs))
-            return original_step(*args, **kwargs)
+            return make
 
         cache = driver.prefill(self.prompt)
         sampler = BlockSampler(model, settings, SeededNoise(driver.settings.seed))
-        sampler_module.denoising_step = record_step
-        try:
-            with _patched(type(model), "denoise", record_denoise):
+        with _patched(type(model), "denoise_hidden", recorder("denoise")):
+            with _patched(BlockSampler, "_sample", recorder("sample")):
                 events = sampler_events(sampler, cache)
                 for kind, item in events:
                     if kind == "draft" and item.step >= 2:
                         events.close()
                         break
-        finally:
-            sampler_module.denoising_step = original_step
-        if len(calls["denoise"]) < 2 or len(calls["step"]) < 2:
+        if len(calls["denoise"]) < 2 or len(calls["sample"]) < 2:
             raise RuntimeError("could not record a second denoising step")
-        self.mx.eval(arrays_in(calls["denoise"][1]), arrays_in(calls["step"][1]))
-        return calls["denoise"][1], calls["step"][1], original_step, sampler.noise
+        self.mx.eval(arrays_in(calls["denoise"][1]), arrays_in(calls["sample"][1]))
+        return calls["denoise"][1], calls["sample"][1], sampler
 
     def record_parts(self, denoise_call) -> list[tuple[str, str, Any, tuple, dict, tuple[str, ...]]]:
         """Every part's call during one `denoise`: (class, method, module, args, kwargs, enclosing classes)."""
@@ -176,7 +171,7 @@ class StepBreakdown:
             for cls, attr, make in targets:
                 patches.enter_context(_patched(cls, attr, make))
             args, kwargs = denoise_call
-            self.mx.eval(model.denoise(*args, **kwargs))
+            self.mx.eval(model.denoise_hidden(*args, **kwargs))
         self.mx.eval([arrays_in(entry[3:5]) for entry in sink])
         return sink
 
@@ -186,20 +181,30 @@ class StepBreakdown:
         from mlx_dgemma import moe
 
         model = self.model
-        (d_args, d_kwargs), (s_args, s_kwargs), step_fn, noise = self.capture_second_step()
+        (d_args, d_kwargs), (s_args, s_kwargs), sampler = self.capture_second_step()
         canvas_len, vocab = self.driver.canvas, self.driver.vocab
 
         def whole():
-            return step_fn(model.denoise(*d_args, **d_kwargs), *s_args[1:], **s_kwargs)
+            return sampler._sample(model.denoise_hidden(*d_args, **d_kwargs), *s_args[1:], **s_kwargs)
 
-        self.time("whole step (decoder + sampling math)", "total", whole)
-        self.time("decoder forward (Model.denoise)", "total", lambda: model.denoise(*d_args, **d_kwargs))
-        self.time("sampling: vocab-wide math (denoising_step)", "sampling", lambda: step_fn(*s_args, **s_kwargs))
-        self.time(
-            "sampling: noise draw (Gumbel over the vocabulary + tokens)",
-            "sampling",
-            lambda: (noise.gumbel(0, 3, (1, canvas_len, vocab)), noise.tokens(0, 3, (1, canvas_len), vocab)),
-        )
+        self.time("whole step (decoder + sampling)", "total", whole)
+        self.time("decoder forward (Model.denoise_hidden)", "total", lambda: model.denoise_hidden(*d_args, **d_kwargs))
+        self.time(SAMPLING, "sampling", lambda: sampler._sample(*s_args, **s_kwargs))
+        blocks = s_args[6] if len(s_args) > 6 else s_kwargs.get("blocks")
+        self.block_count = len(blocks.rows) if blocks is not None else 1
+        # The sampling's pieces run one after another on one stream over every position, for scale (not in the sum).
+        hidden, noise = s_args[0], sampler.noise
+        serial = {
+            "head matmul + soft-cap": lambda: model.logits(hidden),
+            "Gumbel draw + re-noise tokens": lambda: (
+                noise.gumbel(0, 3, (1, canvas_len, vocab)),
+                noise.tokens(0, 3, (1, canvas_len), vocab),
+            ),
+        }
+        self.serial = {}
+        for name, run in serial.items():
+            times = time_repeated(run, lambda out: self.mx.eval(arrays_in(out)), self.repeats)
+            self.serial[name] = summary(times)["median"] * 1e3
 
         owner, kinds = {}, {}
         for index, layer in enumerate(model.layers):
@@ -246,9 +251,7 @@ class StepBreakdown:
 
     def report(self, compare: dict[str, float]) -> dict[str, Any]:
         parts = self.parts
-        step = parts.get("whole step (decoder + sampling math)", {}).get("ms")
-        noise = parts.get("sampling: noise draw (Gumbel over the vocabulary + tokens)", {}).get("ms", 0.0)
-        whole = step + noise if step is not None else None
+        whole = parts.get("whole step (decoder + sampling)", {}).get("ms")
         components = {n: p for n, p in parts.items() if p["group"] not in ("total", "layer totals")}
         rows = [
             {"component": n, "group": p["group"], "ms": round(p["ms"], 3), "calls": p["calls"]}
@@ -286,8 +289,9 @@ class StepBreakdown:
                 per_layer.setdefault(layer, {})[name] = ms
         return {
             "step_ms": whole,
-            "step_ms_without_noise": step,
-            "decoder_forward_ms": parts.get("decoder forward (Model.denoise)", {}).get("ms"),
+            "decoder_forward_ms": parts.get("decoder forward (Model.denoise_hidden)", {}).get("ms"),
+            "row_blocks": getattr(self, "block_count", None),
+            "serial_ms": {k: round(v, 3) for k, v in getattr(self, "serial", {}).items()},
             "rows": rows,
             "groups_ms": {k: round(v, 3) for k, v in sorted(groups.items(), key=lambda item: -item[1])},
             "per_layer": {str(k): v for k, v in sorted(per_layer.items())},

@@ -154,29 +154,62 @@ class Model(nn.Module):
         The previous prediction comes as logits (softmax taken here) or, when the
         caller has them already, as `self_conditioning_probs`.
         """
+        hidden = self.denoise_hidden(
+            canvas_ids, cache, self_conditioning_logits, self_conditioning_probs=self_conditioning_probs
+        )
+        return self.logits(hidden)
+
+    def denoise_hidden(
+        self,
+        canvas_ids: mx.array,
+        cache: EncoderCache,
+        self_conditioning_logits: mx.array | list[mx.array] | None = None,
+        *,
+        self_conditioning_probs: mx.array | list[mx.array] | None = None,
+    ) -> mx.array:
+        """The decoder's normed output (batch, canvas, hidden), before the head.
+
+        The previous prediction may come whole or as a list of row blocks split
+        along the canvas axis, as the sampler keeps it.
+        """
         batch, length = canvas_ids.shape
         cache.check_batch(batch)
         offset = cache.offset
         embeddings = self._embed(canvas_ids)
+        soft = None
         if self_conditioning_logits is not None:
-            self_conditioning_probs = mx.softmax(self_conditioning_logits.astype(mx.float32), axis=-1)
-        soft = None if self_conditioning_probs is None else self._soft_embeddings(self_conditioning_probs)
+            soft = self._soft_embeddings(self_conditioning_logits, from_logits=True)
+        elif self_conditioning_probs is not None:
+            soft = self._soft_embeddings(self_conditioning_probs, from_logits=False)
         h = self.model.decoder.self_conditioning(embeddings, soft)
         # Layers keeping the same number of cached positions share one mask.
         masks = {cached: self._decoder_mask(cache, cached, length) for cached in {lc.length for lc in cache.layers}}
         for layer, layer_cache in zip(self.layers, cache.layers):
             h = layer(h, layer_cache, offset, masks[layer_cache.length], False, layer.layer_scalar)
-        return self.logits(self.model.decoder.norm(h))
+        return self.model.decoder.norm(h)
 
     def logits(self, hidden: mx.array) -> mx.array:
         """The tied head, in float32, soft-capped."""
-        logits = self.embed_tokens.as_linear(hidden).astype(mx.float32)
-        cap = self.text_config.final_logit_softcapping
-        if cap:
-            logits = soft_cap(logits, cap)
-        return logits
+        return self.cap_logits(self.head(hidden))
 
-    def _soft_embeddings(self, probs: mx.array) -> mx.array:
+    def head(self, hidden: mx.array) -> mx.array:
+        """The tied head's float32 logits, before the soft-cap."""
+        return self.embed_tokens.as_linear(hidden).astype(mx.float32)
+
+    def cap_logits(self, logits: mx.array) -> mx.array:
+        """The final soft-cap, where the config has one."""
+        cap = self.text_config.final_logit_softcapping
+        return soft_cap(logits, cap) if cap else logits
+
+    def _soft_embeddings(self, prediction: mx.array | list[mx.array], from_logits: bool) -> mx.array:
+        """softmax(prediction) (or the probabilities as given) @ embeddings × scale, block by block."""
+        blocks = prediction if isinstance(prediction, list) else [prediction]
+        if from_logits:
+            blocks = [mx.softmax(block.astype(mx.float32), axis=-1) for block in blocks]
+        soft = [self._expected_embedding(block) for block in blocks]
+        return soft[0] if len(soft) == 1 else mx.concatenate(soft, axis=1)
+
+    def _expected_embedding(self, probs: mx.array) -> mx.array:
         """probs @ embeddings × scale: the expected embedding of the last prediction."""
         embed = self.embed_tokens
         if isinstance(embed, nn.QuantizedEmbedding):

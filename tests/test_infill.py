@@ -24,22 +24,22 @@ def loaded(tmp_path_factory):
 
 
 class Recorder:
-    """Wraps model.denoise to record every canvas the model is given."""
+    """Wraps the decoder call (model.denoise_hidden) to record every canvas the model is given."""
 
     def __init__(self, model):
         self.model, self.inputs = model, []
-        self._denoise = model.denoise
+        self._denoise = model.denoise_hidden
 
     def __enter__(self):
         def recording(canvas, cache, *args, **kwargs):
             self.inputs.append(np.array(canvas))
             return self._denoise(canvas, cache, *args, **kwargs)
 
-        self.model.denoise = recording
+        self.model.denoise_hidden = recording
         return self
 
     def __exit__(self, *exc):
-        del self.model.denoise
+        del self.model.denoise_hidden
 
 
 def test_pinned_positions_never_change(loaded):
@@ -118,12 +118,11 @@ def test_eos_and_pad_in_free_positions_mean_nothing(loaded):
     eos = model.generation_settings.eos_token_ids[0]
     always_eos = mx.full((vocab,), -30.0).at[eos].add(60.0)
 
-    original = model.denoise
-    model.denoise = lambda canvas, cache, *_, **__: mx.broadcast_to(always_eos, (*canvas.shape, vocab))
+    model.head = lambda hidden: mx.broadcast_to(always_eos, (*hidden.shape[:2], vocab))
     try:
         result = fill_template(model, tokenizer, "x", "A{{hole:4}}B", steps=3)
     finally:
-        model.denoise = original
+        del model.head
     assert result.fills == [""] and result.text == "AB" and result.tokens == []
 
 

@@ -124,29 +124,38 @@ def test_generation_runs_on_reduced_precision_conversions(setup, name):
 
 
 @pytest.mark.parametrize("dtype", [None, mx.bfloat16])
-def test_fused_step_graph_equals_the_plain_ops(dtype):
-    """The GPU's compiled step math (one graph per dtype) computes what the CPU's plain ops do."""
+def test_fused_step_graphs_equal_the_plain_ops(dtype):
+    """The GPU's compiled step math (vocabulary pass per dtype, then decisions) computes what the CPU's plain ops do."""
     generator = np.random.default_rng(0)
     shape = (2, 16, 384)
-    args = (
+    finished = mx.array([False, True])
+    vocab_args = (
         mx.array(generator.normal(size=shape).astype(np.float32) * 3),
         mx.array(0.6),
+        mx.array(generator.gumbel(size=shape).astype(np.float32)),
+        finished,
+        mx.array(generator.random(size=shape).astype(np.float32)).astype(dtype or mx.float32),
+    )
+    plain = sampler._vocab_math(*vocab_args, conditioning_dtype=dtype)
+    fused = mx.compile(partial(sampler._vocab_math, conditioning_dtype=dtype))(*vocab_args)
+    decision_args = (
+        *plain[:3],
         mx.array(generator.integers(0, 384, shape[:2])),
         mx.array(generator.integers(0, 384, shape[:2])),
-        None,
-        mx.array([False, True]),
+        finished,
         mx.full((1, *shape[:2]), -1, dtype=mx.int32),
         mx.array(generator.integers(0, 384, shape[:2])),
-        mx.array(generator.gumbel(size=shape).astype(np.float32)),
         None,
         None,
         0.5,
         1,
         2.0,
     )
-    plain = sampler._step_math(*args, conditioning_dtype=dtype)
-    fused = mx.compile(partial(sampler._step_math, conditioning_dtype=dtype))(*args)
+    plain += sampler._decision_math(*decision_args)
+    fused += mx.compile(sampler._decision_math)(*decision_args)
     for a, b in zip(plain, fused):
         assert a.dtype == b.dtype
         np.testing.assert_allclose(np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32)), rtol=1e-5, atol=1e-6)
-    assert callable(sampler._step_math_for(dtype))
+    # The finished row kept its previous conditioning.
+    kept, previous = plain[3][1].astype(mx.float32), vocab_args[4][1].astype(mx.float32)
+    np.testing.assert_array_equal(np.array(kept), np.array(previous))

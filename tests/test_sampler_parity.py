@@ -11,9 +11,17 @@ from reference_sampler import reference_noise
 from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig
 
 import mlx_dgemma
+from mlx_dgemma import sampler
 from mlx_dgemma.sampler import BlockSampler, SamplerSettings, SeededNoise
 
 EOS, PAD = 1, 0
+
+
+@pytest.fixture(autouse=True, params=["default", "3 row blocks"])
+def row_blocks(request, monkeypatch):
+    """Every parity test runs as this machine splits the canvas, and again cut into 3 blocks on 3 CPU streams."""
+    if request.param != "default":
+        monkeypatch.setattr(sampler, "block_count", lambda length: 3)
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +136,35 @@ def test_early_stop_before_the_step_limit(pair):
     np.testing.assert_array_equal(tokens, expected)
     assert all(step < settings.steps for result in results for step in result.steps)
     np.testing.assert_allclose(tokens_per_forward(tokens, steps), expected_tpf, rtol=1e-6)
+
+
+class ProtocolOnlyNoise:
+    """A user's noise source: just the protocol's two methods, counting the Gumbel draws asked of it."""
+
+    def __init__(self, seed: int):
+        self.inner, self.gumbel_calls = SeededNoise(seed), []
+
+    def tokens(self, canvas, step, shape, vocab):
+        return self.inner.tokens(canvas, step, shape, vocab)
+
+    def gumbel(self, canvas, step, shape):
+        self.gumbel_calls.append((canvas, step))
+        return self.inner.gumbel(canvas, step, shape)
+
+
+def test_noise_without_row_draws_is_asked_once_per_step(pair):
+    _, ours = pair
+    settings = SamplerSettings(steps=5, max_new_tokens=16, stability_threshold=0)
+    ids, plain = prompt(4, batch=2), ProtocolOnlyNoise(4)
+    tokens, _, _ = run_ours(ours, ids, None, plain, settings)
+    expected, _, _ = run_ours(ours, ids, None, SeededNoise(4), settings)
+    np.testing.assert_array_equal(tokens, expected)
+    # One whole draw per step (the last step's speculative successor is never launched).
+    assert plain.gumbel_calls == [(0, step) for step in range(1, 6)]
+
+
+def test_row_draws_are_slices_of_the_whole_draw():
+    noise, shape = SeededNoise(9), (2, 20, 33)
+    whole = np.array(noise.gumbel(1, 4, shape))
+    for rows in (slice(0, 7), slice(7, 20), slice(19, 20)):
+        np.testing.assert_array_equal(np.array(noise.gumbel_rows(1, 4, shape, rows)), whole[:, rows])
