@@ -47,3 +47,24 @@ def reuse_freed_memory() -> bool:
         return False
     _tuned = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _KEEP_FREE_BYTES))
     return _tuned
+
+
+_streams: list[mx.Stream] = []
+
+
+def cpu_streams(count: int) -> list[mx.Stream]:
+    """The default CPU stream and count - 1 more, created once per process.
+
+    MLX runs each CPU stream's ops on a thread of its own, one op at a time, and
+    its elementwise ops use one core: work cut into independent pieces, one per
+    stream, keeps every core busy.
+    """
+    if not _streams:
+        _streams.append(mx.default_stream(mx.cpu))
+    while len(_streams) < count:
+        _streams.append(mx.new_stream(mx.cpu))
+    return _streams[:count]
+
+
+def cpu_cores() -> int:
+    return os.cpu_count() or 1

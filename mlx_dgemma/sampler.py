@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, fields, replace
 from functools import partial
@@ -22,6 +21,7 @@ from typing import Any, Protocol
 import mlx.core as mx
 
 from .cache import EncoderCache
+from .cpu import cpu_cores, cpu_streams
 from .layers import LOG2_E
 from .model import Model
 
@@ -249,7 +249,7 @@ class RowBlocks:
         count = block_count(length)
         edges = [length * i // count for i in range(count + 1)]
         self.rows = [slice(a, b) for a, b in zip(edges[:-1], edges[1:])]
-        self.streams = _cpu_streams(count) if count > 1 else [mx.default_stream(mx.default_device())]
+        self.streams = cpu_streams(count) if count > 1 else [mx.default_stream(mx.default_device())]
 
     def __iter__(self) -> Iterator[tuple[int, slice, mx.Stream]]:
         for index, (rows, stream) in enumerate(zip(self.rows, self.streams)):
@@ -260,19 +260,7 @@ def block_count(length: int) -> int:
     """Row blocks for a canvas of `length` positions: on the CPU one per core, up to 8, of 16 rows or more; else 1."""
     if mx.default_device().type != mx.cpu:
         return 1
-    return max(1, min(os.cpu_count() or 1, 8, length // 16))
-
-
-_streams: list[mx.Stream] = []
-
-
-def _cpu_streams(count: int) -> list[mx.Stream]:
-    """The default CPU stream and count - 1 more, created once per process."""
-    if not _streams:
-        _streams.append(mx.default_stream(mx.cpu))
-    while len(_streams) < count:
-        _streams.append(mx.new_stream(mx.cpu))
-    return _streams[:count]
+    return max(1, min(cpu_cores(), 8, length // 16))
 
 
 @dataclass
