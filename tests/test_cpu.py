@@ -1,0 +1,66 @@
+"""The CPU-only rewrites: tanh-free gelu and soft-cap, split attention, and the malloc policy."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from mlx_dgemma import layers
+
+
+def spread() -> mx.array:
+    """Values from tiny to huge, both signs, zero included."""
+    magnitudes = np.concatenate([np.geomspace(1e-8, 1e4, 4000), [0.0]])
+    return mx.array(np.concatenate([magnitudes, -magnitudes]).astype(np.float32))
+
+
+def test_gelu_without_tanh_matches_the_tanh_form():
+    x = spread()
+    ours, plain = np.array(layers.gelu_tanh(x)), np.array(nn.gelu_approx(x))
+    assert np.isfinite(ours).all()
+    np.testing.assert_allclose(ours, plain, rtol=2e-6, atol=1e-6)
+
+
+def test_soft_cap_without_tanh_matches_the_tanh_form():
+    x = spread()
+    ours, plain = np.array(layers.soft_cap(x, 30.0)), np.array(mx.tanh(x / 30.0) * 30.0)
+    assert np.isfinite(ours).all() and np.abs(ours).max() <= 30.0
+    np.testing.assert_allclose(ours, plain, rtol=0, atol=1e-5)
+
+
+def test_bf16_keeps_the_tanh_form():
+    x = spread().astype(mx.bfloat16)
+    np.testing.assert_array_equal(
+        np.array(layers.gelu_tanh(x).astype(mx.float32)), np.array(nn.gelu_approx(x).astype(mx.float32))
+    )
+
+
+@pytest.mark.parametrize("cores", [1, 2, 3])
+def test_attention_split_over_streams_is_the_same(monkeypatch, cores):
+    generator = np.random.default_rng(cores)
+    queries = mx.array(generator.normal(size=(2, 6, 5, 8)).astype(np.float32))
+    keys, values = (mx.array(generator.normal(size=(2, 3, 9, 8)).astype(np.float32)) for _ in range(2))
+    mask = mx.array(generator.random((2, 1, 5, 9)) < 0.7) | mx.eye(5, 9, dtype=mx.bool_)
+    monkeypatch.setattr(layers, "cpu_cores", lambda: cores)
+    ours = layers.attend(queries, keys, values, mask)
+    fused = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=1.0, mask=mask)
+    np.testing.assert_allclose(np.array(ours), np.array(fused), rtol=1e-5, atol=1e-5)
+
+
+def _policy_in_subprocess(env: dict[str, str]) -> str:
+    code = "from mlx_dgemma.cpu import reuse_freed_memory as r; print(r(), r())"
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the malloc policy is glibc's")
+def test_malloc_policy_applies_once_and_can_be_refused():
+    assert _policy_in_subprocess({"DGEMMA_KEEP_MALLOC": ""}) == "True True"
+    assert _policy_in_subprocess({"DGEMMA_KEEP_MALLOC": "1"}) == "False False"
