@@ -1,4 +1,4 @@
-"""What MLX's CPU backend needs from the process to run the sampler at full speed.
+"""What MLX's CPU backend needs to run a step at full speed: reused memory, its cores, a fast exp.
 
 MLX's CPU allocator has no buffer cache: every array is a fresh `malloc`. A
 float32 canvas x vocabulary array (256 x 262144 for the released model; 32 MiB
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import math
 import os
 import sys
 
@@ -68,3 +69,47 @@ def cpu_streams(count: int) -> list[mx.Stream]:
 
 def cpu_cores() -> int:
     return os.cpu_count() or 1
+
+
+LOG2_E = math.log2(math.e)
+# Arguments are floored here (e^-inf included): e^-87 ≈ 1.6e-38, nothing a sum notices.
+_EXP_FLOOR = -87.0
+# Adding and subtracting 1.5 · 2^23 rounds a float32 to the nearest integer.
+_ROUNDER = 12582912.0
+# 2^f on [-0.5, 0.5]: a degree-5 least-squares fit through 2^0 = 1 (so e^0 is exactly 1), relative error 2e-7.
+_EXP2_COEFFICIENTS = (
+    1.0,
+    0.6931468559416913,
+    0.2402223800274111,
+    0.05550892952451219,
+    0.009671697938398751,
+    0.0013218672481612153,
+)
+
+
+def exp(x: mx.array) -> mx.array:
+    """e^x for x up to 88 (softmax arguments: shifted by their maximum).
+
+    On the CPU, for float32: MLX's CPU `exp` runs about 12 ns an element there
+    (`power(2, ·)` 4.4 ns), while a fused kernel of plain arithmetic runs near
+    memory speed. So 2^(x·log2 e) is split into 2^n, built from its exponent
+    bits, times a polynomial for 2^f: 2.5–4× faster, within 3e-7 relative for |x| < 1
+    (rounding x·log2 e to float32 adds 8e-8·|x|, as with `power`).
+    """
+    if mx.default_device().type != mx.cpu or x.dtype != mx.float32:
+        return mx.exp(x)
+    return _exp_kernel(mx.maximum(x, _EXP_FLOOR))
+
+
+@mx.compile
+def _exp_kernel(x: mx.array) -> mx.array:
+    # Kept to a few elementwise ops that MLX's CPU compiler fuses and vectorises:
+    # no min/max/select inside (they stop the vectorising), the floor applied before.
+    c0, c1, c2, c3, c4, c5 = _EXP2_COEFFICIENTS
+    y = x * LOG2_E
+    n = (y + _ROUNDER) - _ROUNDER
+    f = y - n
+    f2 = f * f
+    fraction = (c0 + c1 * f) + f2 * ((c2 + c3 * f) + f2 * (c4 + c5 * f))
+    whole = ((n.astype(mx.int32) + 127) << 23).view(mx.float32)
+    return fraction * whole

@@ -9,9 +9,8 @@ import mlx.nn as nn
 
 from .cache import LayerCache
 from .config import LayerShape, RopeConfig, TextConfig
-from .cpu import cpu_cores, cpu_streams
+from .cpu import LOG2_E, cpu_cores, cpu_streams, exp
 
-LOG2_E = math.log2(math.e)
 # gelu's tanh approximation as a logistic: 0.5·(1 + tanh(z)) = 1 / (1 + e^(-2z)).
 _GELU_TANH_SCALE = 2 * math.sqrt(2 / math.pi) * LOG2_E
 
@@ -33,15 +32,20 @@ def gelu_tanh(x: mx.array) -> mx.array:
 
 
 def soft_cap(x: mx.array, cap: float) -> mx.array:
-    """cap · tanh(x / cap), written as cap − 2cap / (1 + 2^(2x·log2(e)/cap)) on the CPU (2× faster there)."""
+    """cap · tanh(x / cap).
+
+    In float32 on the CPU, without MLX's slow CPU `tanh`: cap · (1 − e) / (1 + e)
+    with e = exp(−2|x| / cap) ≤ 1 (the CPU's fast `exp`), the sign put back
+    after; 2.4× faster there, within 1e-5 absolute.
+    """
     if not on_cpu() or x.dtype != mx.float32:
         return mx.tanh(x / cap) * cap
-    return _soft_cap_cpu(x, mx.array(cap, dtype=x.dtype))
+    return _signed_tanh_ratio(x, exp(mx.abs(x) * (-2 / cap)), mx.array(cap, dtype=x.dtype))
 
 
 @mx.compile
-def _soft_cap_cpu(x: mx.array, cap: mx.array) -> mx.array:
-    return cap - (2 * cap) / (1 + mx.power(2.0, x * ((2 * LOG2_E) / cap)))
+def _signed_tanh_ratio(x: mx.array, e: mx.array, cap: mx.array) -> mx.array:
+    return (cap * (1 - e) / (1 + e)) * mx.sign(x)
 
 
 ACTIVATIONS = {
@@ -156,8 +160,8 @@ def attend(queries: mx.array, keys: mx.array, values: mx.array, mask: mx.array |
 
     GPUs take MLX's fused kernel. On the CPU that kernel spends most of its time
     in `exp` on one core; here the query heads are grouped per KV head, the
-    KV heads are split over one CPU stream per core, and the softmax
-    exponentiates as powers of two: to float32 rounding, the same result.
+    KV heads are split over one CPU stream per core, and the softmax uses the
+    CPU's fast `exp`: to float32 rounding, the same result.
     """
     if not on_cpu():
         return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=1.0, mask=mask)
@@ -181,7 +185,7 @@ def _grouped_attention(queries: mx.array, keys: mx.array, values: mx.array, mask
     if mask is not None:
         scores = mx.where(mask[:, :, None], scores, -mx.inf)
     scores = scores - scores.max(axis=-1, keepdims=True)
-    weights = mx.power(2.0, scores * LOG2_E)
+    weights = exp(scores)
     weights = (weights / weights.sum(axis=-1, keepdims=True)).astype(values.dtype)
     return weights @ values[:, :, None]
 

@@ -21,8 +21,7 @@ from typing import Any, Protocol
 import mlx.core as mx
 
 from .cache import EncoderCache
-from .cpu import cpu_cores, cpu_streams
-from .layers import LOG2_E
+from .cpu import cpu_cores, cpu_streams, exp
 from .model import Model
 
 
@@ -193,8 +192,7 @@ def softmax_and_entropy(processed: mx.array) -> tuple[mx.array, mx.array]:
     −Σ p log p, without a second pass of exponentials over the vocabulary.
     """
     shifted = processed - processed.max(axis=-1, keepdims=True)
-    # 2^(s·log2 e) rather than exp(s): as accurate, and 2.5× faster on MLX's CPU backend.
-    exps = mx.power(2.0, shifted * LOG2_E)
+    exps = exp(shifted)
     total = exps.sum(axis=-1)
     entropy = mx.log(total) - (exps * shifted).sum(axis=-1) / total
     return exps / total[..., None], entropy

@@ -11,7 +11,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from mlx_dgemma import layers
+from mlx_dgemma import cpu, layers
 
 
 def spread() -> mx.array:
@@ -64,3 +64,17 @@ def _policy_in_subprocess(env: dict[str, str]) -> str:
 def test_malloc_policy_applies_once_and_can_be_refused():
     assert _policy_in_subprocess({"DGEMMA_KEEP_MALLOC": ""}) == "True True"
     assert _policy_in_subprocess({"DGEMMA_KEEP_MALLOC": "1"}) == "False False"
+
+
+def test_fast_exp_is_exp_to_float32_rounding():
+    x = mx.array(np.concatenate([np.linspace(-200, 88, 200001), [-np.inf, 0.0, -0.0]]).astype(np.float32))
+    ours = np.array(cpu.exp(x)).astype(np.float64)
+    exact = np.exp(np.array(x).astype(np.float64))
+    normal = exact > 2e-38
+    # The polynomial's 2.5e-7, plus rounding x·log2(e) to float32 (2^-24 of it, and log2(e) itself): 8e-8·|x|.
+    relative = np.abs(ours[normal] / exact[normal] - 1)
+    assert (relative <= 3e-7 + 8e-8 * np.abs(np.array(x)[normal])).all()
+    assert relative[np.abs(np.array(x)[normal]) < 1].max() < 3e-7
+    # Below float32's normal range the result is 0 or a tiny number, never garbage.
+    assert (ours[~normal] >= 0).all() and (ours[~normal] < 2e-38).all()
+    assert ours[-3] < 2e-38 and ours[-2] == ours[-1] == 1.0
