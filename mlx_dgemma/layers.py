@@ -9,7 +9,7 @@ import mlx.nn as nn
 
 from .cache import LayerCache
 from .config import LayerShape, RopeConfig, TextConfig
-from .cpu import LOG2_E, cpu_cores, cpu_streams, exp
+from .cpu import LOG2_E, exp
 
 # gelu's tanh approximation as a logistic: 0.5·(1 + tanh(z)) = 1 / (1 + e^(-2z)).
 _GELU_TANH_SCALE = 2 * math.sqrt(2 / math.pi) * LOG2_E
@@ -159,35 +159,24 @@ def attend(queries: mx.array, keys: mx.array, values: mx.array, mask: mx.array |
     """softmax(q·kᵀ) v with scale 1, grouped-query, under a boolean mask (batch|1, 1, queries, keys).
 
     GPUs take MLX's fused kernel. On the CPU that kernel spends most of its time
-    in `exp` on one core; here the query heads are grouped per KV head, the
-    KV heads are split over one CPU stream per core, and the softmax uses the
-    CPU's fast `exp`: to float32 rounding, the same result.
+    in `exp`; grouping the query heads per KV head and using the CPU's fast
+    `exp` is faster there, to float32 rounding. (Splitting the KV heads over
+    CPU streams, as the sampler does with its rows, measured no faster: these
+    matmuls already keep both cores busy.)
     """
     if not on_cpu():
         return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=1.0, mask=mask)
     batch, heads, length, dim = queries.shape
     kv_heads = keys.shape[1]
     grouped = queries.reshape(batch, kv_heads, heads // kv_heads, length, dim)
-    count = min(kv_heads, cpu_cores())
-    edges = [kv_heads * i // count for i in range(count + 1)]
-    outputs = []
-    for start, stop, stream in zip(edges[:-1], edges[1:], cpu_streams(count)):
-        with mx.stream(stream):
-            outputs.append(_grouped_attention(grouped[:, start:stop], keys[:, start:stop], values[:, start:stop], mask))
-    out = outputs[0] if count == 1 else mx.concatenate(outputs, axis=1)
-    return out.reshape(batch, heads, length, dim)
-
-
-def _grouped_attention(queries: mx.array, keys: mx.array, values: mx.array, mask: mx.array | None) -> mx.array:
-    """queries (batch, kv_heads, group, length, dim) against keys and values (batch, kv_heads, keys, dim)."""
     # The softmax runs in float32 whatever the model's dtype, as the fused kernel's does.
-    scores = (queries @ keys[:, :, None].swapaxes(-1, -2)).astype(mx.float32)
+    scores = (grouped @ keys[:, :, None].swapaxes(-1, -2)).astype(mx.float32)
     if mask is not None:
         scores = mx.where(mask[:, :, None], scores, -mx.inf)
     scores = scores - scores.max(axis=-1, keepdims=True)
     weights = exp(scores)
     weights = (weights / weights.sum(axis=-1, keepdims=True)).astype(values.dtype)
-    return weights @ values[:, :, None]
+    return (weights @ values[:, :, None]).reshape(batch, heads, length, dim)
 
 
 class GatedMLP(nn.Module):
