@@ -29,6 +29,7 @@ SIDE_FILES = (
     "preprocessor_config.json",
 )
 
+
 @dataclass(frozen=True)
 class SourceCheckpoint:
     root: Path

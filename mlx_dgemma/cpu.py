@@ -68,6 +68,7 @@ def cpu_streams(count: int) -> list[mx.Stream]:
 
 
 def cpu_cores() -> int:
+    """Cores to spread CPU work over (the row blocks of a step)."""
     return os.cpu_count() or 1
 
 

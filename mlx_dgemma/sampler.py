@@ -112,7 +112,13 @@ def _as_tuple(value: int | list[int] | tuple[int, ...] | None) -> tuple[int, ...
 
 class Noise(Protocol):
     """Every random number the sampler uses. `canvas` counts from 0 within one call;
-    `step` 0 is a canvas's initial noise and s ≥ 1 the s-th denoising step."""
+    `step` 0 is a canvas's initial noise and s ≥ 1 the s-th denoising step.
+
+    A source may also offer `gumbel_rows(canvas, step, shape, rows)`, equal to
+    `gumbel(canvas, step, shape)[:, rows]`: the sampler then draws each row
+    block on that block's stream (see RowBlocks) instead of asking for the
+    whole draw at once.
+    """
 
     def tokens(self, canvas: int, step: int, shape: tuple[int, ...], vocab: int) -> mx.array: ...
 
