@@ -106,13 +106,17 @@ def test_bfloat16_matches_the_reference_in_bfloat16(setup):
     assert worst >= 0.999
 
 
+@pytest.mark.parametrize("blocks", [None, 3])
 @pytest.mark.parametrize("name", ["bfloat16", "4-bit mixed"])
-def test_generation_runs_on_reduced_precision_conversions(setup, name):
-    """The whole sampler on bf16 weights and bf16-scaled quantized weights (self-conditioning in bf16)."""
+def test_generation_runs_on_reduced_precision_conversions(setup, name, blocks, monkeypatch):
+    """The whole sampler on bf16 weights and bf16-scaled quantized weights (self-conditioning in bf16),
+    as this machine cuts the canvas and in 3 row blocks."""
+    if blocks is not None:
+        monkeypatch.setattr(sampler, "block_count", lambda length: blocks)
     _, source, prompt, _, _, factory = setup
     options = TOLERANCES[name][0]
     model = mlx_dgemma.load_model(
-        convert_checkpoint(source, factory.mktemp("gen-" + name.replace(" ", "-")) / "o", **options)
+        convert_checkpoint(source, factory.mktemp(f"gen-{name.replace(' ', '-')}-{blocks}") / "o", **options)
     )
     cache = model.make_cache()
     model.encode(mx.array(prompt.numpy()), cache)
