@@ -9,14 +9,10 @@ import mlx.nn as nn
 
 from .cache import LayerCache
 from .config import LayerShape, RopeConfig, TextConfig
-from .cpu import LOG2_E, exp
+from .cpu import LOG2_E, exp, on_cpu
 
 # gelu's tanh approximation as a logistic: 0.5·(1 + tanh(z)) = 1 / (1 + e^(-2z)).
 _GELU_TANH_SCALE = 2 * math.sqrt(2 / math.pi) * LOG2_E
-
-
-def on_cpu() -> bool:
-    return mx.default_device().type == mx.cpu
 
 
 def gelu_tanh(x: mx.array) -> mx.array:

@@ -19,6 +19,7 @@ import mlx.nn as nn
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
 from .config import TextConfig
+from .cpu import on_cpu
 from .layers import ACTIVATIONS, rms_normalize
 
 DISPATCHES = ("gather", "grouped")
@@ -29,7 +30,7 @@ def moe_dispatch() -> str:
     """The MoE dispatch for the current default device."""
     if _forced_dispatch is not None:
         return _forced_dispatch
-    if mx.default_device().type == mx.cpu:
+    if on_cpu():
         return "grouped"
     return "gather"
 

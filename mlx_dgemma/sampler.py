@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import mlx.core as mx
 
 from .cache import EncoderCache
-from .cpu import cpu_cores, cpu_streams, exp
+from .cpu import cpu_cores, cpu_streams, exp, on_cpu
 from .model import Model
 
 
@@ -262,7 +262,7 @@ class RowBlocks:
 
 def block_count(length: int) -> int:
     """Row blocks for a canvas of `length` positions: on the CPU one per core, up to 8, of 16 rows or more; else 1."""
-    if mx.default_device().type != mx.cpu:
+    if not on_cpu():
         return 1
     return max(1, min(cpu_cores(), 8, length // 16))
 
@@ -391,12 +391,12 @@ def _vocab_math_for(conditioning_dtype: mx.Dtype | None) -> Callable:
     compiled closure.
     """
     plain = partial(_vocab_math, conditioning_dtype=conditioning_dtype)
-    return plain if mx.default_device().type == mx.cpu else _compiled_once(("vocab", conditioning_dtype), plain)
+    return plain if on_cpu() else _compiled_once(("vocab", conditioning_dtype), plain)
 
 
 def _decision_math_for() -> Callable:
     """The per-position decisions, fused on GPUs (a few dozen tiny kernels otherwise)."""
-    return _decision_math if mx.default_device().type == mx.cpu else _compiled_once("decision", _decision_math)
+    return _decision_math if on_cpu() else _compiled_once("decision", _decision_math)
 
 
 def _compiled_once(key: object, function: Callable) -> Callable:
