@@ -38,6 +38,9 @@ MODEL_METHODS = {
     "_soft_embeddings": ("self-conditioning: probs @ embeddings", "self-conditioning"),
 }
 SAMPLING = "sampling: head, then soft-cap, Gumbel draw, vocab-wide math on the row blocks"
+# Parts timed only for scale, not in the sum: they overlap the parts that are.
+FOR_SCALE = "for scale"
+_NOT_SUMMED = ("total", "layer totals", FOR_SCALE)
 
 
 def arrays_in(obj: Any) -> list:
@@ -190,21 +193,14 @@ class StepBreakdown:
         self.time("whole step (decoder + sampling)", "total", whole)
         self.time("decoder forward (Model.denoise_hidden)", "total", lambda: model.denoise_hidden(*d_args, **d_kwargs))
         self.time(SAMPLING, "sampling", lambda: sampler._sample(*s_args, **s_kwargs))
-        blocks = s_args[6] if len(s_args) > 6 else s_kwargs.get("blocks")
-        self.block_count = len(blocks.rows) if blocks is not None else 1
-        # The sampling's pieces run one after another on one stream over every position, for scale (not in the sum).
+        # The sampling's pieces, all positions on one stream, one after another.
         hidden, noise = s_args[0], sampler.noise
-        serial = {
-            "head matmul + soft-cap": lambda: model.logits(hidden),
-            "Gumbel draw + re-noise tokens": lambda: (
-                noise.gumbel(0, 3, (1, canvas_len, vocab)),
-                noise.tokens(0, 3, (1, canvas_len), vocab),
-            ),
-        }
-        self.serial = {}
-        for name, run in serial.items():
-            times = time_repeated(run, lambda out: self.mx.eval(arrays_in(out)), self.repeats)
-            self.serial[name] = summary(times)["median"] * 1e3
+        self.time("head matmul + soft-cap", FOR_SCALE, lambda: model.logits(hidden))
+        self.time(
+            "Gumbel draw + re-noise tokens",
+            FOR_SCALE,
+            lambda: (noise.gumbel(0, 3, (1, canvas_len, vocab)), noise.tokens(0, 3, (1, canvas_len), vocab)),
+        )
 
         owner, kinds = {}, {}
         for index, layer in enumerate(model.layers):
@@ -250,9 +246,11 @@ class StepBreakdown:
         return self.report(compare)
 
     def report(self, compare: dict[str, float]) -> dict[str, Any]:
+        from mlx_dgemma.sampler import block_count
+
         parts = self.parts
         whole = parts.get("whole step (decoder + sampling)", {}).get("ms")
-        components = {n: p for n, p in parts.items() if p["group"] not in ("total", "layer totals")}
+        components = {n: p for n, p in parts.items() if p["group"] not in _NOT_SUMMED}
         rows = [
             {"component": n, "group": p["group"], "ms": round(p["ms"], 3), "calls": p["calls"]}
             for n, p in components.items()
@@ -290,8 +288,8 @@ class StepBreakdown:
         return {
             "step_ms": whole,
             "decoder_forward_ms": parts.get("decoder forward (Model.denoise_hidden)", {}).get("ms"),
-            "row_blocks": getattr(self, "block_count", None),
-            "serial_ms": {k: round(v, 3) for k, v in getattr(self, "serial", {}).items()},
+            "row_blocks": block_count(self.driver.canvas),
+            "serial_ms": {n: round(p["ms"], 3) for n, p in parts.items() if p["group"] == FOR_SCALE},
             "rows": rows,
             "groups_ms": {k: round(v, 3) for k, v in sorted(groups.items(), key=lambda item: -item[1])},
             "per_layer": {str(k): v for k, v in sorted(per_layer.items())},
