@@ -58,6 +58,24 @@ def arrays_in(obj: Any) -> list:
     return []
 
 
+def _row_block_groups(sink: list) -> list[list]:
+    """Recorded calls grouped so that one module's calls for the row blocks of one layer form one group.
+
+    A part called once per row block (each on its block's stream) runs its calls
+    side by side in a real step, so they are timed together, not summed.
+    """
+    groups: list[list] = []
+    open_groups: dict[tuple, list] = {}
+    for entry in sink:
+        key = (id(entry[2]), entry[1], entry[5])
+        group = open_groups.get(key)
+        if group is None or any(stream == entry[6] for *_, stream in group):
+            group = open_groups[key] = []
+            groups.append(group)
+        group.append(entry)
+    return groups
+
+
 @contextlib.contextmanager
 def _patched(cls: type, attr: str, make: Callable[[Callable], Callable]) -> Iterator[None]:
     original = cls.__dict__.get(attr)
@@ -136,8 +154,8 @@ class StepBreakdown:
         self.mx.eval(arrays_in(calls["denoise"][1]), arrays_in(calls["sample"][1]))
         return calls["denoise"][1], calls["sample"][1], sampler
 
-    def record_parts(self, denoise_call) -> list[tuple[str, str, Any, tuple, dict, tuple[str, ...]]]:
-        """Every part's call during one `denoise`: (class, method, module, args, kwargs, enclosing classes)."""
+    def record_parts(self, denoise_call) -> list[tuple[str, str, Any, tuple, dict, tuple[str, ...], Any]]:
+        """Every part's call during one `denoise`: (class, method, module, args, kwargs, enclosing classes, stream)."""
         import mlx_dgemma.layers as layers_module
         import mlx_dgemma.model as model_module
         import mlx_dgemma.moe as moe_module
@@ -150,12 +168,13 @@ class StepBreakdown:
             def make(original):
                 def wrapper(this, *args, **kwargs):
                     parents = tuple(stack)
+                    stream = self.mx.default_stream(self.mx.default_device())
                     stack.append(cls_name)
                     try:
                         return original(this, *args, **kwargs)
                     finally:
                         stack.pop()
-                        sink.append((cls_name, attr, this, args, kwargs, parents))
+                        sink.append((cls_name, attr, this, args, kwargs, parents, stream))
 
                 return wrapper
 
@@ -178,10 +197,20 @@ class StepBreakdown:
         self.mx.eval([arrays_in(entry[3:5]) for entry in sink])
         return sink
 
+    def _replay(self, calls: list) -> list:
+        """Re-run one part's recorded calls, each on the stream it ran on (the row blocks' calls side by side)."""
+        outputs = []
+        for _, attr, module, args, kwargs, _, stream in calls:
+            call = getattr(module, attr) if attr != "__call__" else module
+            with self.mx.stream(stream):
+                outputs.append(call(*args, **kwargs))
+        return outputs
+
     # -- the report ----------------------------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
         from mlx_dgemma import moe
+        from mlx_dgemma.cpu import RowBlocks
 
         model = self.model
         (d_args, d_kwargs), (s_args, s_kwargs), sampler = self.capture_second_step()
@@ -194,7 +223,7 @@ class StepBreakdown:
         self.time("decoder forward (Model.denoise_hidden)", "total", lambda: model.denoise_hidden(*d_args, **d_kwargs))
         self.time(SAMPLING, "sampling", lambda: sampler._sample(*s_args, **s_kwargs))
         # The sampling's pieces, all positions on one stream, one after another.
-        hidden, noise = s_args[0], sampler.noise
+        hidden, noise = RowBlocks.join(s_args[0]), sampler.noise
         self.time("head matmul + soft-cap", FOR_SCALE, lambda: model.logits(hidden))
         self.time(
             "Gumbel draw + re-noise tokens",
@@ -211,7 +240,8 @@ class StepBreakdown:
         final_norm = getattr(getattr(getattr(model, "model", None), "decoder", None), "norm", None)
 
         experts_layer0 = None
-        for cls_name, attr, module, args, kwargs, parents in self.record_parts((d_args, d_kwargs)):
+        for calls in _row_block_groups(self.record_parts((d_args, d_kwargs))):
+            cls_name, attr, module, args, kwargs, parents, _ = calls[0]
             if any(parent in PART_CLASSES for parent in parents):
                 continue  # inside a part that is timed whole
             layer = owner.get(id(module))
@@ -225,8 +255,7 @@ class StepBreakdown:
                 name, group = {**PART_CLASSES, **CONTAINER_CLASSES}[cls_name]
                 if cls_name == "Attention" and layer in kinds:
                     name = f"attention ({kinds[layer]})"
-            call = getattr(module, attr) if attr != "__call__" else module
-            self.time(name, group, lambda call=call, args=args, kwargs=kwargs: call(*args, **kwargs), layer)
+            self.time(name, group, lambda calls=calls: self._replay(calls), layer)
             if cls_name == "Experts" and layer == 0:
                 experts_layer0 = (module, args, kwargs)
 
@@ -246,7 +275,7 @@ class StepBreakdown:
         return self.report(compare)
 
     def report(self, compare: dict[str, float]) -> dict[str, Any]:
-        from mlx_dgemma.sampler import block_count
+        from mlx_dgemma.cpu import block_count
 
         parts = self.parts
         whole = parts.get("whole step (decoder + sampling)", {}).get("ms")

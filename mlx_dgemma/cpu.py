@@ -16,6 +16,7 @@ import ctypes.util
 import math
 import os
 import sys
+from collections.abc import Callable, Iterator
 
 import mlx.core as mx
 
@@ -75,6 +76,79 @@ def cpu_streams(count: int) -> list[mx.Stream]:
 def cpu_cores() -> int:
     """Cores to spread CPU work over (the row blocks of a step)."""
     return os.cpu_count() or 1
+
+
+def one_blas_thread() -> bool:
+    """Make an OpenBLAS loaded into this process run each call on the calling thread alone.
+
+    The CPU path already runs one row block per core, each on its own stream
+    (see RowBlocks); a BLAS that also spreads every call over all the cores
+    would put two threads on each. Does nothing when MLX's default device is not
+    the CPU, on one core, or when no OpenBLAS is loaded globally (MLX's own CPU
+    BLAS, Accelerate). Returns whether the setting was made.
+    """
+    if not on_cpu() or cpu_cores() < 2:
+        return False
+    try:
+        set_threads = ctypes.CDLL(None).openblas_set_num_threads
+    except (OSError, AttributeError):
+        return False
+    set_threads(1)
+    return True
+
+
+class RowBlocks:
+    """Positions (tokens) cut into blocks, each block's work on a stream of its own.
+
+    MLX runs each CPU stream on a thread of its own, and its elementwise ops on
+    one core. Everything in a step but attention's mixing of positions is
+    independent per position, so on the CPU the positions are cut into one
+    block per core and each block's ops run on its own stream: every core stays
+    busy, and every op gives the same numbers as over the whole. Elsewhere (a
+    GPU runs each op over every position already) one block on the default stream.
+    """
+
+    def __init__(self, length: int):
+        count = block_count(length)
+        edges = [length * i // count for i in range(count + 1)]
+        self.rows = [slice(a, b) for a, b in zip(edges[:-1], edges[1:])]
+        self.streams = cpu_streams(count) if count > 1 else [mx.default_stream(mx.default_device())]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self) -> Iterator[tuple[int, slice, mx.Stream]]:
+        for index, (rows, stream) in enumerate(zip(self.rows, self.streams)):
+            yield index, rows, stream
+
+    @property
+    def starts(self) -> list[int]:
+        return [rows.start for rows in self.rows]
+
+    def map(self, function: Callable[..., object], *per_block: list) -> list:
+        """[function(*arguments of block i) for each block i], each call on its block's stream."""
+        results = []
+        for stream, *arguments in zip(self.streams, *per_block):
+            with mx.stream(stream):
+                results.append(function(*arguments))
+        return results
+
+    def split(self, x: mx.array, axis: int = 1) -> list[mx.array]:
+        """x cut along `axis` into the blocks' positions."""
+        index = [slice(None)] * axis
+        return [x[(*index, rows)] for rows in self.rows]
+
+    @staticmethod
+    def join(blocks: list[mx.array], axis: int = 1) -> mx.array:
+        """The blocks put back together along `axis`."""
+        return blocks[0] if len(blocks) == 1 else mx.concatenate(blocks, axis=axis)
+
+
+def block_count(length: int) -> int:
+    """Row blocks for `length` positions: on the CPU one per core, up to 8, of 16 positions or more; else 1."""
+    if not on_cpu():
+        return 1
+    return max(1, min(cpu_cores(), 8, length // 16))
 
 
 LOG2_E = math.log2(math.e)

@@ -9,7 +9,7 @@ import mlx.nn as nn
 
 from .cache import LayerCache
 from .config import LayerShape, RopeConfig, TextConfig
-from .cpu import LOG2_E, exp, on_cpu
+from .cpu import LOG2_E, RowBlocks, exp, on_cpu
 
 # gelu's tanh approximation as a logistic: 0.5·(1 + tanh(z)) = 1 / (1 + e^(-2z)).
 _GELU_TANH_SCALE = 2 * math.sqrt(2 / math.pi) * LOG2_E
@@ -133,21 +133,36 @@ class Attention(nn.Module):
         values = rms_normalize(raw_values, self.eps).transpose(0, 2, 1, 3)
         return keys, values
 
+    def states(self, blocks: RowBlocks, xs: list[mx.array], offset: int) -> tuple[mx.array, mx.array]:
+        """Keys and values of every block's positions, put together (batch, kv_heads, length, head_dim)."""
+        states = blocks.map(lambda x, start: self.keys_and_values(x, offset + start), xs, blocks.starts)
+        return blocks.join([k for k, _ in states], axis=2), blocks.join([v for _, v in states], axis=2)
+
+    def _queries(self, x: mx.array, offset: int) -> mx.array:
+        return self.rope(self.q_norm(self._heads(self.q_proj(x), self.num_heads)).transpose(0, 2, 1, 3), offset)
+
     def __call__(
         self,
-        x: mx.array,
+        blocks: RowBlocks,
+        xs: list[mx.array],
         cache: LayerCache,
         offset: int,
-        mask: mx.array | None,
+        masks: list[mx.array | None],
         store: bool,
-    ) -> mx.array:
-        """Attend over the cached states and `x`; `store` appends `x`'s states (encoder)."""
-        batch, length, _ = x.shape
-        queries = self.rope(self.q_norm(self._heads(self.q_proj(x), self.num_heads)).transpose(0, 2, 1, 3), offset)
-        keys, values = cache.extended(*self.keys_and_values(x, offset))
+    ) -> list[mx.array]:
+        """Attend over the cached states and every block's; `store` appends the new states (encoder).
+
+        `xs` are the positions in row blocks (batch, block, hidden), `offset` the
+        position of the first; each block gets its rows of the output.
+        """
+        queries = blocks.map(lambda x, start: self._queries(x, offset + start), xs, blocks.starts)
+        keys, values = cache.extended(*self.states(blocks, xs, offset))
         if store:
             cache.store(keys, values)
-        out = attend(queries, keys, values, mask)
+        return blocks.map(lambda q, mask: self._merged_heads(attend(q, keys, values, mask)), queries, masks)
+
+    def _merged_heads(self, out: mx.array) -> mx.array:
+        batch, _, length, _ = out.shape
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))
 
 

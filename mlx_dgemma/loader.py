@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import ConfigError, ModelConfig
-from .cpu import reuse_freed_memory
+from .cpu import one_blas_thread, reuse_freed_memory
 from .model import Model
 from .sampler import SamplerSettings
 
@@ -104,6 +104,7 @@ def load_model(path: str | Path, revision: str | None = None) -> Model:
     """Build the model from a checkpoint directory (or hub repo id)."""
     path = resolve_model_path(path, revision)
     reuse_freed_memory()
+    one_blas_thread()
     try:
         config = ModelConfig.from_path(path)
     except ConfigError as error:

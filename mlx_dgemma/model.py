@@ -15,8 +15,9 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from .cache import EncoderCache
+from .cache import EncoderCache, LayerCache
 from .config import LayerShape, ModelConfig, TextConfig
+from .cpu import RowBlocks
 from .layers import Attention, GatedMLP, RMSNorm, SelfConditioning, embedding_scale, soft_cap
 from .moe import Experts, Router
 
@@ -40,19 +41,31 @@ class TransformerLayer(nn.Module):
         self.post_feedforward_layernorm_2 = RMSNorm(hidden, eps)
         self.layer_scalar = mx.ones((1,))
 
-    def __call__(self, h, cache, offset, mask, store: bool, layer_scalar: mx.array) -> mx.array:
-        h = h + self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), cache, offset, mask, store))
-        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(h)))
-        moe = self.post_feedforward_layernorm_2(self._moe(h))
-        h = h + self.post_feedforward_layernorm(dense + moe)
-        return h * layer_scalar
+    def __call__(
+        self,
+        blocks: RowBlocks,
+        hs: list[mx.array],
+        cache: LayerCache,
+        offset: int,
+        masks: list[mx.array | None],
+        store: bool,
+        layer_scalar: mx.array,
+    ) -> list[mx.array]:
+        """The layer over the residual stream in row blocks (batch, block, hidden), each block on its stream."""
+        normed = blocks.map(self.input_layernorm, hs)
+        attended = self.self_attn(blocks, normed, cache, offset, masks, store)
+        hs = blocks.map(lambda h, a: h + self.post_attention_layernorm(a), hs, attended)
+        dense = blocks.map(lambda h: self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(h))), hs)
+        moe = self._moe(blocks, hs)
+        return blocks.map(lambda h, d, m: (h + self.post_feedforward_layernorm(d + m)) * layer_scalar, hs, dense, moe)
 
-    def _moe(self, h: mx.array) -> mx.array:
+    def _moe(self, blocks: RowBlocks, hs: list[mx.array]) -> list[mx.array]:
         # The router reads the residual stream itself; the experts its normed copy.
-        flat = h.reshape(-1, h.shape[-1])
-        indices, weights = self.router(flat)
-        out = self.experts(self.pre_feedforward_layernorm_2(flat), indices, weights)
-        return out.reshape(h.shape)
+        flat = blocks.map(lambda h: h.reshape(-1, h.shape[-1]), hs)
+        routes = blocks.map(self.router, flat)
+        normed = blocks.map(self.pre_feedforward_layernorm_2, flat)
+        out = self.experts(blocks, normed, [i for i, _ in routes], [w for _, w in routes])
+        return blocks.map(lambda o, h: self.post_feedforward_layernorm_2(o.reshape(h.shape)), out, hs)
 
 
 class Decoder(nn.Module):
@@ -126,19 +139,21 @@ class Model(nn.Module):
         batch, length = input_ids.shape
         cache.check_batch(batch)
         offset = cache.offset
+        blocks = RowBlocks(length)
         masks = self._encoder_masks(cache, batch, length, attention_mask)
-        h = self._embed(input_ids)
+        hs = blocks.map(self._embed, blocks.split(input_ids))
         scalars = self.model.encoder.language_model.layers
         last = len(self.layers) - 1
         for index, (layer, layer_cache) in enumerate(zip(self.layers, cache.layers)):
             if index == last:
                 # The encoder's output is never read, only its cache: the last
                 # layer needs its keys and values and nothing more.
-                keys, values = layer_cache.extended(*layer.self_attn.keys_and_values(layer.input_layernorm(h), offset))
-                layer_cache.store(keys, values)
+                normed = blocks.map(layer.input_layernorm, hs)
+                layer_cache.store(*layer_cache.extended(*layer.self_attn.states(blocks, normed, offset)))
                 break
-            mask = masks[layer_cache.keep]
-            h = layer(h, layer_cache, offset, mask, True, scalars[index].layer_scalar)
+            # Each block's queries see their own rows of the causal mask.
+            block_masks = blocks.split(masks[layer_cache.keep], axis=2)
+            hs = layer(blocks, hs, layer_cache, offset, block_masks, True, scalars[index].layer_scalar)
         cache.append_validity(attention_mask, length, batch)
 
     def denoise(
@@ -157,7 +172,7 @@ class Model(nn.Module):
         hidden = self.denoise_hidden(
             canvas_ids, cache, self_conditioning_logits, self_conditioning_probs=self_conditioning_probs
         )
-        return self.logits(hidden)
+        return self.logits(RowBlocks.join(hidden))
 
     def denoise_hidden(
         self,
@@ -166,27 +181,29 @@ class Model(nn.Module):
         self_conditioning_logits: mx.array | list[mx.array] | None = None,
         *,
         self_conditioning_probs: mx.array | list[mx.array] | None = None,
-    ) -> mx.array:
-        """The decoder's normed output (batch, canvas, hidden), before the head.
+    ) -> list[mx.array]:
+        """The decoder's normed output before the head, in row blocks (see RowBlocks): (batch, block, hidden) each.
 
-        The previous prediction may come whole or as a list of row blocks split
-        along the canvas axis, as the sampler keeps it.
+        The previous prediction may come whole or in row blocks along the canvas
+        axis, as the sampler keeps it.
         """
         batch, length = canvas_ids.shape
         cache.check_batch(batch)
         offset = cache.offset
-        embeddings = self._embed(canvas_ids)
-        soft = None
+        blocks = RowBlocks(length)
+        embeddings = blocks.map(self._embed, blocks.split(canvas_ids))
+        soft = [None] * len(blocks)
         if self_conditioning_logits is not None:
-            soft = self._soft_embeddings(self_conditioning_logits, from_logits=True)
+            soft = self._soft_embeddings(blocks, self_conditioning_logits, from_logits=True)
         elif self_conditioning_probs is not None:
-            soft = self._soft_embeddings(self_conditioning_probs, from_logits=False)
-        h = self.model.decoder.self_conditioning(embeddings, soft)
-        # Layers keeping the same number of cached positions share one mask.
+            soft = self._soft_embeddings(blocks, self_conditioning_probs, from_logits=False)
+        hs = blocks.map(self.model.decoder.self_conditioning, embeddings, soft)
+        # Layers keeping the same number of cached positions share one mask; it spans every query.
         masks = {cached: self._decoder_mask(cache, cached, length) for cached in {lc.length for lc in cache.layers}}
         for layer, layer_cache in zip(self.layers, cache.layers):
-            h = layer(h, layer_cache, offset, masks[layer_cache.length], False, layer.layer_scalar)
-        return self.model.decoder.norm(h)
+            block_masks = [masks[layer_cache.length]] * len(blocks)
+            hs = layer(blocks, hs, layer_cache, offset, block_masks, False, layer.layer_scalar)
+        return blocks.map(self.model.decoder.norm, hs)
 
     def logits(self, hidden: mx.array) -> mx.array:
         """The tied head, in float32, soft-capped."""
@@ -201,13 +218,15 @@ class Model(nn.Module):
         cap = self.text_config.final_logit_softcapping
         return soft_cap(logits, cap) if cap else logits
 
-    def _soft_embeddings(self, prediction: mx.array | list[mx.array], from_logits: bool) -> mx.array:
-        """softmax(prediction) (or the probabilities as given) @ embeddings × scale, block by block."""
-        blocks = prediction if isinstance(prediction, list) else [prediction]
+    def _soft_embeddings(
+        self, blocks: RowBlocks, prediction: mx.array | list[mx.array], from_logits: bool
+    ) -> list[mx.array]:
+        """softmax(prediction) (or the probabilities as given) @ embeddings × scale, per row block."""
+        if not isinstance(prediction, list) or len(prediction) != len(blocks):
+            prediction = blocks.split(RowBlocks.join(prediction) if isinstance(prediction, list) else prediction)
         if from_logits:
-            blocks = [mx.softmax(block.astype(mx.float32), axis=-1) for block in blocks]
-        soft = [self._expected_embedding(block) for block in blocks]
-        return soft[0] if len(soft) == 1 else mx.concatenate(soft, axis=1)
+            prediction = blocks.map(lambda block: mx.softmax(block.astype(mx.float32), axis=-1), prediction)
+        return blocks.map(self._expected_embedding, prediction)
 
     def _expected_embedding(self, probs: mx.array) -> mx.array:
         """probs @ embeddings × scale: the expected embedding of the last prediction."""

@@ -19,7 +19,7 @@ import mlx.nn as nn
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
 from .config import TextConfig
-from .cpu import on_cpu
+from .cpu import RowBlocks, on_cpu
 from .layers import ACTIVATIONS, rms_normalize
 
 DISPATCHES = ("gather", "grouped")
@@ -76,11 +76,13 @@ class Experts(nn.Module):
         self.inner = inner
         self.act = ACTIVATIONS[config.hidden_activation]
 
-    def __call__(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
-        """x: (tokens, hidden); indices, weights: (tokens, k). Returns (tokens, hidden)."""
+    def __call__(
+        self, blocks: RowBlocks, xs: list[mx.array], indices: list[mx.array], weights: list[mx.array]
+    ) -> list[mx.array]:
+        """Per row block: xs (tokens, hidden), indices and weights (tokens, k). Returns (tokens, hidden) per block."""
         if moe_dispatch() == "grouped":
-            return self._grouped(x, indices, weights)
-        return self._gathered(x, indices, weights)
+            return self._grouped(blocks, xs, indices, weights)
+        return blocks.map(self._gathered, xs, indices, weights)
 
     def _glu(self, gate_up: mx.array) -> mx.array:
         return self.act(gate_up[..., : self.inner]) * gate_up[..., self.inner :]
@@ -96,10 +98,13 @@ class Experts(nn.Module):
         out = out[mx.argsort(order)].reshape(tokens, k, -1)
         return (out * weights[..., None].astype(out.dtype)).sum(axis=1)
 
-    def _grouped(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
-        tokens, k = indices.shape
-        experts = self.gate_up_proj.num_experts
-        flat = indices.flatten()
+    def _grouped(
+        self, blocks: RowBlocks, xs: list[mx.array], indices: list[mx.array], weights: list[mx.array]
+    ) -> list[mx.array]:
+        """Every block's tokens sorted by expert into one stack; each block's stream multiplies a share of the
+        experts, then gathers its own tokens' results."""
+        x, flat = blocks.join(xs, axis=0), blocks.join(indices, axis=0).flatten()
+        k, experts = indices[0].shape[-1], self.gate_up_proj.num_experts
         order = mx.argsort(flat)
         counts = mx.zeros((experts,), dtype=mx.int32).at[flat].add(1)
         starts = mx.cumsum(counts) - counts
@@ -109,25 +114,41 @@ class Experts(nn.Module):
         # Row `slot` of expert e is sorted entry starts[e] + slot; padding rows repeat entry 0 and are dropped.
         sorted_entry = mx.where(slots < counts[:, None], starts[:, None] + slots, 0)
         rows = x[(order // k)[sorted_entry]]  # (experts, width, hidden)
-        hidden = self._glu(_stacked_matmul(self.gate_up_proj, rows))
-        out = _stacked_matmul(self.down_proj, hidden).reshape(experts * width, -1)
+        shares = min(len(blocks), experts)
+        edges = [experts * i // shares for i in range(shares + 1)]
+        outs = blocks.map(
+            lambda first, last: self._expert_range(rows[first:last], slice(first, last)), edges[:-1], edges[1:]
+        )
+        stacked = blocks.join(outs, axis=0).reshape(experts * width, -1)
         # Entry j (token j // k, its (j % k)-th expert) sits at slot (its sorted position - starts[expert]).
-        position = mx.argsort(order)
-        out = out[flat * width + position - starts[flat]].reshape(tokens, k, -1)
+        position = (flat * width + mx.argsort(order) - starts[flat]).reshape(-1, k)
+        token_edges = [0]
+        for block in xs:
+            token_edges.append(token_edges[-1] + block.shape[0])
+        positions = [position[a:b] for a, b in zip(token_edges[:-1], token_edges[1:])]
+        return blocks.map(self._combine, [stacked] * len(blocks), positions, weights)
+
+    def _expert_range(self, rows: mx.array, experts: slice) -> mx.array:
+        return _stacked_matmul(self.down_proj, self._glu(_stacked_matmul(self.gate_up_proj, rows, experts)), experts)
+
+    @staticmethod
+    def _combine(stacked: mx.array, positions: mx.array, weights: mx.array) -> mx.array:
+        """Each token's k expert outputs (rows `positions` of `stacked`), weighted and summed."""
+        out = stacked[positions.flatten()].reshape(*positions.shape, -1)
         return (out * weights[..., None].astype(out.dtype)).sum(axis=1)
 
 
-def _stacked_matmul(layer: SwitchLinear | QuantizedSwitchLinear, x: mx.array) -> mx.array:
-    """x[e] @ W[e].T for every expert e at once: x (experts, rows, in), a plain or quantized expert stack."""
+def _stacked_matmul(layer: SwitchLinear | QuantizedSwitchLinear, x: mx.array, experts: slice) -> mx.array:
+    """x[i] @ W[e].T for the experts e in `experts` at once: x (experts, rows, in), a plain or quantized stack."""
     if isinstance(layer, QuantizedSwitchLinear):
         return mx.quantized_matmul(
             x,
-            layer.weight,
-            layer.scales,
-            layer.biases,
+            layer.weight[experts],
+            layer.scales[experts],
+            None if getattr(layer, "biases", None) is None else layer.biases[experts],
             transpose=True,
             group_size=layer.group_size,
             bits=layer.bits,
             mode=layer.mode,
         )
-    return x @ layer.weight.swapaxes(-1, -2)
+    return x @ layer.weight[experts].swapaxes(-1, -2)

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import mlx.core as mx
 
 from .cache import EncoderCache
-from .cpu import cpu_cores, cpu_streams, exp, on_cpu
+from .cpu import RowBlocks, exp, on_cpu
 from .model import Model
 
 
@@ -114,10 +114,11 @@ class Noise(Protocol):
     """Every random number the sampler uses. `canvas` counts from 0 within one call;
     `step` 0 is a canvas's initial noise and s ≥ 1 the s-th denoising step.
 
-    A source may also offer `gumbel_rows(canvas, step, shape, rows)`, equal to
-    `gumbel(canvas, step, shape)[:, rows]`: the sampler then draws each row
-    block on that block's stream (see RowBlocks) instead of asking for the
-    whole draw at once.
+    A source may also offer `gumbel_at(canvas, step, shape, positions)`, equal
+    to `gumbel(canvas, step, shape)` flattened to (batch · length, vocab) and
+    indexed by `positions`: on the CPU the sampler then draws only the
+    positions it accepts (see BlockSampler._draw_accepted) instead of asking
+    for the whole draw.
     """
 
     def tokens(self, canvas: int, step: int, shape: tuple[int, ...], vocab: int) -> mx.array: ...
@@ -156,22 +157,20 @@ class SeededNoise:
     def __init__(self, seed: int = 0):
         self.seed = seed
 
-    def _bits(self, canvas: int, step: int, kind: int, shape: tuple[int, ...], rows: slice | None = None) -> mx.array:
+    def _bits(
+        self, canvas: int, step: int, kind: int, shape: tuple[int, ...], positions: mx.array | None = None
+    ) -> mx.array:
         words = [self.seed & 0xFFFFFFFF, (self.seed >> 32) & 0xFFFFFFFF, canvas, step, kind]
         key = 0x9E3779B9
         for word in words:  # fold the words into two 32-bit keys (splitmix-style)
             key = (key ^ word) * 0x2545F491 & 0xFFFFFFFF
             key ^= key >> 15
         keys = mx.array([key, (key * 0x9E3779B9 + 0x7F4A7C15) & 0xFFFFFFFF], dtype=mx.uint32)
-        if rows is None:
+        if positions is None:
             counter = mx.arange(math.prod(shape), dtype=mx.uint32).reshape(shape)
-        else:  # positions rows.start..rows.stop of axis 1 of the whole draw: the same numbers, that block only
-            batch, length, *inner = shape
-            width = math.prod(inner)
-            first = mx.arange(batch, dtype=mx.uint32)[:, None] * (length * width) + rows.start * width
-            counter = (first + mx.arange((rows.stop - rows.start) * width, dtype=mx.uint32)).reshape(
-                batch, rows.stop - rows.start, *inner
-            )
+        else:  # rows `positions` of the whole draw seen as (batch · length, vocab): the same numbers, those rows only
+            width = shape[-1]
+            counter = positions.astype(mx.uint32)[:, None] * width + mx.arange(width, dtype=mx.uint32)
         return _hashed_bits(counter, keys)
 
     def tokens(self, canvas: int, step: int, shape: tuple[int, ...], vocab: int) -> mx.array:
@@ -180,9 +179,9 @@ class SeededNoise:
     def gumbel(self, canvas: int, step: int, shape: tuple[int, ...]) -> mx.array:
         return _gumbel_from_bits(self._bits(canvas, step, 1, shape))
 
-    def gumbel_rows(self, canvas: int, step: int, shape: tuple[int, ...], rows: slice) -> mx.array:
-        """`gumbel(canvas, step, shape)[:, rows]`, drawing only those positions."""
-        return _gumbel_from_bits(self._bits(canvas, step, 1, shape, rows))
+    def gumbel_at(self, canvas: int, step: int, shape: tuple[int, ...], positions: mx.array) -> mx.array:
+        """`gumbel(canvas, step, shape).reshape(-1, shape[-1])[positions]`, drawing only those rows."""
+        return _gumbel_from_bits(self._bits(canvas, step, 1, shape, positions))
 
 
 def temperature(step: int, settings: SamplerSettings) -> mx.array:
@@ -191,21 +190,29 @@ def temperature(step: int, settings: SamplerSettings) -> mx.array:
     return mx.array(settings.t_min, dtype=mx.float32) + mx.array(settings.t_max - settings.t_min, mx.float32) * ratio
 
 
-def softmax_and_entropy(processed: mx.array) -> tuple[mx.array, mx.array]:
+def softmax_and_entropy(processed: mx.array, argmax: mx.array) -> tuple[mx.array, mx.array]:
     """softmax(processed) and its entropy per position, from one exponential pass.
 
     H = log Σe − Σ(e·s)/Σe with s = x − max x and e = exp(s): the same value as
-    −Σ p log p, without a second pass of exponentials over the vocabulary.
+    −Σ p log p, without a second pass of exponentials over the vocabulary. The
+    maximum is read at `argmax` (the position's argmax, computed anyway) rather
+    than found by another pass.
     """
-    shifted = processed - processed.max(axis=-1, keepdims=True)
+    shifted = processed - mx.take_along_axis(processed, argmax[..., None], axis=-1)
     exps = exp(shifted)
     total = exps.sum(axis=-1)
     entropy = mx.log(total) - (exps * shifted).sum(axis=-1) / total
     return exps / total[..., None], entropy
 
 
-def accepted_positions(entropy: mx.array, bound: float) -> mx.array:
-    """Lowest-entropy positions whose summed entropy, less the largest of them, stays within `bound`."""
+def accepted_positions(entropy: mx.array, bound: float, pinned: mx.array | None = None) -> mx.array:
+    """Lowest-entropy positions whose summed entropy, less the largest of them, stays within `bound`.
+
+    Pinned positions count as certain: they spend none of the budget (and are
+    accepted, though what they hold is decided elsewhere).
+    """
+    if pinned is not None:
+        entropy = mx.where(pinned, 0.0, entropy)
     order = mx.argsort(entropy, axis=-1)
     ascending = mx.take_along_axis(entropy, order, axis=-1)
     within = (mx.cumsum(ascending, axis=-1) - ascending) <= bound
@@ -239,39 +246,12 @@ class StepResult:
     finished: mx.array  # rows whose denoising has stopped
 
 
-class RowBlocks:
-    """The canvas positions cut into blocks, each block's vocabulary-wide work on its own stream.
-
-    MLX's CPU backend runs each elementwise op on one thread, and a step's
-    vocabulary-wide work (soft-cap, temperature, Gumbel draw, softmax, entropy)
-    is independent per position: on the CPU one block per core, each on a CPU
-    stream (a thread) of its own, runs it about twice as fast on two cores.
-    Elsewhere one block on the default stream.
-    """
-
-    def __init__(self, length: int):
-        count = block_count(length)
-        edges = [length * i // count for i in range(count + 1)]
-        self.rows = [slice(a, b) for a, b in zip(edges[:-1], edges[1:])]
-        self.streams = cpu_streams(count) if count > 1 else [mx.default_stream(mx.default_device())]
-
-    def __iter__(self) -> Iterator[tuple[int, slice, mx.Stream]]:
-        for index, (rows, stream) in enumerate(zip(self.rows, self.streams)):
-            yield index, rows, stream
-
-
-def block_count(length: int) -> int:
-    """Row blocks for a canvas of `length` positions: on the CPU one per core, up to 8, of 16 rows or more; else 1."""
-    if not on_cpu():
-        return 1
-    return max(1, min(cpu_cores(), 8, length // 16))
-
-
 @dataclass
 class VocabPass:
-    """What a step needs from a row block's logits; everything but `conditioning` is per position."""
+    """What a step needs from a row block's logits; everything but `processed` and `conditioning` is per position."""
 
-    drawn: mx.array  # argmax(processed + gumbel): the sampled token
+    processed: mx.array  # logits / temperature
+    drawn: mx.array | None  # argmax(processed + gumbel), the sampled token; None until drawn (CPU)
     argmax: mx.array  # argmax(processed): the draft
     entropy: mx.array  # entropy of softmax(processed)
     conditioning: mx.array  # the next step's self-conditioning for these positions
@@ -280,49 +260,58 @@ class VocabPass:
 def vocab_pass(
     logits: mx.array,
     temperature: mx.array,
-    gumbel: mx.array,
+    gumbel: mx.array | None,
     finished: mx.array,
     previous_conditioning: mx.array | None,
     conditioning_dtype: mx.Dtype | None = None,
 ) -> VocabPass:
     """All the vocabulary-wide math of one step for a block of positions.
 
-    The next step is conditioned on softmax(processed) itself when
-    `conditioning_dtype` is None (a float32 model: the same numbers, one
-    exponential pass fewer), else on the processed logits cast to that dtype,
-    exactly as the reference rounds them for a bf16 model. Rows that stopped
-    earlier keep their previous conditioning.
+    With `gumbel` None the draw is left to the caller (the CPU draws only the
+    positions it accepts). The next step is conditioned on softmax(processed)
+    itself when `conditioning_dtype` is None (a float32 model: the same numbers,
+    one exponential pass fewer), else on the processed logits cast to that
+    dtype, exactly as the reference rounds them for a bf16 model. Rows that
+    stopped earlier keep their previous conditioning.
     """
-    return VocabPass(*_vocab_math_for(conditioning_dtype)(logits, temperature, gumbel, finished, previous_conditioning))
-
-
-def _vocab_math(logits, temperature, gumbel, finished, previous_conditioning, conditioning_dtype=None):
     processed = logits / temperature
+    if gumbel is None:
+        distribution = _distribution(processed, finished, previous_conditioning, conditioning_dtype)
+        return VocabPass(processed, None, *distribution)
+    drawn, *distribution = _vocab_math_for(conditioning_dtype)(processed, gumbel, finished, previous_conditioning)
+    return VocabPass(processed, drawn, *distribution)
+
+
+def _vocab_math(processed, gumbel, finished, previous_conditioning, conditioning_dtype=None):
     drawn = mx.argmax(processed + gumbel, axis=-1)
+    return (drawn, *_distribution(processed, finished, previous_conditioning, conditioning_dtype))
+
+
+def _distribution(processed, finished, previous_conditioning, conditioning_dtype):
+    """The draft, the entropy and the next step's conditioning of the processed logits."""
     argmax = mx.argmax(processed, axis=-1)
-    probs, entropy = softmax_and_entropy(processed)
+    probs, entropy = softmax_and_entropy(processed, argmax)
     conditioning = probs if conditioning_dtype is None else processed.astype(conditioning_dtype)
     if previous_conditioning is not None:
         conditioning = mx.where(finished[:, None, None], previous_conditioning, conditioning)
-    return drawn, argmax, entropy, conditioning
+    return argmax, entropy, conditioning
 
 
 def denoising_step(
     passes: list[VocabPass],
+    drawn: mx.array,
     state: StepResult,
     history: mx.array | None,
     settings: SamplerSettings,
     noise_tokens: mx.array,
     pins: Pins | None = None,
 ) -> tuple[StepResult, mx.array | None]:
-    """The per-position decisions of one step, from its row blocks' vocabulary passes.
+    """The per-position decisions of one step, from its row blocks' vocabulary passes and the draws.
 
     Accept the lowest-entropy draws within the entropy bound, re-noise the rest,
     hold pinned positions, and stop rows whose argmax is stable and confident.
     """
-    drawn, argmax, entropy = (
-        mx.concatenate([getattr(block, name) for block in passes], axis=1) for name in ("drawn", "argmax", "entropy")
-    )
+    argmax, entropy = (RowBlocks.join([getattr(block, name) for block in passes]) for name in ("argmax", "entropy"))
     canvas, argmax, finished, history = _decision_math_for()(
         drawn,
         argmax,
@@ -356,10 +345,9 @@ def _decision_math(
     stability_threshold,
     confidence_threshold,
 ):
+    canvas = mx.where(accepted_positions(entropy, entropy_bound, pinned), drawn, noise_tokens)
     if pinned is not None:
         entropy = mx.where(pinned, 0.0, entropy)
-    canvas = mx.where(accepted_positions(entropy, entropy_bound), drawn, noise_tokens)
-    if pinned is not None:
         canvas = mx.where(pinned, pin_tokens, canvas)
         argmax = mx.where(pinned, pin_tokens, argmax)
 
@@ -386,7 +374,8 @@ def _vocab_math_for(conditioning_dtype: mx.Dtype | None) -> Callable:
     On a GPU, one fused graph turns a dozen vocabulary-wide kernels into a few.
     MLX's CPU backend runs fused kernels that hold `exp`/`log` no faster than its
     stock ones (measured: 169 vs 170 ms per step at vocabulary 32768), so the
-    CPU runs the ops as they are and wins its speed from the row blocks. A dtype
+    CPU runs the ops as they are and wins its speed from the row blocks and
+    from drawing only the accepted positions. A dtype
     is not a valid argument of a compiled function, so each dtype gets its own
     compiled closure.
     """
@@ -493,15 +482,19 @@ class BlockSampler:
 
         steps = [0] * batch
         stopped = [False] * batch
+        # On a GPU the next step is launched before this one's stop flags are
+        # read, so the device never idles on the host round-trip (if every row
+        # stops, that speculative step is simply dropped). The CPU reads each
+        # step's acceptances mid-step (see _draw_accepted), so it has nothing to
+        # overlap and launches a step only once the last one is known to go on.
+        ahead = not on_cpu()
         pending = launch(state, history, 1)
         for step_index in range(1, settings.steps + 1):
             for row in range(batch):
                 steps[row] += not (stopped[row] or finished[row])
             state, history = pending
-            # Launch the next step before reading this one's stop flags, so the
-            # device never idles on the host round-trip; if every row stops
-            # here, that speculative step is simply dropped.
-            if step_index < settings.steps:
+            more = step_index < settings.steps
+            if ahead and more:
                 pending = launch(state, history, step_index + 1)
             # The one host read per step: which rows have stopped.
             stopped = state.finished.tolist()
@@ -509,17 +502,21 @@ class BlockSampler:
                 yield StepDraft(canvas_index, step_index, state.argmax)
             if all(stopped):
                 break
+            if not ahead and more:
+                pending = launch(state, history, step_index + 1)
         return state.argmax, steps
 
-    def _decode(self, cache: EncoderCache, state: StepResult, conditioning_dtype: mx.Dtype | None) -> mx.array:
-        """The decoder over the current canvas, conditioned on the previous step's prediction."""
+    def _decode(
+        self, cache: EncoderCache, state: StepResult, conditioning_dtype: mx.Dtype | None
+    ) -> list[mx.array]:
+        """The decoder over the current canvas, conditioned on the previous step's prediction; in row blocks."""
         if conditioning_dtype is None:
             return self.model.denoise_hidden(state.canvas, cache, self_conditioning_probs=state.conditioning)
         return self.model.denoise_hidden(state.canvas, cache, state.conditioning)
 
     def _sample(
         self,
-        hidden: mx.array,
+        hidden: list[mx.array],
         state: StepResult,
         history: mx.array | None,
         canvas_index: int,
@@ -529,28 +526,73 @@ class BlockSampler:
         pins: Pins | None,
         conditioning_dtype: mx.Dtype | None,
     ) -> tuple[StepResult, mx.array | None]:
-        """The head, then soft-cap, Gumbel draw and vocabulary math per row block, each block on its stream;
-        then the step's decisions."""
+        """Per row block, on its stream: the head, soft-cap and vocabulary math. Then the draws and the decisions."""
         heat = temperature(self.settings.steps + 1 - step_index, self.settings)
         draw_shape = (*shape, self.vocab)
-        # A noise source that cannot draw a block is asked once for the whole draw, as the protocol promises.
-        whole_draw = None
-        if not hasattr(self.noise, "gumbel_rows"):
-            whole_draw = self.noise.gumbel(canvas_index, step_index, draw_shape)
-        # One matmul for the head (BLAS uses every core already); the elementwise rest per block.
-        head = self.model.head(hidden)
-        passes = []
-        for index, rows, stream in blocks:
-            with mx.stream(stream):
-                if whole_draw is None:
-                    gumbel = self.noise.gumbel_rows(canvas_index, step_index, draw_shape, rows)
-                else:
-                    gumbel = whole_draw[:, rows]
-                previous = None if state.conditioning is None else state.conditioning[index]
-                logits = self.model.cap_logits(head[:, rows])
-                passes.append(vocab_pass(logits, heat, gumbel, state.finished, previous, conditioning_dtype))
+        # A GPU draws every position inside the fused vocabulary pass; the CPU only those it accepts.
+        gumbel = [None] * len(blocks)
+        if not on_cpu():
+            gumbel = blocks.split(self.noise.gumbel(canvas_index, step_index, draw_shape))
+        previous = state.conditioning or [None] * len(blocks)
+
+        def block_pass(hidden: mx.array, gumbel: mx.array | None, previous: mx.array | None) -> VocabPass:
+            logits = self.model.logits(hidden)
+            return vocab_pass(logits, heat, gumbel, state.finished, previous, conditioning_dtype)
+
+        passes = blocks.map(block_pass, hidden, gumbel, previous)
+        if on_cpu():
+            drawn = self._draw_accepted(passes, blocks, state, pins, canvas_index, step_index, draw_shape)
+        else:
+            drawn = RowBlocks.join([block.drawn for block in passes])
         noise_tokens = self.noise.tokens(canvas_index, step_index, shape, self.vocab)
-        return denoising_step(passes, state, history, self.settings, noise_tokens, pins)
+        return denoising_step(passes, drawn, state, history, self.settings, noise_tokens, pins)
+
+    def _draw_accepted(
+        self,
+        passes: list[VocabPass],
+        blocks: RowBlocks,
+        state: StepResult,
+        pins: Pins | None,
+        canvas_index: int,
+        step_index: int,
+        draw_shape: tuple[int, int, int],
+    ) -> mx.array:
+        """The drawn token of every position this step accepts (0 elsewhere, never read).
+
+        Only accepted positions keep their draw, and which ones are accepted
+        depends on the entropies alone. On the CPU the Gumbel draw over the whole
+        vocabulary costs more than the rest of the step's vocabulary math, so the
+        accepted positions are read back (one host read) and only their rows are
+        drawn: argmax(processed + gumbel) there, the same numbers as drawing all.
+        """
+        batch, length, vocab = draw_shape
+        pinned = None if pins is None else pins.pinned
+        entropy = RowBlocks.join([block.entropy for block in passes])
+        accepted = accepted_positions(entropy, self.settings.entropy_bound, pinned) & ~state.finished[:, None]
+        if pinned is not None:
+            accepted = accepted & ~pinned  # held to their pins whatever is drawn
+        flags = accepted.tolist()
+        positions, picked = [], []
+        for (_, rows, _), block in zip(blocks, passes):
+            chosen = [(row, p) for row in range(batch) for p in range(rows.start, rows.stop) if flags[row][p]]
+            if chosen:
+                positions += [row * length + p for row, p in chosen]
+                size = rows.stop - rows.start
+                local = mx.array([row * size + p - rows.start for row, p in chosen])
+                picked.append(block.processed.reshape(-1, vocab)[local])
+        drawn = mx.zeros((batch * length,), dtype=mx.uint32)
+        if not positions:
+            return drawn.reshape(batch, length)
+        index = mx.array(positions)
+        gumbel = self._gumbel_at(canvas_index, step_index, draw_shape, index)
+        tokens = mx.argmax(RowBlocks.join(picked, axis=0) + gumbel, axis=-1)
+        return drawn.at[index].add(tokens).reshape(batch, length)
+
+    def _gumbel_at(self, canvas_index: int, step_index: int, shape: tuple[int, int, int], positions: mx.array):
+        """Gumbel noise for rows `positions` of the (batch · length, vocab) draw."""
+        if hasattr(self.noise, "gumbel_at"):
+            return self.noise.gumbel_at(canvas_index, step_index, shape, positions)
+        return self.noise.gumbel(canvas_index, step_index, shape).reshape(-1, shape[-1])[positions]
 
     def pinned_canvases(
         self, cache: EncoderCache, layouts: list[Pins], drafts: bool = False
