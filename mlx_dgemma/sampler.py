@@ -506,9 +506,7 @@ class BlockSampler:
                 pending = launch(state, history, step_index + 1)
         return state.argmax, steps
 
-    def _decode(
-        self, cache: EncoderCache, state: StepResult, conditioning_dtype: mx.Dtype | None
-    ) -> list[mx.array]:
+    def _decode(self, cache: EncoderCache, state: StepResult, conditioning_dtype: mx.Dtype | None) -> list[mx.array]:
         """The decoder over the current canvas, conditioned on the previous step's prediction; in row blocks."""
         if conditioning_dtype is None:
             return self.model.denoise_hidden(state.canvas, cache, self_conditioning_probs=state.conditioning)

@@ -9,11 +9,19 @@ from checkpoints import build_reference_model, save_reference_checkpoint
 from tokenizer_fixture import write_tokenizer
 
 import mlx_dgemma
+from mlx_dgemma import cpu
 from mlx_dgemma.constrained import edit, fill_template, infill, parse_template
 from mlx_dgemma.sampler import BlockSampler, Pins, SamplerSettings, SeededNoise, StepDraft
 from mlx_dgemma.tokenizer import encode_text
 
 CANVAS = 16
+
+
+@pytest.fixture(autouse=True, params=["default", "3 row blocks"])
+def row_blocks(request, monkeypatch):
+    """Every test runs as this machine cuts the canvas, and again in 3 row blocks (pins drawn per block)."""
+    if request.param != "default":
+        monkeypatch.setattr(cpu, "block_count", lambda length: min(3, length))
 
 
 @pytest.fixture(scope="module")

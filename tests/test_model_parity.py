@@ -13,9 +13,17 @@ from checkpoints import build_reference_model, save_reference_checkpoint
 from transformers.cache_utils import DynamicCache
 
 import mlx_dgemma
-from mlx_dgemma import set_moe_dispatch
+from mlx_dgemma import cpu, set_moe_dispatch
 
 TOLERANCE = 1e-4
+
+
+@pytest.fixture(autouse=True, params=["default", "3 row blocks"])
+def row_blocks(request, monkeypatch):
+    """Every test runs as this machine cuts the positions, and again in 3 row blocks on 3 CPU streams
+    (encoder, decoder and MoE, each block with its own queries, rows of the mask and share of the experts)."""
+    if request.param != "default":
+        monkeypatch.setattr(cpu, "block_count", lambda length: min(3, length))
 
 
 def to_mx(tensor: torch.Tensor) -> mx.array:
