@@ -1,6 +1,13 @@
 """What MLX's CPU backend needs to run a step at full speed: reused memory, its cores, a fast exp.
 
-MLX's CPU allocator has no buffer cache: every array is a fresh `malloc`. A
+Cores: MLX runs each CPU stream's ops on a thread of its own, one op at a time,
+and its elementwise ops on one core. The model and the sampler therefore cut
+the positions of a chunk or canvas into row blocks (`RowBlocks`), one per
+core, each on its own stream, and a BLAS loaded into the process is held to
+one thread per call (`one_blas_thread`) so the blocks' matmuls do not fight
+over the cores.
+
+Memory: MLX's CPU allocator has no buffer cache: every array is a fresh `malloc`. A
 float32 canvas x vocabulary array (256 x 262144 for the released model; 32 MiB
 already at vocabulary 32768) is above glibc's largest mmap threshold, so each
 one is a new mapping whose zeroed pages fault in on first touch and go back to

@@ -27,21 +27,40 @@ def gelu_tanh(x: mx.array) -> mx.array:
     return x / (1 + mx.power(2.0, -_GELU_TANH_SCALE * (x + 0.044715 * x * x * x)))
 
 
-def soft_cap(x: mx.array, cap: float) -> mx.array:
-    """cap · tanh(x / cap).
+def soft_cap(x: mx.array, cap: float, divisor: mx.array | None = None) -> mx.array:
+    """cap · tanh(x / cap), then divided by `divisor` when given.
 
     In float32 on the CPU, without MLX's slow CPU `tanh`: cap · (1 − e) / (1 + e)
     with e = exp(−2|x| / cap) ≤ 1 (the CPU's fast `exp`), the sign put back
-    after; 2.4× faster there, within 1e-5 absolute.
+    after, and the division in the same fused pass: 2.4× faster there, within
+    1e-5 absolute.
     """
-    if not on_cpu() or x.dtype != mx.float32:
-        return mx.tanh(x / cap) * cap
-    return _signed_tanh_ratio(x, exp(mx.abs(x) * (-2 / cap)), mx.array(cap, dtype=x.dtype))
+    scale = -2 / cap
+    cap = mx.array(cap, dtype=x.dtype)
+    if not on_cpu() or x.dtype != mx.float32:  # one fused kernel on a GPU
+        return _tanh_cap(x, cap) if divisor is None else _tanh_cap_over(x, cap, divisor)
+    e = exp(mx.abs(x) * scale)
+    return _signed_tanh_ratio(x, e, cap) if divisor is None else _signed_tanh_ratio_over(x, e, cap, divisor)
+
+
+@mx.compile
+def _tanh_cap(x: mx.array, cap: mx.array) -> mx.array:
+    return mx.tanh(x / cap) * cap
+
+
+@mx.compile
+def _tanh_cap_over(x: mx.array, cap: mx.array, divisor: mx.array) -> mx.array:
+    return _tanh_cap(x, cap) / divisor
 
 
 @mx.compile
 def _signed_tanh_ratio(x: mx.array, e: mx.array, cap: mx.array) -> mx.array:
     return (cap * (1 - e) / (1 + e)) * mx.sign(x)
+
+
+@mx.compile
+def _signed_tanh_ratio_over(x: mx.array, e: mx.array, cap: mx.array, divisor: mx.array) -> mx.array:
+    return _signed_tanh_ratio(x, e, cap) / divisor
 
 
 ACTIVATIONS = {

@@ -205,18 +205,20 @@ class Model(nn.Module):
             hs = layer(blocks, hs, layer_cache, offset, block_masks, False, layer.layer_scalar)
         return blocks.map(self.model.decoder.norm, hs)
 
-    def logits(self, hidden: mx.array) -> mx.array:
-        """The tied head, in float32, soft-capped."""
-        return self.cap_logits(self.head(hidden))
+    def logits(self, hidden: mx.array, temperature: mx.array | None = None) -> mx.array:
+        """The tied head, in float32, soft-capped; divided by `temperature` when given (in the same pass)."""
+        return self.cap_logits(self.head(hidden), temperature)
 
     def head(self, hidden: mx.array) -> mx.array:
         """The tied head's float32 logits, before the soft-cap."""
         return self.embed_tokens.as_linear(hidden).astype(mx.float32)
 
-    def cap_logits(self, logits: mx.array) -> mx.array:
-        """The final soft-cap, where the config has one."""
+    def cap_logits(self, logits: mx.array, temperature: mx.array | None = None) -> mx.array:
+        """The final soft-cap, where the config has one, then the division by `temperature` when given."""
         cap = self.text_config.final_logit_softcapping
-        return soft_cap(logits, cap) if cap else logits
+        if cap:
+            return soft_cap(logits, cap, temperature)
+        return logits if temperature is None else logits / temperature
 
     def _soft_embeddings(
         self, blocks: RowBlocks, prediction: mx.array | list[mx.array], from_logits: bool

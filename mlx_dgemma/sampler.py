@@ -258,23 +258,21 @@ class VocabPass:
 
 
 def vocab_pass(
-    logits: mx.array,
-    temperature: mx.array,
+    processed: mx.array,
     gumbel: mx.array | None,
     finished: mx.array,
     previous_conditioning: mx.array | None,
     conditioning_dtype: mx.Dtype | None = None,
 ) -> VocabPass:
-    """All the vocabulary-wide math of one step for a block of positions.
+    """All the vocabulary-wide math of one step for a block of positions, from the logits / temperature.
 
     With `gumbel` None the draw is left to the caller (the CPU draws only the
     positions it accepts). The next step is conditioned on softmax(processed)
     itself when `conditioning_dtype` is None (a float32 model: the same numbers,
     one exponential pass fewer), else on the processed logits cast to that
     dtype, exactly as the reference rounds them for a bf16 model. Rows that
-    stopped earlier keep their previous conditioning.
+    stopped earlier keep their previous conditioning (None: no row has).
     """
-    processed = logits / temperature
     if gumbel is None:
         distribution = _distribution(processed, finished, previous_conditioning, conditioning_dtype)
         return VocabPass(processed, None, *distribution)
@@ -532,10 +530,12 @@ class BlockSampler:
         if not on_cpu():
             gumbel = blocks.split(self.noise.gumbel(canvas_index, step_index, draw_shape))
         previous = state.conditioning or [None] * len(blocks)
+        if on_cpu() and not any(state.finished.tolist()):
+            previous = [None] * len(blocks)  # no row to hold back: one pass over the vocabulary fewer
 
         def block_pass(hidden: mx.array, gumbel: mx.array | None, previous: mx.array | None) -> VocabPass:
-            logits = self.model.logits(hidden)
-            return vocab_pass(logits, heat, gumbel, state.finished, previous, conditioning_dtype)
+            processed = self.model.logits(hidden, heat)
+            return vocab_pass(processed, gumbel, state.finished, previous, conditioning_dtype)
 
         passes = blocks.map(block_pass, hidden, gumbel, previous)
         if on_cpu():

@@ -11,17 +11,22 @@ from reference_sampler import reference_noise
 from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig
 
 import mlx_dgemma
-from mlx_dgemma import cpu
+from mlx_dgemma import cpu, layers, moe, sampler
 from mlx_dgemma.sampler import BlockSampler, SamplerSettings, SeededNoise
 
 EOS, PAD = 1, 0
 
 
-@pytest.fixture(autouse=True, params=["default", "3 row blocks"])
+@pytest.fixture(autouse=True, params=["default", "3 row blocks", "GPU code path"])
 def row_blocks(request, monkeypatch):
-    """Every parity test runs as this machine splits the canvas, and again cut into 3 blocks on 3 CPU streams."""
-    if request.param != "default":
+    """Every parity test runs as this machine splits the canvas, again cut into 3 blocks on 3 CPU streams,
+    and again down the code path a GPU takes (one block, fused step math, every position drawn, the
+    next step launched ahead, tanh soft-cap, fused attention, gathered MoE), here on the CPU."""
+    if request.param == "3 row blocks":
         monkeypatch.setattr(cpu, "block_count", lambda length: 3)
+    elif request.param == "GPU code path":
+        for module in (cpu, layers, moe, sampler):
+            monkeypatch.setattr(module, "on_cpu", lambda: False)
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +157,7 @@ class ProtocolOnlyNoise:
         return self.inner.gumbel(canvas, step, shape)
 
 
-def test_noise_without_row_draws_is_asked_once_per_step(pair):
+def test_noise_without_gumbel_at_is_asked_once_per_step(pair):
     _, ours = pair
     settings = SamplerSettings(steps=5, max_new_tokens=16, stability_threshold=0)
     ids, plain = prompt(4, batch=2), ProtocolOnlyNoise(4)
