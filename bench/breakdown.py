@@ -3,16 +3,18 @@
 Nothing here re-implements the step. A short real sampler run records the
 arguments of its second step (self-conditioned, as every step but the first):
 the decoder call (`Model.denoise_hidden`) and the sampling call
-(`BlockSampler._sample`: head, Gumbel draw and vocabulary math on the row
-blocks, each on its stream, then the step's decisions), exactly as
-`BlockSampler` makes them. One more decoder call with the layer classes'
-`__call__` (and the model's embedding / self-conditioning methods) wrapped
-records every part's inputs. Each recorded call is then re-run alone
-on its recorded (evaluated) inputs: `mx.eval` + `time.perf_counter`, median
-of repeats. The parts are therefore timed in isolation on the very inputs of a
-real step, and the whole step is timed the same way for comparison; the
-difference shows as "unaccounted" (graph building and scheduling that only
-appear when the parts run together, and any part not wrapped).
+(`BlockSampler._sample`: head, soft-cap and vocabulary math per row block,
+each on its stream, then the accepted positions' draw and the step's
+decisions), exactly as `BlockSampler` makes them. One more decoder call with
+the layer classes' `__call__` (and the model's embedding / self-conditioning
+methods) wrapped records every part's inputs and the stream each call ran on.
+Each part is then re-run alone on its recorded (evaluated) inputs, its row
+blocks' calls side by side on their streams as in the real step: `mx.eval` +
+`time.perf_counter`, median of repeats. The parts are therefore timed in
+isolation on the very inputs of a real step, and the whole step is timed the
+same way for comparison; the difference shows as "unaccounted" (graph
+building and scheduling that only appear when the parts run together, and
+any part not wrapped).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ MODEL_METHODS = {
     "_embed": ("embedding lookup", "embedding"),
     "_soft_embeddings": ("self-conditioning: probs @ embeddings", "self-conditioning"),
 }
-SAMPLING = "sampling: head, then soft-cap, Gumbel draw, vocab-wide math on the row blocks"
+SAMPLING = "sampling: head, soft-cap, vocab-wide math per row block; draw of accepted positions; decisions"
 # Parts timed only for scale, not in the sum: they overlap the parts that are.
 FOR_SCALE = "for scale"
 _NOT_SUMMED = ("total", "layer totals", FOR_SCALE)
@@ -222,11 +224,12 @@ class StepBreakdown:
         self.time("whole step (decoder + sampling)", "total", whole)
         self.time("decoder forward (Model.denoise_hidden)", "total", lambda: model.denoise_hidden(*d_args, **d_kwargs))
         self.time(SAMPLING, "sampling", lambda: sampler._sample(*s_args, **s_kwargs))
-        # The sampling's pieces, all positions on one stream, one after another.
+        # For scale: the head over all positions on one stream, and the whole-vocabulary Gumbel draw a GPU makes
+        # (the CPU draws only the accepted positions).
         hidden, noise = RowBlocks.join(s_args[0]), sampler.noise
         self.time("head matmul + soft-cap", FOR_SCALE, lambda: model.logits(hidden))
         self.time(
-            "Gumbel draw + re-noise tokens",
+            "Gumbel draw over the whole vocabulary + re-noise tokens",
             FOR_SCALE,
             lambda: (noise.gumbel(0, 3, (1, canvas_len, vocab)), noise.tokens(0, 3, (1, canvas_len), vocab)),
         )

@@ -140,14 +140,14 @@ def breakdown_table(breakdown: dict[str, Any] | None) -> str:
     lines = []
     if step:
         lines.append(
-            f"Whole step timed the same way (decoder, then head + Gumbel draw + vocabulary math): **{step:.1f} ms**"
+            f"Whole step timed the same way (decoder, head, vocabulary math, draw, decisions): **{step:.1f} ms**"
             + (f"; decoder forward alone (to the final norm) {forward:.1f} ms." if forward else ".")
         )
     if breakdown.get("row_blocks"):
         lines.append(
-            f"The sampling ran on {breakdown['row_blocks']} row block(s), one stream each, in parallel."
+            f"The step ran on {breakdown['row_blocks']} row block(s), one stream each, in parallel."
             + "".join(
-                f" {name} alone, all positions on one stream: {ms:.1f} ms."
+                f" For scale, {name} alone, all positions on one stream: {ms:.1f} ms."
                 for name, ms in (breakdown.get("serial_ms") or {}).items()
             )
         )
