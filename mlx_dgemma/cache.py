@@ -3,6 +3,11 @@
 Full-attention layers keep every position. Sliding layers keep only the last
 `window - 1` positions: that is all a later encoder chunk can see, and it is
 exactly what the reference's decoder attends to on those layers.
+
+The states live in buffers allocated ahead, with room after the kept
+positions: a decoder pass writes its canvas's states into that room and
+attends over the filled part, an encoder chunk does the same and keeps them,
+so neither copies the cache at every step (what concatenating would do).
 """
 
 from __future__ import annotations
@@ -11,28 +16,67 @@ import mlx.core as mx
 
 
 class LayerCache:
-    """Keys and values of one layer, shaped (batch, kv_heads, positions, head_dim)."""
+    """Keys and values of one layer, (batch, kv_heads, positions, head_dim), in buffers with room to spare.
+
+    The buffers grow by whole steps of `STEP` positions; a sliding layer drops
+    its oldest positions by moving where the kept ones start, and moves them
+    back to the front only when the room runs out.
+    """
+
+    STEP = 256
 
     def __init__(self, keep: int | None):
         self.keep = keep  # None keeps everything
-        self.keys: mx.array | None = None
-        self.values: mx.array | None = None
+        self.length = 0  # positions kept
+        self._start = 0  # where they start in the buffers
+        self._written = 0  # positions the last `extended` wrote after them
+        self._keys: mx.array | None = None
+        self._values: mx.array | None = None
 
     @property
-    def length(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[2]
+    def keys(self) -> mx.array | None:
+        return None if self._keys is None else self._keys[:, :, self._start : self._start + self.length]
+
+    @property
+    def values(self) -> mx.array | None:
+        return None if self._values is None else self._values[:, :, self._start : self._start + self.length]
+
+    @property
+    def buffers(self) -> list[mx.array]:
+        """The key and value buffers (empty before the first chunk)."""
+        return [] if self._keys is None else [self._keys, self._values]
 
     def extended(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        """Cached states followed by `keys`/`values`, without storing them."""
-        if self.keys is None:
-            return keys, values
-        return mx.concatenate([self.keys, keys], axis=2), mx.concatenate([self.values, values], axis=2)
+        """Cached states followed by `keys`/`values`, without keeping the new ones (see `commit`)."""
+        count = keys.shape[2]
+        self._make_room(keys, values, count)
+        first = self._start + self.length
+        self._keys[:, :, first : first + count] = keys
+        self._values[:, :, first : first + count] = values
+        self._written = count
+        end = first + count
+        return self._keys[:, :, self._start : end], self._values[:, :, self._start : end]
 
-    def store(self, keys: mx.array, values: mx.array) -> None:
-        """Keep the given full states, trimmed to what later chunks can see."""
-        if self.keep is not None and keys.shape[2] > self.keep:
-            keys, values = keys[:, :, -self.keep :], values[:, :, -self.keep :]
-        self.keys, self.values = keys, values
+    def commit(self) -> None:
+        """Keep the states the last `extended` wrote, trimmed to what later chunks can see."""
+        self.length += self._written
+        self._written = 0
+        if self.keep is not None and self.length > self.keep:
+            self._start += self.length - self.keep
+            self.length = self.keep
+
+    def _make_room(self, keys: mx.array, values: mx.array, count: int) -> None:
+        if self._keys is not None and self._start + self.length + count <= self._keys.shape[2]:
+            return
+        # New buffers with the kept positions at the front and at least one step of room after the new ones.
+        capacity = (self.length + count + self.STEP - 1) // self.STEP * self.STEP + self.STEP
+        batch, heads, _, key_dim = keys.shape
+        new_keys = mx.zeros((batch, heads, capacity, key_dim), dtype=keys.dtype)
+        new_values = mx.zeros((batch, heads, capacity, values.shape[3]), dtype=values.dtype)
+        if self.length:
+            new_keys[:, :, : self.length] = self.keys
+            new_values[:, :, : self.length] = self.values
+        self._keys, self._values, self._start = new_keys, new_values, 0
 
 
 class EncoderCache:
@@ -77,5 +121,5 @@ class EncoderCache:
 
     @property
     def state(self) -> list[mx.array]:
-        arrays = [a for layer in self.layers for a in (layer.keys, layer.values) if a is not None]
+        arrays = [a for layer in self.layers for a in layer.buffers]
         return arrays + ([self.valid] if self.valid is not None else [])

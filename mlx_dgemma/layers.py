@@ -177,7 +177,7 @@ class Attention(nn.Module):
         queries = blocks.map(lambda x, start: self._queries(x, offset + start), xs, blocks.starts)
         keys, values = cache.extended(*self.states(blocks, xs, offset))
         if store:
-            cache.store(keys, values)
+            cache.commit()
         return blocks.map(lambda q, mask: self._merged_heads(attend(q, keys, values, mask)), queries, masks)
 
     def _merged_heads(self, out: mx.array) -> mx.array:

@@ -149,7 +149,8 @@ class Model(nn.Module):
                 # The encoder's output is never read, only its cache: the last
                 # layer needs its keys and values and nothing more.
                 normed = blocks.map(layer.input_layernorm, hs)
-                layer_cache.store(*layer_cache.extended(*layer.self_attn.states(blocks, normed, offset)))
+                layer_cache.extended(*layer.self_attn.states(blocks, normed, offset))
+                layer_cache.commit()
                 break
             # Each block's queries see their own rows of the causal mask.
             block_masks = blocks.split(masks[layer_cache.keep], axis=2)
