@@ -23,7 +23,7 @@ import ctypes.util
 import math
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import mlx.core as mx
 
@@ -123,10 +123,6 @@ class RowBlocks:
 
     def __len__(self) -> int:
         return len(self.rows)
-
-    def __iter__(self) -> Iterator[tuple[int, slice, mx.Stream]]:
-        for index, (rows, stream) in enumerate(zip(self.rows, self.streams)):
-            yield index, rows, stream
 
     @property
     def starts(self) -> list[int]:

@@ -37,30 +37,20 @@ def soft_cap(x: mx.array, cap: float, divisor: mx.array | None = None) -> mx.arr
     """
     scale = -2 / cap
     cap = mx.array(cap, dtype=x.dtype)
+    divisor = mx.array(1, dtype=x.dtype) if divisor is None else divisor  # x / 1 is x exactly
     if not on_cpu() or x.dtype != mx.float32:  # one fused kernel on a GPU
-        return _tanh_cap(x, cap) if divisor is None else _tanh_cap_over(x, cap, divisor)
-    e = exp(mx.abs(x) * scale)
-    return _signed_tanh_ratio(x, e, cap) if divisor is None else _signed_tanh_ratio_over(x, e, cap, divisor)
-
-
-@mx.compile
-def _tanh_cap(x: mx.array, cap: mx.array) -> mx.array:
-    return mx.tanh(x / cap) * cap
+        return _tanh_cap_over(x, cap, divisor)
+    return _signed_tanh_ratio_over(x, exp(mx.abs(x) * scale), cap, divisor)
 
 
 @mx.compile
 def _tanh_cap_over(x: mx.array, cap: mx.array, divisor: mx.array) -> mx.array:
-    return _tanh_cap(x, cap) / divisor
-
-
-@mx.compile
-def _signed_tanh_ratio(x: mx.array, e: mx.array, cap: mx.array) -> mx.array:
-    return (cap * (1 - e) / (1 + e)) * mx.sign(x)
+    return mx.tanh(x / cap) * cap / divisor
 
 
 @mx.compile
 def _signed_tanh_ratio_over(x: mx.array, e: mx.array, cap: mx.array, divisor: mx.array) -> mx.array:
-    return _signed_tanh_ratio(x, e, cap) / divisor
+    return (cap * (1 - e) / (1 + e)) * mx.sign(x) / divisor
 
 
 ACTIVATIONS = {

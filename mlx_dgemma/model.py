@@ -208,25 +208,24 @@ class Model(nn.Module):
 
     def logits(self, hidden: mx.array, temperature: mx.array | None = None) -> mx.array:
         """The tied head, in float32, soft-capped; divided by `temperature` when given (in the same pass)."""
-        return self.cap_logits(self.head(hidden), temperature)
-
-    def head(self, hidden: mx.array) -> mx.array:
-        """The tied head's float32 logits, before the soft-cap."""
-        return self.embed_tokens.as_linear(hidden).astype(mx.float32)
-
-    def cap_logits(self, logits: mx.array, temperature: mx.array | None = None) -> mx.array:
-        """The final soft-cap, where the config has one, then the division by `temperature` when given."""
+        logits = self.head(hidden)
         cap = self.text_config.final_logit_softcapping
         if cap:
             return soft_cap(logits, cap, temperature)
         return logits if temperature is None else logits / temperature
 
+    def head(self, hidden: mx.array) -> mx.array:
+        """The tied head's float32 logits, before the soft-cap."""
+        return self.embed_tokens.as_linear(hidden).astype(mx.float32)
+
     def _soft_embeddings(
         self, blocks: RowBlocks, prediction: mx.array | list[mx.array], from_logits: bool
     ) -> list[mx.array]:
         """softmax(prediction) (or the probabilities as given) @ embeddings × scale, per row block."""
-        if not isinstance(prediction, list) or len(prediction) != len(blocks):
-            prediction = blocks.split(RowBlocks.join(prediction) if isinstance(prediction, list) else prediction)
+        if isinstance(prediction, list) and len(prediction) != len(blocks):
+            prediction = RowBlocks.join(prediction)
+        if not isinstance(prediction, list):
+            prediction = blocks.split(prediction)
         if from_logits:
             prediction = blocks.map(lambda block: mx.softmax(block.astype(mx.float32), axis=-1), prediction)
         return blocks.map(self._expected_embedding, prediction)

@@ -343,9 +343,10 @@ def _decision_math(
     stability_threshold,
     confidence_threshold,
 ):
-    canvas = mx.where(accepted_positions(entropy, entropy_bound, pinned), drawn, noise_tokens)
     if pinned is not None:
-        entropy = mx.where(pinned, 0.0, entropy)
+        entropy = mx.where(pinned, 0.0, entropy)  # certain: none of the budget, and out of the stop test
+    canvas = mx.where(accepted_positions(entropy, entropy_bound), drawn, noise_tokens)
+    if pinned is not None:
         canvas = mx.where(pinned, pin_tokens, canvas)
         argmax = mx.where(pinned, pin_tokens, argmax)
 
@@ -367,18 +368,13 @@ _compiled: dict[object, Callable] = {}
 
 
 def _vocab_math_for(conditioning_dtype: mx.Dtype | None) -> Callable:
-    """The vocabulary pass for this backend and self-conditioning dtype.
+    """The vocabulary pass with the draw, fused into one graph (a GPU's path: a dozen kernels become a few).
 
-    On a GPU, one fused graph turns a dozen vocabulary-wide kernels into a few.
-    MLX's CPU backend runs fused kernels that hold `exp`/`log` no faster than its
-    stock ones (measured: 169 vs 170 ms per step at vocabulary 32768), so the
-    CPU runs the ops as they are and wins its speed from the row blocks and
-    from drawing only the accepted positions. A dtype
-    is not a valid argument of a compiled function, so each dtype gets its own
-    compiled closure.
+    The CPU never takes it: it draws only the accepted positions, and runs the
+    rest as plain ops in row blocks. A dtype is not a valid argument of a
+    compiled function, so each dtype gets its own compiled closure.
     """
-    plain = partial(_vocab_math, conditioning_dtype=conditioning_dtype)
-    return plain if on_cpu() else _compiled_once(("vocab", conditioning_dtype), plain)
+    return _compiled_once(("vocab", conditioning_dtype), partial(_vocab_math, conditioning_dtype=conditioning_dtype))
 
 
 def _decision_math_for() -> Callable:
@@ -525,12 +521,13 @@ class BlockSampler:
         """Per row block, on its stream: the head, soft-cap and vocabulary math. Then the draws and the decisions."""
         heat = temperature(self.settings.steps + 1 - step_index, self.settings)
         draw_shape = (*shape, self.vocab)
+        cpu = on_cpu()
         # A GPU draws every position inside the fused vocabulary pass; the CPU only those it accepts.
         gumbel = [None] * len(blocks)
-        if not on_cpu():
+        if not cpu:
             gumbel = blocks.split(self.noise.gumbel(canvas_index, step_index, draw_shape))
         previous = state.conditioning or [None] * len(blocks)
-        if on_cpu() and not any(state.finished.tolist()):
+        if cpu and not any(state.finished.tolist()):
             previous = [None] * len(blocks)  # no row to hold back: one pass over the vocabulary fewer
 
         def block_pass(hidden: mx.array, gumbel: mx.array | None, previous: mx.array | None) -> VocabPass:
@@ -538,7 +535,7 @@ class BlockSampler:
             return vocab_pass(processed, gumbel, state.finished, previous, conditioning_dtype)
 
         passes = blocks.map(block_pass, hidden, gumbel, previous)
-        if on_cpu():
+        if cpu:
             drawn = self._draw_accepted(passes, blocks, state, pins, canvas_index, step_index, draw_shape)
         else:
             drawn = RowBlocks.join([block.drawn for block in passes])
@@ -571,7 +568,7 @@ class BlockSampler:
             accepted = accepted & ~pinned  # held to their pins whatever is drawn
         flags = accepted.tolist()
         positions, picked = [], []
-        for (_, rows, _), block in zip(blocks, passes):
+        for rows, block in zip(blocks.rows, passes):
             chosen = [(row, p) for row in range(batch) for p in range(rows.start, rows.stop) if flags[row][p]]
             if chosen:
                 positions += [row * length + p for row, p in chosen]
@@ -586,7 +583,9 @@ class BlockSampler:
         tokens = mx.argmax(RowBlocks.join(picked, axis=0) + gumbel, axis=-1)
         return drawn.at[index].add(tokens).reshape(batch, length)
 
-    def _gumbel_at(self, canvas_index: int, step_index: int, shape: tuple[int, int, int], positions: mx.array):
+    def _gumbel_at(
+        self, canvas_index: int, step_index: int, shape: tuple[int, int, int], positions: mx.array
+    ) -> mx.array:
         """Gumbel noise for rows `positions` of the (batch · length, vocab) draw."""
         if hasattr(self.noise, "gumbel_at"):
             return self.noise.gumbel_at(canvas_index, step_index, shape, positions)
