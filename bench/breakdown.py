@@ -267,7 +267,7 @@ class StepBreakdown:
             module, args, kwargs = experts_layer0
             forced = getattr(moe, "_forced_dispatch", None)
             try:
-                for dispatch in moe.DISPATCHES:
+                for dispatch in moe.available_dispatches():
                     moe.set_moe_dispatch(dispatch)
                     times = time_repeated(lambda: module(*args, **kwargs), self.mx.eval, self.repeats)
                     compare[f"MoE experts, layer 0, dispatch {dispatch!r}"] = summary(times)["median"] * 1e3

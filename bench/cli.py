@@ -59,8 +59,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--bits", type=int, choices=(4, 8), help="quantize the MLX runtimes' weights (mixed recipe)")
     parser.add_argument("--group-size", type=int, choices=(32, 64, 128), help="quantization group size (64)")
     parser.add_argument("--synthetic", action="store_true", help="random weights built in memory, no checkpoint")
-    parser.add_argument("--moe-dispatch", choices=("auto", "gather", "grouped"), help="force our MoE dispatch")
-    parser.add_argument("--moe-compare", action="store_true", help="also time our MoE block under both dispatches")
+    parser.add_argument(
+        "--moe-dispatch", choices=("auto", "gather", "tiled", "grouped", "kernel"), help="force our MoE dispatch"
+    )
+    parser.add_argument("--moe-compare", action="store_true", help="also time our MoE block under every dispatch")
     parser.add_argument("--no-breakdown", action="store_true", help="skip the per-component breakdown of our step")
     parser.add_argument("--no-adaptive", action="store_true", help="skip the adaptive-stopping generation")
     parser.add_argument("--out", type=Path, default=None, help=f"output directory (default {DEFAULT_OUT})")

@@ -1,8 +1,15 @@
 """Mixture of experts: the router and the expert feed-forward blocks.
 
 How tokens reach their experts is chosen per backend (`moe_dispatch`):
-- "gather": MLX's sorted `gather_mm` / `gather_qmm`, the tuned path on Metal
-  that mlx-lm's switch layers use;
+- "gather": MLX's sorted `gather_mm` / `gather_qmm`, one row per call entry,
+  the tuned path on Metal that mlx-lm's switch layers use;
+- "tiled": the same ops fed tiles of `TILE_ROWS` rows that share an expert:
+  each expert's tokens are padded to whole tiles inside a buffer whose size
+  depends only on the shapes (no host read), so a backend whose `gather_qmm`
+  reads an expert's weights once per call entry (CUDA) reads them once per
+  tile instead;
+- "kernel": the same tiles through our own CUDA kernel (`kernels.py`), on
+  the tensor cores, for 4-bit experts; other experts take "tiled";
 - "grouped": tokens sorted by expert into a (experts, rows, hidden) stack,
   every expert padded to the largest group, then one batched matmul. MLX's
   CPU `gather_mm` is about a thousand times slower than a dense matmul and
@@ -18,11 +25,15 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
+from . import kernels
 from .config import TextConfig
 from .cpu import RowBlocks, on_cpu
 from .layers import ACTIVATIONS, rms_normalize
 
-DISPATCHES = ("gather", "grouped")
+DISPATCHES = ("gather", "tiled", "grouped", "kernel")
+# Rows per tile of the "tiled" and "kernel" dispatches.
+TILE_ROWS = 16
+KERNEL_TILE_ROWS = 32
 _forced_dispatch: str | None = None
 
 
@@ -33,6 +44,11 @@ def moe_dispatch() -> str:
     if on_cpu():
         return "grouped"
     return "gather"
+
+
+def available_dispatches() -> tuple[str, ...]:
+    """The dispatches that can run on the current default device ("kernel" needs CUDA)."""
+    return DISPATCHES if kernels.available() else tuple(d for d in DISPATCHES if d != "kernel")
 
 
 def set_moe_dispatch(dispatch: str | None) -> None:
@@ -80,8 +96,13 @@ class Experts(nn.Module):
         self, blocks: RowBlocks, xs: list[mx.array], indices: list[mx.array], weights: list[mx.array]
     ) -> list[mx.array]:
         """Per row block: xs (tokens, hidden), indices and weights (tokens, k). Returns (tokens, hidden) per block."""
-        if moe_dispatch() == "grouped":
+        dispatch = moe_dispatch()
+        if dispatch == "grouped":
             return self._grouped(blocks, xs, indices, weights)
+        if dispatch == "kernel" and kernels.supports(self.gate_up_proj, xs[0].dtype):
+            return blocks.map(self._kernel_tiled, xs, indices, weights)
+        if dispatch in ("tiled", "kernel"):
+            return blocks.map(self._tiled, xs, indices, weights)
         return blocks.map(self._gathered, xs, indices, weights)
 
     def _glu(self, gate_up: mx.array) -> mx.array:
@@ -97,6 +118,20 @@ class Experts(nn.Module):
         out = self.down_proj(hidden, sorted_experts, sorted_indices=True).squeeze(-2)
         out = out[mx.argsort(order)].reshape(tokens, k, -1)
         return (out * weights[..., None].astype(out.dtype)).sum(axis=1)
+
+    def _tiled(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
+        slots, tile_experts, sources, _ = _fused_tile_layout(indices, self.gate_up_proj.num_experts, TILE_ROWS)
+        rows = x[sources].reshape(tile_experts.shape[0], TILE_ROWS, -1)
+        hidden = self._glu(self.gate_up_proj(rows, tile_experts, sorted_indices=True))
+        out = self.down_proj(hidden, tile_experts, sorted_indices=True).reshape(-1, x.shape[-1])
+        return self._combine(out, slots, weights)
+
+    def _kernel_tiled(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
+        tiles = KERNEL_TILE_ROWS
+        slots, tile_experts, sources, used = _fused_tile_layout(indices, self.gate_up_proj.num_experts, tiles)
+        hidden = self._glu(kernels.tile_matmul(x[sources], self.gate_up_proj, tile_experts, used, tiles))
+        out = kernels.tile_matmul(hidden, self.down_proj, tile_experts, used, tiles)
+        return self._combine(out, slots, weights)
 
     def _grouped(
         self, blocks: RowBlocks, xs: list[mx.array], indices: list[mx.array], weights: list[mx.array]
@@ -136,6 +171,42 @@ class Experts(nn.Module):
         """Each token's k expert outputs (rows `positions` of `stacked`), weighted and summed."""
         out = stacked[positions.flatten()].reshape(*positions.shape, -1)
         return (out * weights[..., None].astype(out.dtype)).sum(axis=1)
+
+
+def tile_layout(indices: mx.array, experts: int, tile: int) -> tuple[mx.array, mx.array, mx.array, mx.array]:
+    """Where each (token, choice) goes when every expert's tokens fill whole tiles of `tile` rows.
+
+    indices: (tokens, k) expert ids. Returns `slots` (tokens, k), each entry's
+    row in the tiled buffer; `tile_experts` (tiles,), the expert of each tile;
+    `sources` (rows,), the token each row of the buffer reads (padding rows
+    read token 0; their results are never picked). The buffer holds
+    tokens * k + experts * (tile - 1) rows rounded up to a tile: the most any
+    routing can need, so every shape is fixed.
+    """
+    tokens, k = indices.shape
+    flat = indices.flatten()
+    entries = tokens * k
+    tiles = -(-(entries + experts * (tile - 1)) // tile)
+    order = mx.argsort(flat)
+    counts = mx.zeros((experts,), dtype=mx.int32).at[flat].add(1)
+    padded = (counts + tile - 1) // tile * tile
+    padded_ends = mx.cumsum(padded)
+    # Sorted entry j of expert e sits at row padded_start[e] + (j - start[e]).
+    shift = (padded_ends - padded) - (mx.cumsum(counts) - counts)
+    sorted_slots = mx.arange(entries, dtype=mx.int32) + shift[flat[order]]
+    slots = mx.zeros((entries,), dtype=mx.int32).at[order].add(sorted_slots)
+    sources = mx.zeros((tiles * tile,), dtype=mx.int32).at[sorted_slots].add((order // k).astype(mx.int32))
+    # A tile's expert is the number of experts whose padded rows end at or before it (empty ones included);
+    # tiles past the last expert's rows are padding and take the last expert.
+    tile_starts = mx.arange(tiles, dtype=mx.int32) * tile
+    tile_experts = mx.minimum((padded_ends[None, :] <= tile_starts[:, None]).sum(axis=-1), experts - 1)
+    used = (padded_ends[-1:] // tile).astype(mx.int32)
+    return slots.reshape(tokens, k), tile_experts.astype(mx.uint32), sources, used
+
+
+# One compiled graph per (shape, experts, tile): a step makes this layout in every layer, and unfused its
+# twenty small ops cost more launches than the matmuls they feed.
+_fused_tile_layout = mx.compile(tile_layout)
 
 
 def _stacked_matmul(layer: SwitchLinear | QuantizedSwitchLinear, x: mx.array, experts: slice) -> mx.array:
