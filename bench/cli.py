@@ -30,6 +30,9 @@ OPENBLAS = Path("/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0")
 RUNTIMES = ("us", "mlx-vlm", "reference")
 MLX_RUNTIMES = ("us", "mlx-vlm")
 
+# mlx_dgemma.moe.DISPATCHES, plus "auto" (the per-backend default); not imported, to keep --help fast.
+MOE_DISPATCHES = ("auto", "gather", "tiled", "grouped", "kernel", "fused")
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -59,9 +62,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--bits", type=int, choices=(4, 8), help="quantize the MLX runtimes' weights (mixed recipe)")
     parser.add_argument("--group-size", type=int, choices=(32, 64, 128), help="quantization group size (64)")
     parser.add_argument("--synthetic", action="store_true", help="random weights built in memory, no checkpoint")
-    parser.add_argument(
-        "--moe-dispatch", choices=("auto", "gather", "tiled", "grouped", "kernel"), help="force our MoE dispatch"
-    )
+    parser.add_argument("--moe-dispatch", choices=MOE_DISPATCHES, help="force our MoE dispatch")
     parser.add_argument("--moe-compare", action="store_true", help="also time our MoE block under every dispatch")
     parser.add_argument("--no-breakdown", action="store_true", help="skip the per-component breakdown of our step")
     parser.add_argument("--no-adaptive", action="store_true", help="skip the adaptive-stopping generation")

@@ -9,7 +9,7 @@ weights: quantized by the converter's recipe when --bits is given), routes
 each dispatch of `mlx_dgemma.moe` (and each tile height of the tiled ones).
 The reference is the same block in float32 from the dequantized weights,
 one expert at a time; each dispatch is also compared with the first
-(gather). Prints a table and, with --out, writes JSON.
+(gather, unless --dispatches says otherwise). Prints a table and, with --out, writes JSON.
 """
 
 from __future__ import annotations
@@ -23,7 +23,11 @@ from typing import Any
 from .record import summary, time_repeated
 from .shapes import parse_shape
 
-VARIANTS = {"tiled": ("TILE_ROWS", (8, 16, 32)), "kernel": ("KERNEL_TILE_ROWS", (16, 32))}
+VARIANTS = {
+    "tiled": ("TILE_ROWS", (8, 16, 32)),
+    "kernel": ("KERNEL_TILE_ROWS", (16, 32)),
+    "fused": ("KERNEL_TILE_ROWS", (16, 32)),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bits", type=int, choices=(4, 8), help="quantize the experts (default: the shape's)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: the shape's")
     parser.add_argument("--tokens", type=int, help="tokens routed (default: the shape's canvas)")
+    parser.add_argument("--dispatches", help="comma-separated dispatches to time (default: every one the device runs)")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--embedding", action="store_true", help="also time the tied embedding's two matmuls")
@@ -106,9 +111,16 @@ def run(args: argparse.Namespace, results: dict[str, Any], save) -> None:
     print("  ".join(f"{key}={value}" for key, value in header.items()))
     results.update(header, dispatches=[])
     rows = results["dispatches"]
-    print(f"{'dispatch':<20} {'median ms':>10} {'min ms':>8} {'max rel. error':>15} {'vs gather':>10}")
+    print(f"{'dispatch':<20} {'median ms':>10} {'min ms':>8} {'max rel. error':>15} {'vs first':>10}")
     first = None
-    for dispatch in moe.available_dispatches():
+    dispatches = moe.available_dispatches()
+    if args.dispatches:
+        asked = args.dispatches.split(",")
+        unknown = [d for d in asked if d not in dispatches]
+        if unknown:
+            raise ValueError(f"--dispatches: {', '.join(unknown)} cannot run here; choose from {', '.join(dispatches)}")
+        dispatches = tuple(asked)
+    for dispatch in dispatches:
         attribute, heights = VARIANTS.get(dispatch, (None, (None,)))
         for height in heights:
             name = dispatch if height is None else f"{dispatch} ({height} rows)"

@@ -1,4 +1,4 @@
-"""A CUDA kernel of our own for the experts' 4-bit matmuls (`mx.fast.cuda_kernel`).
+"""CUDA kernels of our own for the experts' 4-bit matmuls (`mx.fast.cuda_kernel`).
 
 MLX's CUDA `gather_qmm` multiplies one row at a time, reading the expert's
 weights again for every row; at the released shape that is most of a step.
@@ -18,8 +18,11 @@ The k positions inside each mma are a permutation of the group's 64: any
 permutation gives the same dot product as long as the x side follows it,
 and this one lets each thread read its weights and x as whole words.
 
-Used only on CUDA, for quantized experts with 4 bits, groups of 64, bf16
-activations, output columns in multiples of 128; `supports` says when.
+Two pipelines use it: `tile_matmul` (the "kernel" dispatch, measured on an
+H200) takes the layout and every op around it from stock MLX; `fused_experts`
+(the "fused" dispatch, not yet measured) does the whole block in four
+launches. Both run only on CUDA, for 4-bit experts with groups of 64, bf16
+activations and output columns in multiples of 128; `supports` says when.
 """
 
 from __future__ import annotations
@@ -162,7 +165,8 @@ def available() -> bool:
 def supports(layer, x_dtype: mx.Dtype) -> bool:
     """Whether `layer` (a switch linear) can go through the kernel."""
     return (
-        getattr(layer, "bits", None) == 4
+        available()
+        and getattr(layer, "bits", None) == 4
         and getattr(layer, "group_size", None) == GROUP
         and getattr(layer, "mode", "affine") == "affine"
         and layer.get("biases") is not None
@@ -186,5 +190,344 @@ def tile_matmul(x: mx.array, layer, tile_experts: mx.array, tile_count: mx.array
         grid=(out_features, rows // tile_rows, 1),
         threadgroup=(THREADS, 1, 1),
         output_shapes=[(rows, out_features)],
+        output_dtypes=[mx.bfloat16],
+    )[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The fused MoE pipeline ("fused" dispatch): four launches a layer instead of about twenty-five.
+#   layout   one block: counts, tile starts, every entry's row, each row's token, each tile's expert;
+#   gate/up  the tile matmul reading x's rows through `sources` (no gathered copy) with the GLU in its epilogue;
+#   down     the same matmul on the GLU's rows;
+#   combine  each token's k results weighted and summed in float32.
+# The matmul loads every operand of the next 64-wide chunk of k before multiplying the current one (the
+# kernel above prefetches only the weights, and measured latency-bound). Not yet measured on a GPU.
+# ---------------------------------------------------------------------------------------------------------------
+
+ACTIVATION_CODES = {"gelu_pytorch_tanh": 0, "gelu_new": 0, "gelu": 1, "silu": 2, "relu": 3}
+
+_FUSED_HEADER = (
+    _HEADER
+    + """
+template <int ACT>
+__device__ __forceinline__ float dg_act(float x) {
+  if constexpr (ACT == 0) {
+    return 0.5f * x * (1.f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+  } else if constexpr (ACT == 1) {
+    return 0.5f * x * (1.f + erff(x * 0.7071067811865476f));
+  } else if constexpr (ACT == 2) {
+    return x / (1.f + expf(-x));
+  } else {
+    return fmaxf(x, 0.f);
+  }
+}
+
+// One 64-wide chunk of k, as loaded: x words of each 16-row block (rows g and g + 8, k 16t + [0, 8) and
+// [8, 16)), and per mma column tile the two weight words, scales and biases of columns 2t and 2t + 1.
+template <int MT>
+struct DgChunk {
+  uint4 x[MT][2][2];
+  uint2 w[4];
+  __nv_bfloat16 s[4][2], b[4][2];
+};
+
+template <int MT, int GROUPS>
+__device__ __forceinline__ void dg_load(
+    DgChunk<MT>& o, int c, const uint4* const (&xrow)[MT][2], const uint32_t* const (&wrow)[4],
+    const __nv_bfloat16* const (&srow)[4], const __nv_bfloat16* const (&brow)[4]) {
+  #pragma unroll
+  for (int m = 0; m < MT; ++m) {
+    #pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      o.x[m][h][0] = xrow[m][h][c * 8];
+      o.x[m][h][1] = xrow[m][h][c * 8 + 1];
+    }
+  }
+  #pragma unroll
+  for (int nt = 0; nt < 4; ++nt) {
+    o.w[nt] = *reinterpret_cast<const uint2*>(wrow[nt] + c * 8);
+    o.s[nt][0] = srow[nt][c];
+    o.s[nt][1] = srow[nt][GROUPS + c];
+    o.b[nt][0] = brow[nt][c];
+    o.b[nt][1] = brow[nt][GROUPS + c];
+  }
+}
+
+template <int MT>
+__device__ __forceinline__ void dg_multiply(const DgChunk<MT>& o, float (&acc)[MT][4][4]) {
+  const uint32_t ones = 0x3F803F80u;  // bf16 pair (1, 1)
+  uint32_t a[MT][4][4];
+  float sums[MT][4];
+  #pragma unroll
+  for (int m = 0; m < MT; ++m) {
+    const uint32_t p0[4] = {o.x[m][0][0].x, o.x[m][0][0].y, o.x[m][0][0].z, o.x[m][0][0].w};
+    const uint32_t q0[4] = {o.x[m][0][1].x, o.x[m][0][1].y, o.x[m][0][1].z, o.x[m][0][1].w};
+    const uint32_t p1[4] = {o.x[m][1][0].x, o.x[m][1][0].y, o.x[m][1][0].z, o.x[m][1][0].w};
+    const uint32_t q1[4] = {o.x[m][1][1].x, o.x[m][1][1].y, o.x[m][1][1].z, o.x[m][1][1].w};
+    #pragma unroll
+    for (int i = 0; i < 4; ++i) sums[m][i] = 0.f;
+    #pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      a[m][j][0] = dg_pair(p0, j);
+      a[m][j][1] = dg_pair(p1, j);
+      a[m][j][2] = dg_pair(q0, j);
+      a[m][j][3] = dg_pair(q1, j);
+      dg_mma(sums[m], a[m][j], ones, ones);
+    }
+  }
+  #pragma unroll
+  for (int nt = 0; nt < 4; ++nt) {
+    const float s0 = __bfloat162float(o.s[nt][0]), s1 = __bfloat162float(o.s[nt][1]);
+    const float z0 = __bfloat162float(o.b[nt][0]) - 128.f * s0, z1 = __bfloat162float(o.b[nt][1]) - 128.f * s1;
+    #pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      float part[4] = {0.f, 0.f, 0.f, 0.f};
+      #pragma unroll
+      for (int j = 0; j < 4; ++j) dg_mma(part, a[m][j], dg_codes(o.w[nt].x, j), dg_codes(o.w[nt].y, j));
+      acc[m][nt][0] += s0 * part[0] + z0 * sums[m][0];
+      acc[m][nt][1] += s1 * part[1] + z1 * sums[m][1];
+      acc[m][nt][2] += s0 * part[2] + z0 * sums[m][2];
+      acc[m][nt][3] += s1 * part[3] + z1 * sums[m][3];
+    }
+  }
+}
+"""
+)
+
+# Grid (N threads, tiles, 1) in blocks of 128, as the kernel above. Without GLU, warp w of block bx owns weight
+# rows (output columns) bx * 128 + w * 32 + [0, 32). With GLU (N = 2 * inner: gate rows, then up rows), it
+# owns the GLU's columns j0 + [0, 16), j0 = bx * 64 + w * 16: its mma tiles 0 and 1 are gate rows j0 + [0, 16)
+# and tiles 2 and 3 the up rows inner + j0 + [0, 16), so each thread holds the gate and up of the same outputs.
+_FUSED_MATMUL_SOURCE = """
+  constexpr int KW = K / 8;
+  constexpr int GROUPS = K / 64;
+  constexpr int ROWS = 16 * MT;
+  const int tile = blockIdx.y;
+  if (tile >= tile_count[0]) return;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const size_t expert = tile_experts[tile];
+
+  int cols[4];
+  #pragma unroll
+  for (int nt = 0; nt < 4; ++nt) {
+    if constexpr (GLU) {
+      cols[nt] = (nt < 2 ? 0 : N / 2) + blockIdx.x * 64 + warp * 16 + 8 * (nt & 1);
+    } else {
+      cols[nt] = blockIdx.x * 128 + warp * 32 + 8 * nt;
+    }
+  }
+  const uint32_t* wrow[4];
+  const __nv_bfloat16* srow[4];
+  const __nv_bfloat16* brow[4];
+  #pragma unroll
+  for (int nt = 0; nt < 4; ++nt) {
+    wrow[nt] = w + (expert * N + cols[nt] + g) * KW + 2 * t;
+    srow[nt] = scales + (expert * N + cols[nt] + 2 * t) * GROUPS;
+    brow[nt] = biases + (expert * N + cols[nt] + 2 * t) * GROUPS;
+  }
+  const uint4* xrow[MT][2];
+  #pragma unroll
+  for (int m = 0; m < MT; ++m) {
+    #pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = tile * ROWS + m * 16 + h * 8 + g;
+      const size_t source = GATHER ? (size_t)sources[row] : (size_t)row;
+      xrow[m][h] = reinterpret_cast<const uint4*>(x + source * K + 16 * t);
+    }
+  }
+
+  float acc[MT][4][4];
+  #pragma unroll
+  for (int m = 0; m < MT; ++m)
+    #pragma unroll
+    for (int nt = 0; nt < 4; ++nt)
+      #pragma unroll
+      for (int i = 0; i < 4; ++i) acc[m][nt][i] = 0.f;
+
+  // Two chunks' operands in flight: load c + 1 while multiplying c (no runtime index into either, so both
+  // stay in registers).
+  DgChunk<MT> even, odd;
+  dg_load<MT, GROUPS>(even, 0, xrow, wrow, srow, brow);
+  #pragma unroll 1
+  for (int c = 0; c < GROUPS; c += 2) {
+    if (c + 1 < GROUPS) dg_load<MT, GROUPS>(odd, c + 1, xrow, wrow, srow, brow);
+    dg_multiply<MT>(even, acc);
+    if (c + 2 < GROUPS) dg_load<MT, GROUPS>(even, c + 2, xrow, wrow, srow, brow);
+    if (c + 1 < GROUPS) dg_multiply<MT>(odd, acc);
+  }
+
+  #pragma unroll
+  for (int m = 0; m < MT; ++m) {
+    const size_t row = (size_t)tile * ROWS + m * 16 + g;
+    if constexpr (GLU) {
+      constexpr int OUT = N / 2;
+      #pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+        const int col = blockIdx.x * 64 + warp * 16 + 8 * nt + 2 * t;
+        const float* gate = acc[m][nt];
+        const float* up = acc[m][nt + 2];
+        *reinterpret_cast<__nv_bfloat162*>(y + row * OUT + col) =
+            __floats2bfloat162_rn(dg_act<ACT>(gate[0]) * up[0], dg_act<ACT>(gate[1]) * up[1]);
+        *reinterpret_cast<__nv_bfloat162*>(y + (row + 8) * OUT + col) =
+            __floats2bfloat162_rn(dg_act<ACT>(gate[2]) * up[2], dg_act<ACT>(gate[3]) * up[3]);
+      }
+    } else {
+      #pragma unroll
+      for (int nt = 0; nt < 4; ++nt) {
+        const int col = cols[nt] + 2 * t;
+        *reinterpret_cast<__nv_bfloat162*>(y + row * N + col) = __floats2bfloat162_rn(acc[m][nt][0], acc[m][nt][1]);
+        *reinterpret_cast<__nv_bfloat162*>(y + (row + 8) * N + col) =
+            __floats2bfloat162_rn(acc[m][nt][2], acc[m][nt][3]);
+      }
+    }
+  }
+"""
+
+# One block. Entries (token, choice) are counted per expert, each expert's rows start at a multiple of TILE
+# (the same layout as moe.tile_layout), and each entry takes the next free row of its expert. Which row an entry
+# gets inside its expert depends on the order of the atomic adds; no result does, since every row is multiplied
+# on its own and each token's results are combined in choice order.
+_LAYOUT_SOURCE = """
+  const int k = indices_shape[1];
+  const int entries = indices_shape[0] * k;
+  const int tiles = (entries + EXPERTS * (TILE - 1) + TILE - 1) / TILE;
+  __shared__ int count[EXPERTS];
+  __shared__ int start[EXPERTS + 1];
+  __shared__ int cursor[EXPERTS];
+  for (int e = threadIdx.x; e < EXPERTS; e += blockDim.x) count[e] = 0;
+  __syncthreads();
+  for (int i = threadIdx.x; i < entries; i += blockDim.x) atomicAdd(&count[(int)indices[i]], 1);
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int running = 0;
+    for (int e = 0; e < EXPERTS; ++e) {
+      start[e] = running;
+      cursor[e] = running;
+      running += (count[e] + TILE - 1) / TILE * TILE;
+    }
+    start[EXPERTS] = running;
+    used[0] = running / TILE;
+  }
+  __syncthreads();
+  for (int r = threadIdx.x; r < tiles * TILE; r += blockDim.x) sources[r] = 0;
+  for (int tile = threadIdx.x; tile < tiles; tile += blockDim.x) {
+    // The number of experts whose rows end at or before this tile; past the last one's rows, the last expert.
+    int expert = 0;
+    for (int e = 0; e < EXPERTS; ++e) expert += start[e + 1] <= tile * TILE;
+    tile_experts[tile] = expert < EXPERTS ? expert : EXPERTS - 1;
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < entries; i += blockDim.x) {
+    const int slot = atomicAdd(&cursor[(int)indices[i]], 1);
+    slots[i] = slot;
+    sources[slot] = i / k;
+  }
+"""
+
+# Grid (H / 8 threads rounded up, tokens, 1): each thread sums eight columns of one token's k rows.
+_COMBINE_SOURCE = """
+  const int column = (blockIdx.x * blockDim.x + threadIdx.x) * 8;
+  if (column >= H) return;
+  const int token = blockIdx.y;
+  float sum[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  #pragma unroll
+  for (int j = 0; j < TOP_K; ++j) {
+    const float weight = weights[token * TOP_K + j];
+    const uint4 words = *reinterpret_cast<const uint4*>(rows + (size_t)slots[token * TOP_K + j] * H + column);
+    const uint32_t pairs[4] = {words.x, words.y, words.z, words.w};
+    #pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 v = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&pairs[i]));
+      sum[2 * i] += weight * v.x;
+      sum[2 * i + 1] += weight * v.y;
+    }
+  }
+  uint32_t out[4];
+  #pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    __nv_bfloat162 pair = __floats2bfloat162_rn(sum[2 * i], sum[2 * i + 1]);
+    out[i] = *reinterpret_cast<uint32_t*>(&pair);
+  }
+  *reinterpret_cast<uint4*>(y + (size_t)token * H + column) = make_uint4(out[0], out[1], out[2], out[3]);
+"""
+
+LAYOUT_THREADS = 1024
+COMBINE_THREADS = 64
+
+
+@cache
+def _fused_kernels():
+    matmul = mx.fast.cuda_kernel(
+        name="dgemma_fused_tile_qmm",
+        input_names=["x", "w", "scales", "biases", "tile_experts", "tile_count", "sources"],
+        output_names=["y"],
+        source=_FUSED_MATMUL_SOURCE,
+        header=_FUSED_HEADER,
+    )
+    layout = mx.fast.cuda_kernel(
+        name="dgemma_moe_layout",
+        input_names=["indices"],
+        output_names=["slots", "tile_experts", "sources", "used"],
+        source=_LAYOUT_SOURCE,
+    )
+    combine = mx.fast.cuda_kernel(
+        name="dgemma_moe_combine",
+        input_names=["rows", "slots", "weights"],
+        output_names=["y"],
+        source=_COMBINE_SOURCE,
+    )
+    return matmul, layout, combine
+
+
+def fused_supports(gate_up, down, x_dtype: mx.Dtype, activation: str) -> bool:
+    """Whether the fused pipeline can run these experts: both stacks as `supports` asks, a known activation."""
+    return supports(gate_up, x_dtype) and supports(down, x_dtype) and activation in ACTIVATION_CODES
+
+
+def fused_experts(
+    x: mx.array, indices: mx.array, weights: mx.array, gate_up, down, activation: str, tile_rows: int
+) -> mx.array:
+    """The experts' block for x (tokens, hidden) bf16, routed by indices and weights (tokens, k): (tokens, hidden)."""
+    matmul, layout, combine = _fused_kernels()
+    tokens, k = indices.shape
+    experts, gate_up_rows, hidden_words = gate_up.weight.shape
+    hidden = hidden_words * 8
+    tiles = -(-(tokens * k + experts * (tile_rows - 1)) // tile_rows)
+    slots, tile_experts, sources, used = layout(
+        inputs=[indices],
+        template=[("EXPERTS", experts), ("TILE", tile_rows)],
+        grid=(LAYOUT_THREADS, 1, 1),
+        threadgroup=(LAYOUT_THREADS, 1, 1),
+        output_shapes=[(tokens * k,), (tiles,), (tiles * tile_rows,), (1,)],
+        output_dtypes=[mx.int32, mx.uint32, mx.int32, mx.int32],
+    )
+
+    def tile_matmul(rows: mx.array, layer, out_features: int, glu: bool) -> mx.array:
+        return matmul(
+            inputs=[rows, layer.weight, layer.scales, layer.biases, tile_experts, used, sources],
+            template=[
+                ("K", layer.weight.shape[2] * 8),
+                ("N", layer.weight.shape[1]),
+                ("MT", tile_rows // 16),
+                ("GATHER", glu),
+                ("GLU", glu),
+                ("ACT", ACTIVATION_CODES[activation]),
+            ],
+            grid=(layer.weight.shape[1], tiles, 1),
+            threadgroup=(THREADS, 1, 1),
+            output_shapes=[(tiles * tile_rows, out_features)],
+            output_dtypes=[mx.bfloat16],
+        )[0]
+
+    inner = tile_matmul(x, gate_up, gate_up_rows // 2, glu=True)
+    rows = tile_matmul(inner, down, hidden, glu=False)
+    groups = -(-hidden // 8)
+    return combine(
+        inputs=[rows, slots, weights.astype(mx.float32)],
+        template=[("H", hidden), ("TOP_K", k)],
+        grid=(-(-groups // COMBINE_THREADS) * COMBINE_THREADS, tokens, 1),
+        threadgroup=(COMBINE_THREADS, 1, 1),
+        output_shapes=[(tokens, hidden)],
         output_dtypes=[mx.bfloat16],
     )[0]

@@ -9,6 +9,9 @@ How tokens reach their experts is chosen per backend (`moe_dispatch`):
   expert's weights once per call entry; tiled, once per tile;
 - "kernel": the same tiles through our own CUDA kernel (`kernels.py`) on the
   tensor cores, for 4-bit experts (other experts take "tiled"): CUDA's default;
+- "fused": the whole block in four CUDA kernels of ours (layout, gate/up
+  reading the token rows in place with the GLU in its epilogue, down,
+  combine); not yet measured on a GPU, so not a default;
 - "grouped": tokens sorted by expert into a (experts, rows, hidden) stack,
   every expert padded to the largest group, then one batched matmul. MLX's
   CPU `gather_mm` is about a thousand times slower than a dense matmul and
@@ -31,7 +34,8 @@ from .config import TextConfig
 from .cpu import RowBlocks, on_cpu
 from .layers import ACTIVATIONS, rms_normalize
 
-DISPATCHES = ("gather", "tiled", "grouped", "kernel")
+DISPATCHES = ("gather", "tiled", "grouped", "kernel", "fused")
+CUDA_ONLY = ("kernel", "fused")
 # Rows per tile of the "tiled" and "kernel" dispatches.
 TILE_ROWS = 16
 KERNEL_TILE_ROWS = 16
@@ -50,8 +54,8 @@ def moe_dispatch() -> str:
 
 
 def available_dispatches() -> tuple[str, ...]:
-    """The dispatches that can run on the current default device ("kernel" needs CUDA)."""
-    return DISPATCHES if kernels.available() else tuple(d for d in DISPATCHES if d != "kernel")
+    """The dispatches that can run on the current default device (our kernels need CUDA)."""
+    return DISPATCHES if kernels.available() else tuple(d for d in DISPATCHES if d not in CUDA_ONLY)
 
 
 def set_moe_dispatch(dispatch: str | None) -> None:
@@ -93,6 +97,7 @@ class Experts(nn.Module):
         self.gate_up_proj = SwitchLinear(hidden, 2 * inner, count, bias=False)
         self.down_proj = SwitchLinear(inner, hidden, count, bias=False)
         self.inner = inner
+        self.activation = config.hidden_activation
         self.act = ACTIVATIONS[config.hidden_activation]
 
     def __call__(
@@ -102,9 +107,13 @@ class Experts(nn.Module):
         dispatch = moe_dispatch()
         if dispatch == "grouped":
             return self._grouped(blocks, xs, indices, weights)
-        if dispatch == "kernel" and kernels.supports(self.gate_up_proj, xs[0].dtype):
+        if dispatch == "fused" and kernels.fused_supports(
+            self.gate_up_proj, self.down_proj, xs[0].dtype, self.activation
+        ):
+            return blocks.map(self._fused, xs, indices, weights)
+        if dispatch in CUDA_ONLY and kernels.supports(self.gate_up_proj, xs[0].dtype):
             return blocks.map(self._kernel_tiled, xs, indices, weights)
-        if dispatch in ("tiled", "kernel"):
+        if dispatch in ("tiled", *CUDA_ONLY):
             return blocks.map(self._tiled, xs, indices, weights)
         return blocks.map(self._gathered, xs, indices, weights)
 
@@ -123,7 +132,7 @@ class Experts(nn.Module):
         return (out * weights[..., None].astype(out.dtype)).sum(axis=1)
 
     def _tiled(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
-        slots, tile_experts, sources, _ = _fused_tile_layout(indices, self.gate_up_proj.num_experts, TILE_ROWS)
+        slots, tile_experts, sources, _ = _compiled_tile_layout(indices, self.gate_up_proj.num_experts, TILE_ROWS)
         rows = x[sources].reshape(tile_experts.shape[0], TILE_ROWS, -1)
         hidden = self._glu(self.gate_up_proj(rows, tile_experts, sorted_indices=True))
         out = self.down_proj(hidden, tile_experts, sorted_indices=True).reshape(-1, x.shape[-1])
@@ -131,10 +140,15 @@ class Experts(nn.Module):
 
     def _kernel_tiled(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
         tiles = KERNEL_TILE_ROWS
-        slots, tile_experts, sources, used = _fused_tile_layout(indices, self.gate_up_proj.num_experts, tiles)
+        slots, tile_experts, sources, used = _compiled_tile_layout(indices, self.gate_up_proj.num_experts, tiles)
         hidden = self._glu(kernels.tile_matmul(x[sources], self.gate_up_proj, tile_experts, used, tiles))
         out = kernels.tile_matmul(hidden, self.down_proj, tile_experts, used, tiles)
         return self._combine(out, slots, weights)
+
+    def _fused(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
+        return kernels.fused_experts(
+            x, indices, weights, self.gate_up_proj, self.down_proj, self.activation, KERNEL_TILE_ROWS
+        )
 
     def _grouped(
         self, blocks: RowBlocks, xs: list[mx.array], indices: list[mx.array], weights: list[mx.array]
@@ -209,7 +223,7 @@ def tile_layout(indices: mx.array, experts: int, tile: int) -> tuple[mx.array, m
 
 # One compiled graph per (shape, experts, tile): a step makes this layout in every layer, and unfused its
 # twenty small ops cost more launches than the matmuls they feed.
-_fused_tile_layout = mx.compile(tile_layout)
+_compiled_tile_layout = mx.compile(tile_layout)
 
 
 def _stacked_matmul(layer: SwitchLinear | QuantizedSwitchLinear, x: mx.array, experts: slice) -> mx.array:

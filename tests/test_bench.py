@@ -1,4 +1,5 @@
-"""`python -m bench --quick`: every runtime's code path runs and the report is written."""
+"""The bench harness: `python -m bench --quick` runs every runtime's code path and writes the report;
+`python -m bench.moe` times the MoE dispatches."""
 
 from __future__ import annotations
 
@@ -15,3 +16,32 @@ def test_quick_bench_runs_every_runtime(tmp_path):
         assert runtime in text
     assert (tmp_path / "quick.md").read_text().count("|") > 20
     assert (tmp_path / "quick.png").stat().st_size > 1000
+
+
+def test_moe_dispatch_choices_match_the_runtime():
+    from bench.cli import MOE_DISPATCHES
+    from mlx_dgemma.moe import DISPATCHES
+
+    assert MOE_DISPATCHES == ("auto", *DISPATCHES)
+
+
+def test_moe_probe_times_every_cpu_dispatch(tmp_path):
+    from bench.moe import main as moe_main
+
+    out = tmp_path / "moe.json"
+    shape = '{"base": "quick", "moe_intermediate_size": 64, "hidden_size": 128}'
+    assert moe_main(["--shape", shape, "--repeats", "2", "--embedding", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    rows = {(r["dispatch"], r["tile_rows"]): r for r in results["dispatches"]}
+    # The CPU runs every dispatch but our CUDA kernels, the tiled one at three tile heights.
+    assert set(rows) == {("gather", None), ("grouped", None), ("tiled", 8), ("tiled", 16), ("tiled", 32)}
+    for row in rows.values():
+        assert row["error"] is None and row["median_ms"] > 0
+        assert row["max_rel_error"] < 1e-5 and row["max_rel_diff_first"] < 1e-5
+    assert [r["case"] for r in results["embedding"]] == [
+        "head, 8-bit",
+        "head, dequantized",
+        "self-conditioning, 8-bit",
+        "self-conditioning, dequantized",
+    ]
+    assert moe_main(["--shape", shape, "--dispatches", "kernel"]) == 1  # CUDA only: a one-line error
