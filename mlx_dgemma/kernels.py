@@ -231,10 +231,16 @@ struct DgChunk {
   __nv_bfloat16 s[4][2], b[4][2];
 };
 
-template <int MT, int GROUPS>
+// Weight rows (output columns) of mma column tile nt, counted from tile 0's.
+template <bool GLU, int N>
+__device__ __forceinline__ constexpr int dg_tile_offset(int nt) {
+  return GLU ? (nt >= 2 ? N / 2 : 0) + 8 * (nt & 1) : 8 * nt;
+}
+
+template <int MT, int GROUPS, bool GLU, int N>
 __device__ __forceinline__ void dg_load(
-    DgChunk<MT>& o, int c, const uint4* const (&xrow)[MT][2], const uint32_t* const (&wrow)[4],
-    const __nv_bfloat16* const (&srow)[4], const __nv_bfloat16* const (&brow)[4]) {
+    DgChunk<MT>& o, int c, const uint4* const (&xrow)[MT][2], const uint32_t* wrow, const __nv_bfloat16* srow,
+    const __nv_bfloat16* brow) {
   #pragma unroll
   for (int m = 0; m < MT; ++m) {
     #pragma unroll
@@ -245,11 +251,12 @@ __device__ __forceinline__ void dg_load(
   }
   #pragma unroll
   for (int nt = 0; nt < 4; ++nt) {
-    o.w[nt] = *reinterpret_cast<const uint2*>(wrow[nt] + c * 8);
-    o.s[nt][0] = srow[nt][c];
-    o.s[nt][1] = srow[nt][GROUPS + c];
-    o.b[nt][0] = brow[nt][c];
-    o.b[nt][1] = brow[nt][GROUPS + c];
+    const int offset = dg_tile_offset<GLU, N>(nt);
+    o.w[nt] = *reinterpret_cast<const uint2*>(wrow + offset * (GROUPS * 8) + c * 8);
+    o.s[nt][0] = srow[offset * GROUPS + c];
+    o.s[nt][1] = srow[(offset + 1) * GROUPS + c];
+    o.b[nt][0] = brow[offset * GROUPS + c];
+    o.b[nt][1] = brow[(offset + 1) * GROUPS + c];
   }
 }
 
@@ -296,8 +303,9 @@ __device__ __forceinline__ void dg_multiply(const DgChunk<MT>& o, float (&acc)[M
 
 # Grid (N threads, tiles, 1) in blocks of 128, as the kernel above. Without GLU, warp w of block bx owns weight
 # rows (output columns) bx * 128 + w * 32 + [0, 32). With GLU (N = 2 * inner: gate rows, then up rows), it
-# owns the GLU's columns j0 + [0, 16), j0 = bx * 64 + w * 16: its mma tiles 0 and 1 are gate rows j0 + [0, 16)
-# and tiles 2 and 3 the up rows inner + j0 + [0, 16), so each thread holds the gate and up of the same outputs.
+# owns the GLU's columns j0 + [0, 16), j0 = bx * 64 + w * 16: its mma tiles 0 and 1 are gate rows
+# j0 + [0, 16) and tiles 2 and 3 the up rows inner + j0 + [0, 16), so each thread holds the gate and up of
+# the same outputs.
 _FUSED_MATMUL_SOURCE = """
   constexpr int KW = K / 8;
   constexpr int GROUPS = K / 64;
@@ -308,24 +316,11 @@ _FUSED_MATMUL_SOURCE = """
   const int g = lane >> 2, t = lane & 3;
   const size_t expert = tile_experts[tile];
 
-  int cols[4];
-  #pragma unroll
-  for (int nt = 0; nt < 4; ++nt) {
-    if constexpr (GLU) {
-      cols[nt] = (nt < 2 ? 0 : N / 2) + blockIdx.x * 64 + warp * 16 + 8 * (nt & 1);
-    } else {
-      cols[nt] = blockIdx.x * 128 + warp * 32 + 8 * nt;
-    }
-  }
-  const uint32_t* wrow[4];
-  const __nv_bfloat16* srow[4];
-  const __nv_bfloat16* brow[4];
-  #pragma unroll
-  for (int nt = 0; nt < 4; ++nt) {
-    wrow[nt] = w + (expert * N + cols[nt] + g) * KW + 2 * t;
-    srow[nt] = scales + (expert * N + cols[nt] + 2 * t) * GROUPS;
-    brow[nt] = biases + (expert * N + cols[nt] + 2 * t) * GROUPS;
-  }
+  // Weight row of mma column tile 0; tile nt's is dg_tile_offset(nt) rows further.
+  const int col0 = GLU ? blockIdx.x * 64 + warp * 16 : blockIdx.x * 128 + warp * 32;
+  const uint32_t* wrow = w + (expert * N + col0 + g) * KW + 2 * t;
+  const __nv_bfloat16* srow = scales + (expert * N + col0 + 2 * t) * GROUPS;
+  const __nv_bfloat16* brow = biases + (expert * N + col0 + 2 * t) * GROUPS;
   const uint4* xrow[MT][2];
   #pragma unroll
   for (int m = 0; m < MT; ++m) {
@@ -348,12 +343,12 @@ _FUSED_MATMUL_SOURCE = """
   // Two chunks' operands in flight: load c + 1 while multiplying c (no runtime index into either, so both
   // stay in registers).
   DgChunk<MT> even, odd;
-  dg_load<MT, GROUPS>(even, 0, xrow, wrow, srow, brow);
+  dg_load<MT, GROUPS, GLU, N>(even, 0, xrow, wrow, srow, brow);
   #pragma unroll 1
   for (int c = 0; c < GROUPS; c += 2) {
-    if (c + 1 < GROUPS) dg_load<MT, GROUPS>(odd, c + 1, xrow, wrow, srow, brow);
+    if (c + 1 < GROUPS) dg_load<MT, GROUPS, GLU, N>(odd, c + 1, xrow, wrow, srow, brow);
     dg_multiply<MT>(even, acc);
-    if (c + 2 < GROUPS) dg_load<MT, GROUPS>(even, c + 2, xrow, wrow, srow, brow);
+    if (c + 2 < GROUPS) dg_load<MT, GROUPS, GLU, N>(even, c + 2, xrow, wrow, srow, brow);
     if (c + 1 < GROUPS) dg_multiply<MT>(odd, acc);
   }
 
@@ -375,7 +370,7 @@ _FUSED_MATMUL_SOURCE = """
     } else {
       #pragma unroll
       for (int nt = 0; nt < 4; ++nt) {
-        const int col = cols[nt] + 2 * t;
+        const int col = col0 + dg_tile_offset<GLU, N>(nt) + 2 * t;
         *reinterpret_cast<__nv_bfloat162*>(y + row * N + col) = __floats2bfloat162_rn(acc[m][nt][0], acc[m][nt][1]);
         *reinterpret_cast<__nv_bfloat162*>(y + (row + 8) * N + col) =
             __floats2bfloat162_rn(acc[m][nt][2], acc[m][nt][3]);
