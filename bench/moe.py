@@ -6,7 +6,8 @@
 Builds the experts of one layer with random weights (the bench's synthetic
 weights: quantized by the converter's recipe when --bits is given), routes
 `--tokens` random tokens to random top-k experts, and runs `Experts` under
-each dispatch of `mlx_dgemma.moe` (and each tile height of the tiled ones).
+each dispatch of `mlx_dgemma.moe` (the tiled ones at several tile heights, see
+VARIANTS).
 The reference is the same block in float32 from the dequantized weights,
 one expert at a time; each dispatch is also compared with the first
 (gather, unless --dispatches says otherwise). Prints a table and, with --out, writes JSON.
@@ -23,10 +24,15 @@ from typing import Any
 from .record import summary, time_repeated
 from .shapes import parse_shape
 
+# Settings each dispatch is timed under: module attributes of mlx_dgemma ("module.NAME") and their values.
 VARIANTS = {
-    "tiled": ("TILE_ROWS", (8, 16, 32)),
-    "kernel": ("KERNEL_TILE_ROWS", (16, 32)),
-    "fused": ("KERNEL_TILE_ROWS", (16, 32)),
+    "tiled": [{"moe.TILE_ROWS": rows} for rows in (8, 16, 32)],
+    "kernel": [{"moe.KERNEL_TILE_ROWS": rows} for rows in (16, 32)],
+    "fused": [
+        {"moe.KERNEL_TILE_ROWS": rows, "kernels.FUSED_MATMUL": matmul}
+        for matmul in ("staged", "registers")
+        for rows in (16, 32)
+    ],
 }
 
 
@@ -63,7 +69,7 @@ def run(args: argparse.Namespace, results: dict[str, Any], save) -> None:
     import mlx.core as mx
     import mlx.nn as nn
 
-    from mlx_dgemma import moe
+    from mlx_dgemma import kernels, moe
     from mlx_dgemma.config import ModelConfig
     from mlx_dgemma.cpu import RowBlocks
 
@@ -111,7 +117,7 @@ def run(args: argparse.Namespace, results: dict[str, Any], save) -> None:
     print("  ".join(f"{key}={value}" for key, value in header.items()))
     results.update(header, dispatches=[])
     rows = results["dispatches"]
-    print(f"{'dispatch':<20} {'median ms':>10} {'min ms':>8} {'max rel. error':>15} {'vs first':>10}")
+    print(f"{'dispatch':<28} {'median ms':>10} {'min ms':>8} {'max rel. error':>15} {'vs first':>10}")
     first = None
     dispatches = moe.available_dispatches()
     if args.dispatches:
@@ -120,16 +126,18 @@ def run(args: argparse.Namespace, results: dict[str, Any], save) -> None:
         if unknown:
             raise ValueError(f"--dispatches: {', '.join(unknown)} cannot run here; choose from {', '.join(dispatches)}")
         dispatches = tuple(asked)
+    modules = {"moe": moe, "kernels": kernels}
     for dispatch in dispatches:
-        attribute, heights = VARIANTS.get(dispatch, (None, (None,)))
-        for height in heights:
-            name = dispatch if height is None else f"{dispatch} ({height} rows)"
-            row: dict[str, Any] = {"dispatch": dispatch, "tile_rows": height, "error": None}
-            saved = getattr(moe, attribute) if attribute else None
+        for settings in VARIANTS.get(dispatch, [{}]):
+            label = ", ".join(f"{v} rows" if k.endswith("ROWS") else str(v) for k, v in settings.items())
+            name = f"{dispatch} ({label})" if label else dispatch
+            row: dict[str, Any] = {"dispatch": dispatch, "settings": settings, "error": None}
+            targets = [(modules[key.split(".")[0]], key.split(".")[1], value) for key, value in settings.items()]
+            saved = [(module, attribute, getattr(module, attribute)) for module, attribute, _ in targets]
             try:
                 moe.set_moe_dispatch(dispatch)
-                if attribute:
-                    setattr(moe, attribute, height)
+                for module, attribute, value in targets:
+                    setattr(module, attribute, value)
                 out = forward()
                 mx.eval(out)
                 out = out.astype(mx.float32)
@@ -140,16 +148,16 @@ def run(args: argparse.Namespace, results: dict[str, Any], save) -> None:
                 times = summary(time_repeated(forward, mx.eval, args.repeats, warmup=2))
                 row.update(median_ms=times["median"] * 1e3, min_ms=times["min"] * 1e3)
                 print(
-                    f"{name:<20} {row['median_ms']:>10.3f} {row['min_ms']:>8.3f} {row['max_rel_error']:>15.2e}"
+                    f"{name:<28} {row['median_ms']:>10.3f} {row['min_ms']:>8.3f} {row['max_rel_error']:>15.2e}"
                     f" {row['max_rel_diff_first']:>10.2e}"
                 )
             except Exception as error:
                 row["error"] = f"{type(error).__name__}: {error}"
-                print(f"{name:<20} error: {row['error'][:300]}")
+                print(f"{name:<28} error: {row['error'][:300]}")
             finally:
                 moe.set_moe_dispatch(None)
-                if attribute:
-                    setattr(moe, attribute, saved)
+                for module, attribute, value in saved:
+                    setattr(module, attribute, value)
             rows.append(row)
             save()
             sys.stdout.flush()

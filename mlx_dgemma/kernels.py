@@ -379,6 +379,147 @@ _FUSED_MATMUL_SOURCE = """
   }
 """
 
+# The same matmul with its operands staged through shared memory: every 64-wide chunk's weights and x rows are
+# copied asynchronously (cp.async) STAGES - 1 chunks ahead, and the block's scales and biases for all of k are
+# read once at the start, so a warp never waits on a load it issued for the chunk it multiplies. Block row r
+# (0-127) holds weight row `dg_block_row_weight(r)`; warp w's mma column tile nt reads block rows
+# dg_warp_rows(w, nt) + [0, 8). Grid and outputs as above.
+_STAGED_HEADER = """
+__device__ __forceinline__ void dg_copy16(void* shared, const void* global) {
+  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(shared));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\\n" ::"r"(address), "l"(global));
+}
+__device__ __forceinline__ void dg_copy_commit() { asm volatile("cp.async.commit_group;\\n" ::); }
+template <int PENDING>
+__device__ __forceinline__ void dg_copy_wait() { asm volatile("cp.async.wait_group %0;\\n" ::"n"(PENDING)); }
+
+// Weight row of block row r (0-127) of column block bx.
+template <bool GLU, int N>
+__device__ __forceinline__ int dg_block_row_weight(int bx, int r) {
+  return GLU ? (r < 64 ? 0 : N / 2 - 64) + bx * 64 + r : bx * 128 + r;
+}
+
+// First block row of warp w's mma column tile nt.
+template <bool GLU>
+__device__ __forceinline__ constexpr int dg_warp_rows(int w, int nt) {
+  return GLU ? (nt >= 2 ? 64 : 0) + w * 16 + 8 * (nt & 1) : w * 32 + 8 * nt;
+}
+"""
+
+_STAGED_MATMUL_SOURCE = """
+  constexpr int KW = K / 8;
+  constexpr int GROUPS = K / 64;
+  constexpr int ROWS = 16 * MT;
+  constexpr int PITCH = 72;  // bf16 per staged x row: 64 and 8 of padding, so a quarter warp's reads hit 32 banks
+  __shared__ __align__(16) uint32_t staged_w[STAGES][128 * 8];
+  __shared__ __align__(16) __nv_bfloat16 staged_x[STAGES][ROWS * PITCH];
+  __shared__ __nv_bfloat16 block_scales[128 * GROUPS];
+  __shared__ __nv_bfloat16 block_biases[128 * GROUPS];
+  const int tile = blockIdx.y;
+  if (tile >= tile_count[0]) return;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const size_t expert = tile_experts[tile];
+
+  for (int i = threadIdx.x; i < 128 * GROUPS; i += 128) {
+    const size_t at = (expert * N + dg_block_row_weight<GLU, N>(blockIdx.x, i / GROUPS)) * GROUPS + i % GROUPS;
+    block_scales[i] = scales[at];
+    block_biases[i] = biases[at];
+  }
+  // This thread's copies: 16-byte pieces of two weight rows (half `piece` of each) and of MT x rows.
+  const uint32_t* w_from[2];
+  #pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    const int r = (threadIdx.x >> 1) + 64 * j;
+    w_from[j] = w + (expert * N + dg_block_row_weight<GLU, N>(blockIdx.x, r)) * KW + 4 * (threadIdx.x & 1);
+  }
+  const __nv_bfloat16* x_from[MT];
+  #pragma unroll
+  for (int m = 0; m < MT; ++m) {
+    const int row = tile * ROWS + (threadIdx.x >> 3) + 16 * m;
+    const size_t source = GATHER ? (size_t)sources[row] : (size_t)row;
+    x_from[m] = x + source * K + 8 * (threadIdx.x & 7);
+  }
+  auto stage = [&](int c, int slot) {
+    #pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      dg_copy16(&staged_w[slot][((threadIdx.x >> 1) + 64 * j) * 8 + 4 * (threadIdx.x & 1)], w_from[j] + c * 8);
+    }
+    #pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      dg_copy16(&staged_x[slot][((threadIdx.x >> 3) + 16 * m) * PITCH + 8 * (threadIdx.x & 7)], x_from[m] + c * 64);
+    }
+  };
+
+  float acc[MT][4][4];
+  #pragma unroll
+  for (int m = 0; m < MT; ++m)
+    #pragma unroll
+    for (int nt = 0; nt < 4; ++nt)
+      #pragma unroll
+      for (int i = 0; i < 4; ++i) acc[m][nt][i] = 0.f;
+
+  #pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < GROUPS) stage(s, s);
+    dg_copy_commit();
+  }
+  #pragma unroll 1
+  for (int c = 0; c < GROUPS; ++c) {
+    dg_copy_wait<STAGES - 2>();  // this thread's copies of chunk c have landed
+    __syncthreads();             // everyone's have, and chunk c - 1's slot is free again
+    if (c + STAGES - 1 < GROUPS) stage(c + STAGES - 1, (c + STAGES - 1) % STAGES);
+    dg_copy_commit();
+    const int slot = c % STAGES;
+    DgChunk<MT> o;
+    #pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      #pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const uint4* from = reinterpret_cast<const uint4*>(&staged_x[slot][(m * 16 + h * 8 + g) * PITCH + 16 * t]);
+        o.x[m][h][0] = from[0];
+        o.x[m][h][1] = from[1];
+      }
+    }
+    #pragma unroll
+    for (int nt = 0; nt < 4; ++nt) {
+      const int rows = dg_warp_rows<GLU>(warp, nt);
+      o.w[nt] = *reinterpret_cast<const uint2*>(&staged_w[slot][(rows + g) * 8 + 2 * t]);
+      o.s[nt][0] = block_scales[(rows + 2 * t) * GROUPS + c];
+      o.s[nt][1] = block_scales[(rows + 2 * t + 1) * GROUPS + c];
+      o.b[nt][0] = block_biases[(rows + 2 * t) * GROUPS + c];
+      o.b[nt][1] = block_biases[(rows + 2 * t + 1) * GROUPS + c];
+    }
+    dg_multiply<MT>(o, acc);
+  }
+
+  #pragma unroll
+  for (int m = 0; m < MT; ++m) {
+    const size_t row = (size_t)tile * ROWS + m * 16 + g;
+    if constexpr (GLU) {
+      constexpr int OUT = N / 2;
+      #pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+        const int col = blockIdx.x * 64 + dg_warp_rows<GLU>(warp, nt) + 2 * t;
+        const float* gate = acc[m][nt];
+        const float* up = acc[m][nt + 2];
+        *reinterpret_cast<__nv_bfloat162*>(y + row * OUT + col) =
+            __floats2bfloat162_rn(dg_act<ACT>(gate[0]) * up[0], dg_act<ACT>(gate[1]) * up[1]);
+        *reinterpret_cast<__nv_bfloat162*>(y + (row + 8) * OUT + col) =
+            __floats2bfloat162_rn(dg_act<ACT>(gate[2]) * up[2], dg_act<ACT>(gate[3]) * up[3]);
+      }
+    } else {
+      #pragma unroll
+      for (int nt = 0; nt < 4; ++nt) {
+        const int col = blockIdx.x * 128 + dg_warp_rows<GLU>(warp, nt) + 2 * t;
+        *reinterpret_cast<__nv_bfloat162*>(y + row * N + col) = __floats2bfloat162_rn(acc[m][nt][0], acc[m][nt][1]);
+        *reinterpret_cast<__nv_bfloat162*>(y + (row + 8) * N + col) =
+            __floats2bfloat162_rn(acc[m][nt][2], acc[m][nt][3]);
+      }
+    }
+  }
+"""
+
 # One block. Entries (token, choice) are counted per expert, each expert's rows start at a multiple of TILE
 # (the same layout as moe.tile_layout), and each entry takes the next free row of its expert. Which row an entry
 # gets inside its expert depends on the order of the atomic adds; no result does, since every row is multiplied
@@ -451,15 +592,36 @@ LAYOUT_THREADS = 1024
 COMBINE_THREADS = 64
 
 
+# Which matmul the fused pipeline uses: "staged" (operands through shared memory; where its static shared
+# memory fits) or "registers".
+FUSED_MATMUL = "staged"
+_STATIC_SHARED_BYTES = 48 * 1024
+
+
+def _stages(tile_rows: int) -> int:
+    return 3 if tile_rows == 16 else 2
+
+
+def _staged_fits(depth: int, tile_rows: int) -> bool:
+    """Whether the staged matmul's shared memory (scales and biases for all of k, plus its stages) fits."""
+    groups = depth // GROUP
+    return 128 * groups * 4 + _stages(tile_rows) * (128 * 32 + tile_rows * 144) <= _STATIC_SHARED_BYTES
+
+
 @cache
-def _fused_kernels():
-    matmul = mx.fast.cuda_kernel(
-        name="dgemma_fused_tile_qmm",
+def _fused_matmul(kind: str):
+    staged = kind == "staged"
+    return mx.fast.cuda_kernel(
+        name=f"dgemma_{kind}_tile_qmm",
         input_names=["x", "w", "scales", "biases", "tile_experts", "tile_count", "sources"],
         output_names=["y"],
-        source=_FUSED_MATMUL_SOURCE,
-        header=_FUSED_HEADER,
+        source=_STAGED_MATMUL_SOURCE if staged else _FUSED_MATMUL_SOURCE,
+        header=_FUSED_HEADER + (_STAGED_HEADER if staged else ""),
     )
+
+
+@cache
+def _fused_kernels():
     layout = mx.fast.cuda_kernel(
         name="dgemma_moe_layout",
         input_names=["indices"],
@@ -472,7 +634,7 @@ def _fused_kernels():
         output_names=["y"],
         source=_COMBINE_SOURCE,
     )
-    return matmul, layout, combine
+    return layout, combine
 
 
 def fused_supports(gate_up, down, x_dtype: mx.Dtype, activation: str) -> bool:
@@ -484,7 +646,7 @@ def fused_experts(
     x: mx.array, indices: mx.array, weights: mx.array, gate_up, down, activation: str, tile_rows: int
 ) -> mx.array:
     """The experts' block for x (tokens, hidden) bf16, routed by indices and weights (tokens, k): (tokens, hidden)."""
-    matmul, layout, combine = _fused_kernels()
+    layout, combine = _fused_kernels()
     tokens, k = indices.shape
     experts, gate_up_rows, hidden_words = gate_up.weight.shape
     hidden = hidden_words * 8
@@ -499,15 +661,18 @@ def fused_experts(
     )
 
     def tile_matmul(rows: mx.array, layer, out_features: int, glu: bool) -> mx.array:
-        return matmul(
+        depth = layer.weight.shape[2] * 8
+        staged = FUSED_MATMUL == "staged" and _staged_fits(depth, tile_rows)
+        return _fused_matmul("staged" if staged else "registers")(
             inputs=[rows, layer.weight, layer.scales, layer.biases, tile_experts, used, sources],
             template=[
-                ("K", layer.weight.shape[2] * 8),
+                ("K", depth),
                 ("N", layer.weight.shape[1]),
                 ("MT", tile_rows // 16),
                 ("GATHER", glu),
                 ("GLU", glu),
                 ("ACT", ACTIVATION_CODES[activation]),
+                *([("STAGES", _stages(tile_rows))] if staged else []),
             ],
             grid=(layer.weight.shape[1], tiles, 1),
             threadgroup=(THREADS, 1, 1),

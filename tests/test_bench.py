@@ -32,7 +32,7 @@ def test_moe_probe_times_every_cpu_dispatch(tmp_path):
     shape = '{"base": "quick", "moe_intermediate_size": 64, "hidden_size": 128}'
     assert moe_main(["--shape", shape, "--repeats", "2", "--embedding", "--out", str(out)]) == 0
     results = json.loads(out.read_text())
-    rows = {(r["dispatch"], r["tile_rows"]): r for r in results["dispatches"]}
+    rows = {(r["dispatch"], r["settings"].get("moe.TILE_ROWS")): r for r in results["dispatches"]}
     # The CPU runs every dispatch but our CUDA kernels, the tiled one at three tile heights.
     assert set(rows) == {("gather", None), ("grouped", None), ("tiled", 8), ("tiled", 16), ("tiled", 32)}
     for row in rows.values():
