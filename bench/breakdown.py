@@ -40,6 +40,17 @@ MODEL_METHODS = {
     "_soft_embeddings": ("self-conditioning: probs @ embeddings", "self-conditioning"),
 }
 SAMPLING = "sampling: head, soft-cap, vocab-wide math per row block; draw of accepted positions; decisions"
+# Ablations: the whole step again with these calls answered from the real step's recorded outputs; the time
+# it saves is what they cost inside the step, overlap and launch latency included. An op whose only consumer
+# is ablated goes with it (MLX is lazy), so the router is ablated with the experts and alone.
+ABLATIONS = {
+    "decoder (the whole forward)": (("Model", "denoise_hidden"),),
+    "attention": (("Attention", "__call__"),),
+    "dense MLPs (layers and self-conditioning)": (("GatedMLP", "__call__"),),
+    "MoE (router + experts)": (("Router", "__call__"), ("Experts", "__call__")),
+    "MoE router": (("Router", "__call__"),),
+    "self-conditioning: probs @ embeddings": (("Model", "_soft_embeddings"),),
+}
 # Parts timed only for scale, not in the sum: they overlap the parts that are.
 FOR_SCALE = "for scale"
 _NOT_SUMMED = ("total", "layer totals", FOR_SCALE)
@@ -165,6 +176,7 @@ class StepBreakdown:
         model = self.model
         sink: list = []
         stack: list[str] = []
+        self.outputs = {}  # (class, method, id(module)) -> that module's outputs, in call order
 
         def recorder(cls_name: str, attr: str) -> Callable[[Callable], Callable]:
             def make(original):
@@ -173,7 +185,9 @@ class StepBreakdown:
                     stream = self.mx.default_stream(self.mx.default_device())
                     stack.append(cls_name)
                     try:
-                        return original(this, *args, **kwargs)
+                        out = original(this, *args, **kwargs)
+                        self.outputs.setdefault((cls_name, attr, id(this)), []).append(out)
+                        return out
                     finally:
                         stack.pop()
                         sink.append((cls_name, attr, this, args, kwargs, parents, stream))
@@ -191,13 +205,49 @@ class StepBreakdown:
                     break
         for method in MODEL_METHODS:
             targets.append((type(model), method, recorder("Model", method)))
+        self.classes = {cls_name: cls for cls, _, make in targets for cls_name in [cls.__name__]}
         with contextlib.ExitStack() as patches:
             for cls, attr, make in targets:
                 patches.enter_context(_patched(cls, attr, make))
             args, kwargs = denoise_call
-            self.mx.eval(model.denoise_hidden(*args, **kwargs))
-        self.mx.eval([arrays_in(entry[3:5]) for entry in sink])
+            hidden = model.denoise_hidden(*args, **kwargs)
+            self.outputs[("Model", "denoise_hidden", id(model))] = [hidden]
+            self.mx.eval(hidden)
+        self.mx.eval([arrays_in(entry[3:5]) for entry in sink], arrays_in(list(self.outputs.values())))
         return sink
+
+    def ablate(self, whole: Callable[[], Any]) -> dict[str, float]:
+        """What each of ABLATIONS saves: whole step minus the whole step with those calls answered from records."""
+        mx = self.mx
+        sync = lambda out: mx.eval(arrays_in(out))  # noqa: E731
+        base = summary(time_repeated(whole, sync, self.repeats))["median"]
+        saved = {}
+        for label, calls in ABLATIONS.items():
+            with contextlib.ExitStack() as patches:
+                for cls_name, attr in calls:
+                    cls = type(self.model) if cls_name == "Model" else self.classes.get(cls_name)
+                    if cls is None:
+                        continue
+                    patches.enter_context(_patched(cls, attr, lambda _, key=(cls_name, attr): self._answer(key)))
+                try:
+                    times = time_repeated(whole, sync, self.repeats)
+                except Exception as error:
+                    self.errors[f"ablation {label}"] = f"{type(error).__name__}: {error}"
+                    continue
+            saved[label] = round((base - summary(times)["median"]) * 1e3, 3)
+        return saved
+
+    def _answer(self, key: tuple[str, str]) -> Callable:
+        """A stand-in method that returns each module's recorded outputs in turn."""
+        turns: dict[int, int] = {}
+
+        def answer(this, *args, **kwargs):
+            recorded = self.outputs[(*key, id(this))]
+            turn = turns.get(id(this), 0)
+            turns[id(this)] = turn + 1
+            return recorded[turn % len(recorded)]
+
+        return answer
 
     def _replay(self, calls: list) -> list:
         """Re-run one part's recorded calls, each on the stream it ran on (the row blocks' calls side by side)."""
@@ -275,9 +325,9 @@ class StepBreakdown:
                 self.errors["moe compare"] = f"{type(error).__name__}: {error}"
             finally:
                 moe.set_moe_dispatch(forced)
-        return self.report(compare)
+        return self.report(compare, self.ablate(whole))
 
-    def report(self, compare: dict[str, float]) -> dict[str, Any]:
+    def report(self, compare: dict[str, float], ablated: dict[str, float]) -> dict[str, Any]:
         from mlx_dgemma.cpu import block_count
 
         parts = self.parts
@@ -326,6 +376,7 @@ class StepBreakdown:
             "groups_ms": {k: round(v, 3) for k, v in sorted(groups.items(), key=lambda item: -item[1])},
             "per_layer": {str(k): v for k, v in sorted(per_layer.items())},
             "compare": compare,
+            "ablated_ms": ablated,
             "repeats": self.repeats,
             "errors": self.errors,
             "method": "each part re-run alone on the recorded inputs of a real second (self-conditioned) step; "

@@ -157,6 +157,11 @@ def breakdown_table(breakdown: dict[str, Any] | None) -> str:
         lines.append(f"| {row['component']} | {row['ms']:.1f} | {share} | {row['calls']} |")
     groups = breakdown.get("groups_ms") or {}
     lines += ["", "By group: " + ", ".join(f"{k} {v:.1f} ms" for k, v in groups.items()) + "."]
+    if breakdown.get("ablated_ms"):
+        lines.append(
+            "In-step cost by ablation (the whole step's time saved when these calls return the real step's recorded "
+            "outputs instead): " + ", ".join(f"{k} {v:.1f} ms" for k, v in breakdown["ablated_ms"].items()) + "."
+        )
     if breakdown.get("compare"):
         lines.append(
             "MoE dispatch comparison: " + ", ".join(f"{k}: {v:.1f} ms" for k, v in breakdown["compare"].items()) + "."

@@ -16,6 +16,13 @@ def test_quick_bench_runs_every_runtime(tmp_path):
         assert runtime in text
     assert (tmp_path / "quick.md").read_text().count("|") > 20
     assert (tmp_path / "quick.png").stat().st_size > 1000
+    # Our step's breakdown: parts timed alone, and ablations of the whole step.
+    breakdown = report["runtimes"]["us"]["breakdown"]
+    assert not breakdown["errors"]
+    from bench.breakdown import ABLATIONS
+
+    assert set(breakdown["ablated_ms"]) == set(ABLATIONS)
+    assert all(isinstance(ms, float) for ms in breakdown["ablated_ms"].values())
 
 
 def test_moe_dispatch_choices_match_the_runtime():
