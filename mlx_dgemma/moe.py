@@ -36,7 +36,7 @@ from .layers import ACTIVATIONS, rms_normalize
 
 DISPATCHES = ("gather", "tiled", "grouped", "kernel", "fused")
 CUDA_ONLY = ("kernel", "fused")
-# Rows per tile of the "tiled" and "kernel" dispatches.
+# Rows per tile: of the "tiled" dispatch, and of our kernels' ("kernel", "fused").
 TILE_ROWS = 16
 KERNEL_TILE_ROWS = 16
 _forced_dispatch: str | None = None
@@ -111,7 +111,7 @@ class Experts(nn.Module):
             self.gate_up_proj, self.down_proj, xs[0].dtype, self.activation
         ):
             return blocks.map(self._fused, xs, indices, weights)
-        if dispatch in CUDA_ONLY and kernels.supports(self.gate_up_proj, xs[0].dtype):
+        if dispatch in CUDA_ONLY and all(kernels.supports(p, xs[0].dtype) for p in (self.gate_up_proj, self.down_proj)):
             return blocks.map(self._kernel_tiled, xs, indices, weights)
         if dispatch in ("tiled", *CUDA_ONLY):
             return blocks.map(self._tiled, xs, indices, weights)
@@ -139,10 +139,10 @@ class Experts(nn.Module):
         return self._combine(out, slots, weights)
 
     def _kernel_tiled(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
-        tiles = KERNEL_TILE_ROWS
-        slots, tile_experts, sources, used = _compiled_tile_layout(indices, self.gate_up_proj.num_experts, tiles)
-        hidden = self._glu(kernels.tile_matmul(x[sources], self.gate_up_proj, tile_experts, used, tiles))
-        out = kernels.tile_matmul(hidden, self.down_proj, tile_experts, used, tiles)
+        rows = KERNEL_TILE_ROWS
+        slots, tile_experts, sources, used = _compiled_tile_layout(indices, self.gate_up_proj.num_experts, rows)
+        hidden = self._glu(kernels.tile_matmul(x[sources], self.gate_up_proj, tile_experts, used, rows))
+        out = kernels.tile_matmul(hidden, self.down_proj, tile_experts, used, rows)
         return self._combine(out, slots, weights)
 
     def _fused(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
