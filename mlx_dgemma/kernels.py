@@ -27,9 +27,33 @@ activations and output columns in multiples of 128; `supports` says when.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import cache
 
 import mlx.core as mx
+
+
+@dataclass(frozen=True)
+class KernelSource:
+    """One kernel as `mx.fast.cuda_kernel` takes it (bench/kernel_check.py compiles the same with NVRTC)."""
+
+    name: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    source: str
+    header: str = ""
+
+
+@cache
+def _compiled(kernel: KernelSource):
+    return mx.fast.cuda_kernel(
+        name=kernel.name,
+        input_names=list(kernel.inputs),
+        output_names=list(kernel.outputs),
+        source=kernel.source,
+        header=kernel.header,
+    )
+
 
 GROUP = 64  # k per quantisation group, and per chunk of the kernel's loop
 COLUMNS_PER_BLOCK = 128  # 4 warps x 4 mma column tiles of 8
@@ -146,15 +170,9 @@ _SOURCE = """
 """
 
 
-@cache
-def _kernel():
-    return mx.fast.cuda_kernel(
-        name="dgemma_tile_qmm",
-        input_names=["x", "w", "scales", "biases", "tile_experts", "tile_count"],
-        output_names=["y"],
-        source=_SOURCE,
-        header=_HEADER,
-    )
+TILE_QMM = KernelSource(
+    "dgemma_tile_qmm", ("x", "w", "scales", "biases", "tile_experts", "tile_count"), ("y",), _SOURCE, _HEADER
+)
 
 
 def available() -> bool:
@@ -184,7 +202,7 @@ def tile_matmul(x: mx.array, layer, tile_experts: mx.array, tile_count: mx.array
     """
     experts, out_features, words = layer.weight.shape
     rows = x.shape[0]
-    return _kernel()(
+    return _compiled(TILE_QMM)(
         inputs=[x, layer.weight, layer.scales, layer.biases, tile_experts, tile_count],
         template=[("K", words * 8), ("N", out_features), ("MT", tile_rows // 16)],
         grid=(out_features, rows // tile_rows, 1),
@@ -608,33 +626,20 @@ def _staged_fits(depth: int, tile_rows: int) -> bool:
     return 128 * groups * 4 + _stages(tile_rows) * (128 * 32 + tile_rows * 144) <= _STATIC_SHARED_BYTES
 
 
-@cache
-def _fused_matmul(kind: str):
-    staged = kind == "staged"
-    return mx.fast.cuda_kernel(
-        name=f"dgemma_{kind}_tile_qmm",
-        input_names=["x", "w", "scales", "biases", "tile_experts", "tile_count", "sources"],
-        output_names=["y"],
-        source=_STAGED_MATMUL_SOURCE if staged else _FUSED_MATMUL_SOURCE,
-        header=_FUSED_HEADER + (_STAGED_HEADER if staged else ""),
-    )
-
-
-@cache
-def _fused_kernels():
-    layout = mx.fast.cuda_kernel(
-        name="dgemma_moe_layout",
-        input_names=["indices"],
-        output_names=["slots", "tile_experts", "sources", "used"],
-        source=_LAYOUT_SOURCE,
-    )
-    combine = mx.fast.cuda_kernel(
-        name="dgemma_moe_combine",
-        input_names=["rows", "slots", "weights"],
-        output_names=["y"],
-        source=_COMBINE_SOURCE,
-    )
-    return layout, combine
+_FUSED_QMM_INPUTS = ("x", "w", "scales", "biases", "tile_experts", "tile_count", "sources")
+FUSED_QMM = {
+    "registers": KernelSource(
+        "dgemma_registers_tile_qmm", _FUSED_QMM_INPUTS, ("y",), _FUSED_MATMUL_SOURCE, _FUSED_HEADER
+    ),
+    "staged": KernelSource(
+        "dgemma_staged_tile_qmm", _FUSED_QMM_INPUTS, ("y",), _STAGED_MATMUL_SOURCE, _FUSED_HEADER + _STAGED_HEADER
+    ),
+}
+MOE_LAYOUT = KernelSource(
+    "dgemma_moe_layout", ("indices",), ("slots", "tile_experts", "sources", "used"), _LAYOUT_SOURCE
+)
+MOE_COMBINE = KernelSource("dgemma_moe_combine", ("rows", "slots", "weights"), ("y",), _COMBINE_SOURCE)
+KERNELS = (TILE_QMM, *FUSED_QMM.values(), MOE_LAYOUT, MOE_COMBINE)
 
 
 def fused_supports(gate_up, down, x_dtype: mx.Dtype, activation: str) -> bool:
@@ -646,7 +651,7 @@ def fused_experts(
     x: mx.array, indices: mx.array, weights: mx.array, gate_up, down, activation: str, tile_rows: int
 ) -> mx.array:
     """The experts' block for x (tokens, hidden) bf16, routed by indices and weights (tokens, k): (tokens, hidden)."""
-    layout, combine = _fused_kernels()
+    layout, combine = _compiled(MOE_LAYOUT), _compiled(MOE_COMBINE)
     tokens, k = indices.shape
     experts, gate_up_rows, hidden_words = gate_up.weight.shape
     hidden = hidden_words * 8
@@ -663,7 +668,7 @@ def fused_experts(
     def tile_matmul(rows: mx.array, layer, out_features: int, glu: bool) -> mx.array:
         depth = layer.weight.shape[2] * 8
         staged = FUSED_MATMUL == "staged" and _staged_fits(depth, tile_rows)
-        return _fused_matmul("staged" if staged else "registers")(
+        return _compiled(FUSED_QMM["staged" if staged else "registers"])(
             inputs=[rows, layer.weight, layer.scales, layer.biases, tile_experts, used, sources],
             template=[
                 ("K", depth),
