@@ -399,7 +399,7 @@ _FUSED_MATMUL_SOURCE = """
 
 # The same matmul with its operands staged through shared memory: every 64-wide chunk's weights and x rows are
 # copied asynchronously (cp.async) STAGES - 1 chunks ahead, and the block's scales and biases for all of k are
-# read once at the start, so a warp never waits on a load it issued for the chunk it multiplies. Block row r
+# copied once, with the first chunk, so a warp never waits on a load it issued for the chunk it multiplies. Block row r
 # (0-127) holds weight row `dg_block_row_weight(r)`; warp w's mma column tile nt reads block rows
 # dg_warp_rows(w, nt) + [0, 8). Grid and outputs as above.
 _STAGED_HEADER = """
@@ -431,20 +431,24 @@ _STAGED_MATMUL_SOURCE = """
   constexpr int PITCH = 72;  // bf16 per staged x row: 64 and 8 of padding, so a quarter warp's reads hit 32 banks
   __shared__ __align__(16) uint32_t staged_w[STAGES][128 * 8];
   __shared__ __align__(16) __nv_bfloat16 staged_x[STAGES][ROWS * PITCH];
-  __shared__ __nv_bfloat16 block_scales[128 * GROUPS];
-  __shared__ __nv_bfloat16 block_biases[128 * GROUPS];
+  __shared__ __align__(16) __nv_bfloat16 block_scales[128 * GROUPS];
+  __shared__ __align__(16) __nv_bfloat16 block_biases[128 * GROUPS];
   const int tile = blockIdx.y;
   if (tile >= tile_count[0]) return;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
   const size_t expert = tile_experts[tile];
 
-  for (int i = threadIdx.x; i < 128 * GROUPS; i += 128) {
-    const size_t at = (expert * N + dg_block_row_weight<GLU, N>(blockIdx.x, i / GROUPS)) * GROUPS + i % GROUPS;
-    block_scales[i] = scales[at];
-    block_biases[i] = biases[at];
+  // The block's scales and biases, copied with chunk 0: block rows 0-63 and 64-127 are each one run of weight
+  // rows, contiguous (and 16-byte aligned: N is a multiple of 128) in memory.
+  constexpr int PIECES = 64 * GROUPS * 2 / 16;  // 16-byte pieces per run
+  for (int i = threadIdx.x; i < 2 * PIECES; i += 128) {
+    const int run = i / PIECES, piece = i % PIECES;
+    const size_t first = (expert * N + dg_block_row_weight<GLU, N>(blockIdx.x, 64 * run)) * GROUPS + 8 * piece;
+    dg_copy16(&block_scales[run * 64 * GROUPS + 8 * piece], scales + first);
+    dg_copy16(&block_biases[run * 64 * GROUPS + 8 * piece], biases + first);
   }
-  // This thread's copies: 16-byte pieces of two weight rows (half `piece` of each) and of MT x rows.
+  // This thread's copies of each chunk: one 16-byte half of two weight rows, and 16 bytes of MT x rows.
   const uint32_t* w_from[2];
   #pragma unroll
   for (int j = 0; j < 2; ++j) {
