@@ -50,9 +50,9 @@ def variants():
                 for k, n, glu in ((hidden, 2 * inner, True), (inner, hidden, False)):
                     template = {"K": k, "N": n, "MT": rows // 16, "GATHER": glu, "GLU": glu, "ACT": 0}
                     if kind == "staged":
-                        if not kernels._staged_fits(k, rows):
+                        if not kernels.staged_fits(k, rows):
                             continue
-                        template["STAGES"] = kernels._stages(rows)
+                        template["STAGES"] = kernels.stages(rows)
                     yield kernel, (*matmul, i), template
         yield kernels.MOE_LAYOUT, (u,), {"EXPERTS": shape["experts"], "TILE": 16}
         yield kernels.MOE_COMBINE, (b, i, f), {"H": hidden, "TOP_K": shape["top_k"]}

@@ -620,14 +620,15 @@ FUSED_MATMUL = "staged"
 _STATIC_SHARED_BYTES = 48 * 1024
 
 
-def _stages(tile_rows: int) -> int:
+def stages(tile_rows: int) -> int:
+    """How many chunks the staged matmul keeps in shared memory at a time."""
     return 3 if tile_rows == 16 else 2
 
 
-def _staged_fits(depth: int, tile_rows: int) -> bool:
+def staged_fits(depth: int, tile_rows: int) -> bool:
     """Whether the staged matmul's shared memory (scales and biases for all of k, plus its stages) fits."""
     groups = depth // GROUP
-    return 128 * groups * 4 + _stages(tile_rows) * (128 * 32 + tile_rows * 144) <= _STATIC_SHARED_BYTES
+    return 128 * groups * 4 + stages(tile_rows) * (128 * 32 + tile_rows * 144) <= _STATIC_SHARED_BYTES
 
 
 _FUSED_QMM_INPUTS = ("x", "w", "scales", "biases", "tile_experts", "tile_count", "sources")
@@ -643,7 +644,6 @@ MOE_LAYOUT = KernelSource(
     "dgemma_moe_layout", ("indices",), ("slots", "tile_experts", "sources", "used"), _LAYOUT_SOURCE
 )
 MOE_COMBINE = KernelSource("dgemma_moe_combine", ("rows", "slots", "weights"), ("y",), _COMBINE_SOURCE)
-KERNELS = (TILE_QMM, *FUSED_QMM.values(), MOE_LAYOUT, MOE_COMBINE)
 
 
 def fused_supports(gate_up, down, x_dtype: mx.Dtype, activation: str) -> bool:
@@ -671,7 +671,7 @@ def fused_experts(
 
     def tile_matmul(rows: mx.array, layer, out_features: int, glu: bool) -> mx.array:
         depth = layer.weight.shape[2] * 8
-        staged = FUSED_MATMUL == "staged" and _staged_fits(depth, tile_rows)
+        staged = FUSED_MATMUL == "staged" and staged_fits(depth, tile_rows)
         return _compiled(FUSED_QMM["staged" if staged else "registers"])(
             inputs=[rows, layer.weight, layer.scales, layer.biases, tile_experts, used, sources],
             template=[
@@ -681,7 +681,7 @@ def fused_experts(
                 ("GATHER", glu),
                 ("GLU", glu),
                 ("ACT", ACTIVATION_CODES[activation]),
-                *([("STAGES", _stages(tile_rows))] if staged else []),
+                *([("STAGES", stages(tile_rows))] if staged else []),
             ],
             grid=(layer.weight.shape[1], tiles, 1),
             threadgroup=(THREADS, 1, 1),
