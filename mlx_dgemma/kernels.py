@@ -176,8 +176,19 @@ TILE_QMM = KernelSource(
 
 
 def available() -> bool:
-    """Whether the kernel can run here: MLX's default device is a CUDA GPU."""
-    return mx.default_device().type == mx.gpu and mx.cuda.is_available()
+    """Whether the kernels can run here: MLX's default device is a CUDA GPU with bf16 `mma.sync` (sm_80 and up)."""
+    return mx.default_device().type == mx.gpu and mx.cuda.is_available() and _compute_capability() >= 8
+
+
+@cache
+def _compute_capability() -> int:
+    """The GPU's compute capability major as MLX reports it (sm_XY in "architecture" where there is no number)."""
+    info = mx.device_info()
+    major = info.get("compute_capability_major")
+    if major is None:
+        digits = str(info.get("architecture", "")).removeprefix("sm_")
+        return int(digits[:-1]) if digits[:-1].isdigit() else 0
+    return int(major)
 
 
 def supports(layer, x_dtype: mx.Dtype) -> bool:
