@@ -205,7 +205,7 @@ class StepBreakdown:
                     break
         for method in MODEL_METHODS:
             targets.append((type(model), method, recorder("Model", method)))
-        self.classes = {cls_name: cls for cls, _, make in targets for cls_name in [cls.__name__]}
+        self.classes = {cls.__name__: cls for cls, _, _ in targets}
         with contextlib.ExitStack() as patches:
             for cls, attr, make in targets:
                 patches.enter_context(_patched(cls, attr, make))

@@ -182,24 +182,26 @@ def available() -> bool:
 
 @cache
 def _compute_capability() -> int:
-    """The GPU's compute capability major as MLX reports it (sm_XY in "architecture" where there is no number)."""
-    info = mx.device_info()
-    major = info.get("compute_capability_major")
-    if major is None:
-        digits = str(info.get("architecture", "")).removeprefix("sm_")
-        return int(digits[:-1]) if digits[:-1].isdigit() else 0
-    return int(major)
+    """The GPU's compute capability major, as MLX's CUDA backend reports it."""
+    return int(mx.device_info().get("compute_capability_major", 0))
 
 
-def supports(layer, x_dtype: mx.Dtype) -> bool:
-    """Whether `layer` (a switch linear) can go through the kernel."""
+def layout_tiles(entries: int, experts: int, tile_rows: int) -> int:
+    """Tiles in the tiled buffer of `entries` (token, choice) pairs: room for any routing (see moe.tile_layout)."""
+    return -(-(entries + experts * (tile_rows - 1)) // tile_rows)
+
+
+def supports(gate_up, down, x_dtype: mx.Dtype) -> bool:
+    """Whether an experts block (its two switch linears) can go through our kernels."""
+    return available() and x_dtype == mx.bfloat16 and _suits(gate_up) and _suits(down)
+
+
+def _suits(layer) -> bool:
     return (
-        available()
-        and getattr(layer, "bits", None) == 4
+        getattr(layer, "bits", None) == 4
         and getattr(layer, "group_size", None) == GROUP
         and getattr(layer, "mode", "affine") == "affine"
         and layer.get("biases") is not None
-        and x_dtype == mx.bfloat16
         and layer.scales.dtype == mx.bfloat16
         and layer.weight.shape[1] % COLUMNS_PER_BLOCK == 0
         and (layer.weight.shape[2] * 8) % GROUP == 0
@@ -658,8 +660,8 @@ MOE_COMBINE = KernelSource("dgemma_moe_combine", ("rows", "slots", "weights"), (
 
 
 def fused_supports(gate_up, down, x_dtype: mx.Dtype, activation: str) -> bool:
-    """Whether the fused pipeline can run these experts: both stacks as `supports` asks, a known activation."""
-    return supports(gate_up, x_dtype) and supports(down, x_dtype) and activation in ACTIVATION_CODES
+    """Whether the fused pipeline can run these experts: as `supports` asks, with an activation it knows."""
+    return supports(gate_up, down, x_dtype) and activation in ACTIVATION_CODES
 
 
 def fused_experts(
@@ -668,9 +670,9 @@ def fused_experts(
     """The experts' block for x (tokens, hidden) bf16, routed by indices and weights (tokens, k): (tokens, hidden)."""
     layout, combine = _compiled(MOE_LAYOUT), _compiled(MOE_COMBINE)
     tokens, k = indices.shape
-    experts, gate_up_rows, hidden_words = gate_up.weight.shape
+    experts, _, hidden_words = gate_up.weight.shape
     hidden = hidden_words * 8
-    tiles = -(-(tokens * k + experts * (tile_rows - 1)) // tile_rows)
+    tiles = layout_tiles(tokens * k, experts, tile_rows)
     slots, tile_experts, sources, used = layout(
         inputs=[indices],
         template=[("EXPERTS", experts), ("TILE", tile_rows)],
@@ -680,28 +682,29 @@ def fused_experts(
         output_dtypes=[mx.int32, mx.uint32, mx.int32, mx.int32],
     )
 
-    def tile_matmul(rows: mx.array, layer, out_features: int, glu: bool) -> mx.array:
-        depth = layer.weight.shape[2] * 8
+    def tile_matmul(rows: mx.array, layer, glu: bool) -> mx.array:
+        _, columns, words = layer.weight.shape
+        depth = words * 8
         staged = FUSED_MATMUL == "staged" and staged_fits(depth, tile_rows)
         return _compiled(FUSED_QMM["staged" if staged else "registers"])(
             inputs=[rows, layer.weight, layer.scales, layer.biases, tile_experts, used, sources],
             template=[
                 ("K", depth),
-                ("N", layer.weight.shape[1]),
+                ("N", columns),
                 ("MT", tile_rows // 16),
                 ("GATHER", glu),
                 ("GLU", glu),
                 ("ACT", ACTIVATION_CODES[activation]),
                 *([("STAGES", stages(tile_rows))] if staged else []),
             ],
-            grid=(layer.weight.shape[1], tiles, 1),
+            grid=(columns, tiles, 1),
             threadgroup=(THREADS, 1, 1),
-            output_shapes=[(tiles * tile_rows, out_features)],
+            output_shapes=[(tiles * tile_rows, columns // 2 if glu else columns)],  # the GLU halves gate|up
             output_dtypes=[mx.bfloat16],
         )[0]
 
-    inner = tile_matmul(x, gate_up, gate_up_rows // 2, glu=True)
-    rows = tile_matmul(inner, down, hidden, glu=False)
+    inner = tile_matmul(x, gate_up, glu=True)
+    rows = tile_matmul(inner, down, glu=False)
     groups = -(-hidden // 8)
     return combine(
         inputs=[rows, slots, weights.astype(mx.float32)],

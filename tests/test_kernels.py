@@ -39,4 +39,4 @@ def test_nothing_applies_off_cuda():
     layer.set_dtype(mx.bfloat16)  # now what the kernels would take on CUDA
     assert (layer.bits, layer.group_size, layer.scales.dtype, layer.weight.dtype) == (4, 64, mx.bfloat16, mx.uint32)
     assert not kernels.available()
-    assert not kernels.supports(layer, mx.bfloat16)
+    assert not kernels.supports(layer, layer, mx.bfloat16)
