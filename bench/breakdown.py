@@ -261,6 +261,18 @@ class StepBreakdown:
     # -- the report ----------------------------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
+        import mlx_dgemma.model as model_module
+
+        # The parts are timed one by one, which a layer's compiled feed-forward graph would hide (and patched
+        # calls traced into it would stay there): the breakdown's step runs them uncompiled.
+        compiled = getattr(model_module, "COMPILE_FEED_FORWARD", False)
+        model_module.COMPILE_FEED_FORWARD = False
+        try:
+            return self._run()
+        finally:
+            model_module.COMPILE_FEED_FORWARD = compiled
+
+    def _run(self) -> dict[str, Any]:
         from mlx_dgemma import moe
         from mlx_dgemma.cpu import RowBlocks
 
@@ -380,5 +392,6 @@ class StepBreakdown:
             "repeats": self.repeats,
             "errors": self.errors,
             "method": "each part re-run alone on the recorded inputs of a real second (self-conditioned) step; "
-            "mx.eval + perf_counter, median of repeats",
+            "mx.eval + perf_counter, median of repeats; the layers' feed-forward uncompiled (GPUs compile it in "
+            "the real step)",
         }

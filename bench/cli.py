@@ -63,6 +63,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--group-size", type=int, choices=(32, 64, 128), help="quantization group size (64)")
     parser.add_argument("--synthetic", action="store_true", help="random weights built in memory, no checkpoint")
     parser.add_argument("--moe-dispatch", choices=MOE_DISPATCHES, help="force our MoE dispatch")
+    parser.add_argument(
+        "--compile-feed-forward",
+        choices=("auto", "on", "off"),
+        help="our decoder layers' feed-forward as one compiled graph (auto: on GPUs)",
+    )
     parser.add_argument("--moe-compare", action="store_true", help="also time our MoE block under every dispatch")
     parser.add_argument("--no-breakdown", action="store_true", help="skip the per-component breakdown of our step")
     parser.add_argument("--no-adaptive", action="store_true", help="skip the adaptive-stopping generation")
@@ -109,6 +114,7 @@ def resolve(args: argparse.Namespace) -> tuple[Shape, Settings, list[str]]:
         "canvases": args.canvases,
         "seed": args.seed,
         "moe_dispatch": args.moe_dispatch,
+        "compile_feed_forward": args.compile_feed_forward,
     }
     settings = replace(base, **{k: v for k, v in overrides.items() if v is not None})
     settings = replace(

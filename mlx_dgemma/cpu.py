@@ -115,11 +115,16 @@ class RowBlocks:
     GPU runs each op over every position already) one block on the default stream.
     """
 
-    def __init__(self, length: int):
-        count = block_count(length)
+    def __init__(self, length: int, count: int | None = None):
+        count = block_count(length) if count is None else count
         edges = [length * i // count for i in range(count + 1)]
         self.rows = [slice(a, b) for a, b in zip(edges[:-1], edges[1:])]
         self.streams = cpu_streams(count) if count > 1 else [mx.default_stream(mx.default_device())]
+
+    @classmethod
+    def whole(cls, length: int) -> RowBlocks:
+        """Every position in one block, on the default stream."""
+        return cls(length, count=1)
 
     def __len__(self) -> int:
         return len(self.rows)

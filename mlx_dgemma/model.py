@@ -12,14 +12,29 @@ are stored and quantization paths match the community MLX conversions.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
+
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import moe
 from .cache import EncoderCache, LayerCache
 from .config import LayerShape, ModelConfig, TextConfig
-from .cpu import RowBlocks
+from .cpu import RowBlocks, on_cpu
 from .layers import Attention, GatedMLP, RMSNorm, SelfConditioning, embedding_scale, soft_cap
 from .moe import Experts, Router
+
+# Whether a decoder layer's work after attention (norms, dense MLP, router, experts, residual) runs as one
+# compiled graph; None: on GPUs. There the graph's elementwise ops fuse and the host traces it once instead of
+# building it at every step. The CPU's row blocks run on several streams, which one graph cannot.
+COMPILE_FEED_FORWARD: bool | None = None
+
+
+def compiles_feed_forward(blocks: RowBlocks) -> bool:
+    """Whether the decoder layers take their compiled feed-forward graph for these row blocks."""
+    wanted = COMPILE_FEED_FORWARD if COMPILE_FEED_FORWARD is not None else not on_cpu()
+    # The grouped dispatch reads its padded width back to the host, which a compiled graph cannot.
+    return wanted and len(blocks) == 1 and moe.moe_dispatch() != "grouped"
 
 
 class TransformerLayer(nn.Module):
@@ -40,6 +55,7 @@ class TransformerLayer(nn.Module):
         self.pre_feedforward_layernorm_2 = RMSNorm(hidden, eps)
         self.post_feedforward_layernorm_2 = RMSNorm(hidden, eps)
         self.layer_scalar = mx.ones((1,))
+        self._feed_forward_graphs = CompiledGraphs(self._whole_feed_forward)
 
     def __call__(
         self,
@@ -54,10 +70,26 @@ class TransformerLayer(nn.Module):
         """The layer over the residual stream in row blocks (batch, block, hidden), each block on its stream."""
         normed = blocks.map(self.input_layernorm, hs)
         attended = self.self_attn(blocks, normed, cache, offset, masks, store)
+        if not store and compiles_feed_forward(blocks):
+            # Decoder passes only: their shape is the canvas's, where the encoder's varies with every prompt
+            # (a new trace each). One graph per MoE dispatch setting: the dispatch is chosen while tracing.
+            graph = self._feed_forward_graphs.get(moe.dispatch_settings())
+            return [graph(hs[0], attended[0], layer_scalar)]
+        return self.feed_forward(blocks, hs, attended, layer_scalar)
+
+    def feed_forward(
+        self, blocks: RowBlocks, hs: list[mx.array], attended: list[mx.array], layer_scalar: mx.array
+    ) -> list[mx.array]:
+        """The residual stream plus attention's output, then the dense MLP and the experts side by side."""
         hs = blocks.map(lambda h, a: h + self.post_attention_layernorm(a), hs, attended)
         dense = blocks.map(lambda h: self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(h))), hs)
-        moe = self._moe(blocks, hs)
-        return blocks.map(lambda h, d, m: (h + self.post_feedforward_layernorm(d + m)) * layer_scalar, hs, dense, moe)
+        experts = self._moe(blocks, hs)
+        return blocks.map(
+            lambda h, d, m: (h + self.post_feedforward_layernorm(d + m)) * layer_scalar, hs, dense, experts
+        )
+
+    def _whole_feed_forward(self, h: mx.array, attended: mx.array, layer_scalar: mx.array) -> mx.array:
+        return self.feed_forward(RowBlocks.whole(h.shape[1]), [h], [attended], layer_scalar)[0]
 
     def _moe(self, blocks: RowBlocks, hs: list[mx.array]) -> list[mx.array]:
         # The router reads the residual stream itself; the experts its normed copy.
@@ -66,6 +98,19 @@ class TransformerLayer(nn.Module):
         normed = blocks.map(self.pre_feedforward_layernorm_2, flat)
         out = self.experts(blocks, normed, [i for i, _ in routes], [w for _, w in routes])
         return blocks.map(lambda o, h: self.post_feedforward_layernorm_2(o.reshape(h.shape)), out, hs)
+
+
+class CompiledGraphs:
+    """`mx.compile(function)`, traced again for every key (the settings that shape the graph)."""
+
+    def __init__(self, function: Callable):
+        self.function = function
+        self.graphs: dict[Hashable, Callable] = {}
+
+    def get(self, key: Hashable) -> Callable:
+        if key not in self.graphs:
+            self.graphs[key] = mx.compile(self.function)
+        return self.graphs[key]
 
 
 class Decoder(nn.Module):

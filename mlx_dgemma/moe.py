@@ -53,6 +53,11 @@ def moe_dispatch() -> str:
     return "gather"
 
 
+def dispatch_settings() -> tuple:
+    """The dispatch in force with the settings that shape its graph (a key for compiled graphs)."""
+    return moe_dispatch(), TILE_ROWS, KERNEL_TILE_ROWS, kernels.FUSED_MATMUL
+
+
 def available_dispatches() -> tuple[str, ...]:
     """The dispatches that can run on the current default device (our kernels need CUDA)."""
     return DISPATCHES if kernels.available() else tuple(d for d in DISPATCHES if d not in CUDA_ONLY)

@@ -14,6 +14,7 @@ from transformers.cache_utils import DynamicCache
 
 import mlx_dgemma
 from mlx_dgemma import cpu, set_moe_dispatch
+from mlx_dgemma import model as model_module
 
 TOLERANCE = 1e-4
 
@@ -181,6 +182,30 @@ def test_moe_dispatches_agree(small):
     assert np.abs(results["grouped"] - results["gather"]).max() < 1e-5
     for dispatch in ("tiled", "kernel", "fused"):
         assert np.abs(results[dispatch] - results["gather"]).max() < 1e-5
+
+
+def test_compiled_feed_forward_matches_reference(small, monkeypatch):
+    """The GPUs' compiled decoder feed-forward, forced here in one block: reference logits, one trace per dispatch."""
+    reference, ours = small
+    monkeypatch.setattr(cpu, "block_count", lambda length: 1)
+    monkeypatch.setattr(model_module, "COMPILE_FEED_FORWARD", True)
+    vocab, canvas_length = ours.text_config.vocab_size, ours.config.canvas_length
+    generator = torch.Generator().manual_seed(9)
+    prompt, canvas = random_ids(generator, vocab, 1, 17), random_ids(generator, vocab, 1, canvas_length)
+    run, cache = ReferenceRun(reference), ours.make_cache()
+    run.encode(prompt)
+    ours.encode(to_mx(prompt), cache)
+    expected = run.denoise(canvas)
+    graphs = ours.layers[0]._feed_forward_graphs.graphs
+    graphs.clear()
+    try:
+        for dispatch in ("gather", "tiled"):
+            set_moe_dispatch(dispatch)
+            for _ in range(2):
+                assert max_error(ours.denoise(to_mx(canvas), cache), expected) < TOLERANCE
+    finally:
+        set_moe_dispatch(None)
+    assert [key[0] for key in graphs] == ["gather", "tiled"]
 
 
 VARIANTS = {

@@ -12,6 +12,7 @@ from transformers.models.diffusion_gemma.generation_diffusion_gemma import Entro
 
 import mlx_dgemma
 from mlx_dgemma import cpu, layers, moe, sampler
+from mlx_dgemma import model as model_module
 from mlx_dgemma.sampler import BlockSampler, SamplerSettings, SeededNoise
 
 EOS, PAD = 1, 0
@@ -21,11 +22,12 @@ EOS, PAD = 1, 0
 def row_blocks(request, monkeypatch):
     """Every parity test runs as this machine splits the canvas, again cut into 3 blocks on 3 CPU streams,
     and again down the code path a GPU takes (one block, fused step math, every position drawn, the
-    next step launched ahead, tanh soft-cap, fused attention, gathered MoE), here on the CPU."""
+    next step launched ahead, tanh soft-cap, fused attention, gathered MoE, each decoder layer's feed-forward
+    as one compiled graph), here on the CPU."""
     if request.param == "3 row blocks":
         monkeypatch.setattr(cpu, "block_count", lambda length: 3)
     elif request.param == "GPU code path":
-        for module in (cpu, layers, moe, sampler):
+        for module in (cpu, layers, moe, sampler, model_module):
             monkeypatch.setattr(module, "on_cpu", lambda: False)
 
 

@@ -21,16 +21,21 @@ class OursDriver(MlxDriver):
         import mlx.core as mx
 
         import mlx_dgemma
+        from mlx_dgemma import model as model_module
         from mlx_dgemma import moe
 
         if self.settings.moe_dispatch != "auto":
             moe.set_moe_dispatch(self.settings.moe_dispatch)
+        compiled = getattr(self.settings, "compile_feed_forward", "auto")
+        if compiled != "auto":
+            model_module.COMPILE_FEED_FORWARD = compiled == "on"
         self.mx = mx
         return {
             "mlx": mx.__version__,
             "mlx_dgemma": _version("mlx-dgemma") or getattr(mlx_dgemma, "__version__", "?"),
             "device": str(mx.default_device()),
             "moe_dispatch": moe.moe_dispatch(),
+            "compile_feed_forward": _compiles_feed_forward(model_module),
         }
 
     # -- loading -------------------------------------------------------------------------------------------------
@@ -134,6 +139,15 @@ def sampler_events(sampler, cache) -> Iterator[tuple[str, Any]]:
         yield from (("draft", d) for d in drafts)  # the callback already ran; timing is approximate here
         drafts.clear()
         yield "canvas", result
+
+
+def _compiles_feed_forward(model_module) -> bool | None:
+    """Whether a canvas's decoder layers run their feed-forward compiled (None: a tree without the option)."""
+    if not hasattr(model_module, "compiles_feed_forward"):
+        return None
+    from mlx_dgemma.cpu import RowBlocks
+
+    return model_module.compiles_feed_forward(RowBlocks(256))
 
 
 def _version(distribution: str) -> str | None:

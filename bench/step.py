@@ -1,0 +1,122 @@
+"""Our denoising step under several settings, in one process, alternating: which settings make it fastest.
+
+    python -m bench.step --shape released --dispatches kernel,fused --compile off,on   # a GPU
+
+Loads our model once (the bench's checkpoint, or the shape's random weights
+built in memory), then runs rounds of generations: every round runs each
+variant (an MoE dispatch, with the decoder layers' feed-forward compiled or
+not) for one canvas of `--steps` fixed steps, in turn, so the machine's drift
+reaches every variant alike. Round 0 warms up (graph tracing, kernel
+compiles) and is not counted. A variant's figure is the median of its warm
+steps (a canvas's first step, which also launches the next, is left out as in
+`python -m bench`). Prints a table and, with --out, writes JSON after every round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from .record import summary
+from .shapes import RunSpec, Settings, parse_shape
+from .worker import make_prompt
+
+COMPILE_CHOICES = {"off": False, "on": True}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.step", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", default="bench", help="a preset or JSON, as for python -m bench")
+    parser.add_argument("--dispatches", default="auto", help="comma-separated MoE dispatches (auto: the device's)")
+    parser.add_argument("--compile", default="off,on", help="the decoder feed-forward compiled: off, on or both")
+    parser.add_argument("--steps", type=int, default=16, help="fixed steps per canvas")
+    parser.add_argument("--rounds", type=int, default=4, help="rounds after the warm-up round")
+    parser.add_argument("--prompt-tokens", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    try:
+        variants = _variants(args.dispatches, args.compile)
+        results = run(args, variants)
+    except Exception as error:  # a one-line reason, not a traceback
+        print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+    return 0 if any(v.get("median_ms") for v in results["variants"]) else 1
+
+
+def _variants(dispatches: str, compiled: str) -> list[tuple[str, bool]]:
+    unknown = [c for c in compiled.split(",") if c not in COMPILE_CHOICES]
+    if unknown:
+        raise ValueError(f"--compile: {', '.join(unknown)}; choose from {', '.join(COMPILE_CHOICES)}")
+    return [(d, COMPILE_CHOICES[c]) for d in dispatches.split(",") for c in compiled.split(",")]
+
+
+def run(args: argparse.Namespace, variants: list[tuple[str, bool]]) -> dict[str, Any]:
+    import mlx.core as mx
+
+    from mlx_dgemma import model as model_module
+    from mlx_dgemma import moe
+
+    from .cli import ensure_checkpoint
+    from .runtimes.ours import OursDriver
+
+    for dispatch, _ in variants:
+        if dispatch != "auto" and dispatch not in moe.available_dispatches():
+            raise ValueError(f"--dispatches: {dispatch} cannot run here; choose from {moe.available_dispatches()}")
+    shape = parse_shape(args.shape)
+    settings = Settings(prompt_tokens=args.prompt_tokens, steps=args.steps, seed=args.seed, breakdown=False)
+    checkpoint = None
+    if shape.source != "synthetic":
+        out = Path(__file__).resolve().parent / "out"
+        (out / "logs").mkdir(parents=True, exist_ok=True)
+        checkpoint = str(ensure_checkpoint(shape, out, False, out / "logs"))
+    driver = OursDriver(RunSpec("us", shape, settings, checkpoint))
+    env = driver.setup()
+    driver.load()
+    prompt = make_prompt(driver.vocab, settings.prompt_tokens, settings.seed)
+    results: dict[str, Any] = {"shape": shape.name, "device": env["device"], "mlx": env["mlx"], "variants": []}
+    rows = {(d, c): {"dispatch": d, "compiled": c, "steps_s": [], "errors": []} for d, c in variants}
+    results["variants"] = list(rows.values())
+    print(f"shape={shape.name}  device={env['device']}  mlx={env['mlx']}  steps={args.steps}", flush=True)
+    for round_index in range(args.rounds + 1):
+        for (dispatch, compiled), row in rows.items():
+            moe.set_moe_dispatch(None if dispatch == "auto" else dispatch)
+            model_module.COMPILE_FEED_FORWARD = compiled
+            try:
+                generation = driver.generate(prompt, args.steps, adaptive=False, seed=args.seed, per_step=True)
+            except Exception as error:
+                row["errors"].append(f"{type(error).__name__}: {error}"[:300])
+                continue
+            finally:
+                moe.set_moe_dispatch(None)
+                model_module.COMPILE_FEED_FORWARD = None
+            if round_index == 0:
+                row["dispatch_used"] = dispatch if dispatch != "auto" else moe.moe_dispatch()
+                continue
+            row["steps_s"].extend(t for canvas in generation.step_times for t in canvas[1:])
+        for row in rows.values():
+            if row["steps_s"]:
+                stats = summary(row["steps_s"])
+                row.update(median_ms=stats["median"] * 1e3, min_ms=stats["min"] * 1e3, samples=len(row["steps_s"]))
+        print(f"round {round_index} done", flush=True)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(results, indent=2))
+    mx.clear_cache()
+    print(f"{'dispatch':<10} {'compiled':<9} {'median ms':>10} {'min ms':>8} {'samples':>8}")
+    for row in rows.values():
+        if row.get("median_ms") is None:
+            print(f"{row['dispatch']:<10} {str(row['compiled']):<9} error: {'; '.join(row['errors'])[:300]}")
+            continue
+        print(
+            f"{row['dispatch']:<10} {str(row['compiled']):<9} {row['median_ms']:>10.2f} {row['min_ms']:>8.2f}"
+            f" {row['samples']:>8}"
+        )
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(main())
