@@ -392,6 +392,5 @@ class StepBreakdown:
             "repeats": self.repeats,
             "errors": self.errors,
             "method": "each part re-run alone on the recorded inputs of a real second (self-conditioned) step; "
-            "mx.eval + perf_counter, median of repeats; the layers' feed-forward uncompiled (GPUs compile it in "
-            "the real step)",
+            "mx.eval + perf_counter, median of repeats; the layers' feed-forward uncompiled",
         }

@@ -31,7 +31,7 @@ RUNTIMES = ("us", "mlx-vlm", "reference")
 MLX_RUNTIMES = ("us", "mlx-vlm")
 
 # mlx_dgemma.moe.DISPATCHES, plus "auto" (the per-backend default); not imported, to keep --help fast.
-MOE_DISPATCHES = ("auto", "gather", "tiled", "grouped", "kernel", "fused")
+MOE_DISPATCHES = ("auto", "gather", "tiled", "grouped", "fused")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--compile-feed-forward",
         choices=("auto", "on", "off"),
-        help="our decoder layers' feed-forward as one compiled graph (auto: on GPUs)",
+        help="our decoder layers' feed-forward as one compiled graph (auto: our default, off)",
     )
     parser.add_argument("--moe-compare", action="store_true", help="also time our MoE block under every dispatch")
     parser.add_argument("--no-breakdown", action="store_true", help="skip the per-component breakdown of our step")

@@ -44,8 +44,6 @@ def variants():
     for shape in (RELEASED, BENCH):
         hidden, inner = shape["hidden"], shape["inner"]
         for rows in (16, 32):
-            for k, n in ((hidden, 2 * inner), (inner, hidden)):
-                yield kernels.TILE_QMM, matmul, {"K": k, "N": n, "MT": rows // 16}
             for kind, kernel in kernels.FUSED_QMM.items():
                 for k, n, glu in ((hidden, 2 * inner, True), (inner, hidden, False)):
                     template = {"K": k, "N": n, "MT": rows // 16, "GATHER": glu, "GLU": glu, "ACT": 0}

@@ -18,7 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from .record import summary, time_repeated
@@ -27,7 +29,6 @@ from .shapes import parse_shape
 # Settings each dispatch is timed under: module attributes of mlx_dgemma ("module.NAME") and their values.
 VARIANTS = {
     "tiled": [{"moe.TILE_ROWS": rows} for rows in (8, 16, 32)],
-    "kernel": [{"moe.KERNEL_TILE_ROWS": rows} for rows in (16, 32)],
     "fused": [
         {"moe.KERNEL_TILE_ROWS": rows, "kernels.FUSED_MATMUL": matmul}
         for matmul in ("staged", "registers")
@@ -180,11 +181,19 @@ def _embedding_parts(config, shape, tokens: int, dtype, repeats: int, save, resu
     def quantized(a, transpose):
         return mx.quantized_matmul(a, packed, scales, biases, transpose=transpose, group_size=shape.group_size, bits=8)
 
+    from mlx_dgemma.model import _vocab_split_matmul
+
+    embedding = SimpleNamespace(weight=packed, scales=scales, biases=biases, group_size=shape.group_size, bits=8)
+    embedding.mode = "affine"
     cases = {
         "head, 8-bit": lambda: quantized(x, True),
         "head, dequantized": lambda: x @ dense.T,
         "self-conditioning, 8-bit": lambda: quantized(probs, False),
         "self-conditioning, dequantized": lambda: probs @ dense,
+        **{
+            f"self-conditioning, 8-bit, {splits} slices": partial(_vocab_split_matmul, probs, embedding, splits)
+            for splits in (4, 8, 16, 32)
+        },
     }
     rows: list[dict[str, Any]] = []
     results["embedding"] = rows

@@ -155,7 +155,7 @@ class Settings:
     breakdown_repeats: int = 5
     seed: int = 0
     moe_dispatch: str = "auto"
-    compile_feed_forward: str = "auto"  # on, off, or auto (our default: on GPUs)
+    compile_feed_forward: str = "auto"  # on, off, or auto (our default: off)
     moe_compare: bool = False
     breakdown: bool = True
     adaptive: bool = True

@@ -32,6 +32,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape", default="bench", help="a preset or JSON, as for python -m bench")
     parser.add_argument("--dispatches", default="auto", help="comma-separated MoE dispatches (auto: the device's)")
     parser.add_argument("--compile", default="off,on", help="the decoder feed-forward compiled: off, on or both")
+    parser.add_argument(
+        "--vary",
+        action="append",
+        default=[],
+        metavar="MODULE.NAME=A,B",
+        help="also vary a setting of mlx_dgemma (e.g. model.SELF_CONDITIONING_SPLITS=1,8); repeatable",
+    )
     parser.add_argument("--steps", type=int, default=16, help="fixed steps per canvas")
     parser.add_argument("--rounds", type=int, default=4, help="rounds after the warm-up round")
     parser.add_argument("--prompt-tokens", type=int, default=512)
@@ -39,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args(argv)
     try:
-        variants = _variants(args.dispatches, args.compile)
+        variants = _variants(args.dispatches, args.compile, args.vary)
         results = run(args, variants)
     except Exception as error:  # a one-line reason, not a traceback
         print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
@@ -47,14 +54,33 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if any(v.get("median_ms") for v in results["variants"]) else 1
 
 
-def _variants(dispatches: str, compiled: str) -> list[tuple[str, bool]]:
+def _variants(dispatches: str, compiled: str, vary: list[str]) -> list[tuple[str, bool, tuple]]:
+    """(dispatch, compiled, ((module, name, value), ...)) for every combination asked for."""
     unknown = [c for c in compiled.split(",") if c not in COMPILE_CHOICES]
     if unknown:
         raise ValueError(f"--compile: {', '.join(unknown)}; choose from {', '.join(COMPILE_CHOICES)}")
-    return [(d, COMPILE_CHOICES[c]) for d in dispatches.split(",") for c in compiled.split(",")]
+    settings: list[tuple] = [()]
+    for item in vary:
+        target, _, values = item.partition("=")
+        module, _, name = target.partition(".")
+        if not (module and name and values):
+            raise ValueError(f"--vary {item!r}: expected MODULE.NAME=A,B")
+        settings = [(*s, (module, name, _value(v))) for s in settings for v in values.split(",")]
+    return [(d, COMPILE_CHOICES[c], s) for d in dispatches.split(",") for c in compiled.split(",") for s in settings]
 
 
-def run(args: argparse.Namespace, variants: list[tuple[str, bool]]) -> dict[str, Any]:
+def _value(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def run(args: argparse.Namespace, variants: list[tuple[str, bool, tuple]]) -> dict[str, Any]:
+    import importlib
+
     import mlx.core as mx
 
     from mlx_dgemma import model as model_module
@@ -63,7 +89,7 @@ def run(args: argparse.Namespace, variants: list[tuple[str, bool]]) -> dict[str,
     from .cli import ensure_checkpoint
     from .runtimes.ours import OursDriver
 
-    for dispatch, _ in variants:
+    for dispatch, _, _ in variants:
         if dispatch != "auto" and dispatch not in moe.available_dispatches():
             raise ValueError(f"--dispatches: {dispatch} cannot run here; choose from {moe.available_dispatches()}")
     shape = parse_shape(args.shape)
@@ -77,14 +103,28 @@ def run(args: argparse.Namespace, variants: list[tuple[str, bool]]) -> dict[str,
     env = driver.setup()
     driver.load()
     prompt = make_prompt(driver.vocab, settings.prompt_tokens, settings.seed)
+    compiled_default = model_module.COMPILE_FEED_FORWARD
     results: dict[str, Any] = {"shape": shape.name, "device": env["device"], "mlx": env["mlx"], "variants": []}
-    rows = {(d, c): {"dispatch": d, "compiled": c, "steps_s": [], "errors": []} for d, c in variants}
+    rows = {
+        (d, c, s): {
+            "dispatch": d,
+            "compiled": c,
+            "settings": {f"{m}.{n}": v for m, n, v in s},
+            "steps_s": [],
+            "errors": [],
+        }
+        for d, c, s in variants
+    }
     results["variants"] = list(rows.values())
     print(f"shape={shape.name}  device={env['device']}  mlx={env['mlx']}  steps={args.steps}", flush=True)
     for round_index in range(args.rounds + 1):
-        for (dispatch, compiled), row in rows.items():
+        for (dispatch, compiled, settings_of), row in rows.items():
             moe.set_moe_dispatch(None if dispatch == "auto" else dispatch)
             model_module.COMPILE_FEED_FORWARD = compiled
+            targets = [(importlib.import_module(f"mlx_dgemma.{m}"), n, v) for m, n, v in settings_of]
+            saved = [(module, name, getattr(module, name)) for module, name, _ in targets]
+            for module, name, value in targets:
+                setattr(module, name, value)
             try:
                 generation = driver.generate(prompt, args.steps, adaptive=False, seed=args.seed, per_step=True)
             except Exception as error:
@@ -92,7 +132,9 @@ def run(args: argparse.Namespace, variants: list[tuple[str, bool]]) -> dict[str,
                 continue
             finally:
                 moe.set_moe_dispatch(None)
-                model_module.COMPILE_FEED_FORWARD = None
+                model_module.COMPILE_FEED_FORWARD = compiled_default
+                for module, name, value in saved:
+                    setattr(module, name, value)
             if round_index == 0:
                 row["dispatch_used"] = dispatch if dispatch != "auto" else moe.moe_dispatch()
                 continue
@@ -106,14 +148,15 @@ def run(args: argparse.Namespace, variants: list[tuple[str, bool]]) -> dict[str,
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(results, indent=2))
     mx.clear_cache()
-    print(f"{'dispatch':<10} {'compiled':<9} {'median ms':>10} {'min ms':>8} {'samples':>8}")
+    print(f"{'dispatch':<10} {'compiled':<9} {'median ms':>10} {'min ms':>8} {'samples':>8}  settings")
     for row in rows.values():
+        label = " ".join(f"{k}={v}" for k, v in row["settings"].items())
         if row.get("median_ms") is None:
-            print(f"{row['dispatch']:<10} {str(row['compiled']):<9} error: {'; '.join(row['errors'])[:300]}")
+            print(f"{row['dispatch']:<10} {str(row['compiled']):<9} error: {'; '.join(row['errors'])[:300]}  {label}")
             continue
         print(
             f"{row['dispatch']:<10} {str(row['compiled']):<9} {row['median_ms']:>10.2f} {row['min_ms']:>8.2f}"
-            f" {row['samples']:>8}"
+            f" {row['samples']:>8}  {label}"
         )
     return results
 

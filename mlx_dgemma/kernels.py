@@ -18,11 +18,13 @@ The k positions inside each mma are a permutation of the group's 64: any
 permutation gives the same dot product as long as the x side follows it,
 and this one lets each thread read its weights and x as whole words.
 
-Two pipelines use it: `tile_matmul` (the "kernel" dispatch, measured on an
-H200) takes the layout and every op around it from stock MLX; `fused_experts`
-(the "fused" dispatch, not yet measured) does the whole block in four
-launches. Both run only on CUDA, for 4-bit experts with groups of 64, bf16
-activations and output columns in multiples of 128; `supports` says when.
+`fused_experts` (the "fused" dispatch, CUDA's default) does the whole block
+in four launches; on an H200 at the released shape it takes 0.55 ms a layer,
+against 5.5 ms for MLX's sorted `gather_qmm` and 1.14 ms for an earlier
+kernel of ours that left the layout, gathers, GLU and combine to stock MLX
+ops (bench/RESULTS.md). It runs only on CUDA, for 4-bit experts with groups
+of 64, bf16 activations and output columns in multiples of 128; `supports`
+says when.
 """
 
 from __future__ import annotations
@@ -79,101 +81,6 @@ __device__ __forceinline__ uint32_t dg_pair(const uint32_t* p, int j) {
 }
 """
 
-# Grid: (N threads, tiles, 1) in blocks of 128 threads: block (bx, tile) computes rows
-# [tile * ROWS, +ROWS) x columns [bx * 128, +128). Warp w owns columns bx * 128 + w * 32 + [0, 32),
-# as four mma tiles of 8. Lane = 4 * g + t: mma row g (and g + 8), and in each 64-wide chunk of k the
-# sixteen k values 16 t + [0, 16) (words 2t and 2t + 1 of a weight row).
-_SOURCE = """
-  constexpr int KW = K / 8;          // packed words per weight row
-  constexpr int GROUPS = K / 64;
-  constexpr int ROWS = 16 * MT;
-  const int tile = blockIdx.y;
-  if (tile >= tile_count[0]) return;  // padding tiles past the last expert's rows
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int g = lane >> 2, t = lane & 3;
-  const uint32_t expert = tile_experts[tile];
-  const int col0 = blockIdx.x * 128 + warp * 32;
-
-  const uint32_t* __restrict__ wrow[4];
-  for (int nt = 0; nt < 4; ++nt) {
-    wrow[nt] = w + ((size_t)expert * N + col0 + nt * 8 + g) * KW + 2 * t;
-  }
-  const __nv_bfloat16* __restrict__ srow = scales + ((size_t)expert * N + col0 + 2 * t) * GROUPS;
-  const __nv_bfloat16* __restrict__ brow = biases + ((size_t)expert * N + col0 + 2 * t) * GROUPS;
-  const uint4* __restrict__ xrow[MT][2];
-  for (int m = 0; m < MT; ++m) {
-    for (int h = 0; h < 2; ++h) {
-      xrow[m][h] = reinterpret_cast<const uint4*>(x + ((size_t)tile * ROWS + m * 16 + h * 8 + g) * K + 16 * t);
-    }
-  }
-
-  float acc[MT][4][4];
-  for (int m = 0; m < MT; ++m)
-    for (int nt = 0; nt < 4; ++nt)
-      for (int i = 0; i < 4; ++i) acc[m][nt][i] = 0.f;
-
-  uint2 wcur[4], wnext[4];
-  for (int nt = 0; nt < 4; ++nt) wcur[nt] = *reinterpret_cast<const uint2*>(wrow[nt]);
-
-  const uint32_t ones = 0x3F803F80u;  // bf16 pair (1, 1)
-  #pragma unroll 1
-  for (int c = 0; c < GROUPS; ++c) {
-    if (c + 1 < GROUPS) {
-      for (int nt = 0; nt < 4; ++nt) wnext[nt] = *reinterpret_cast<const uint2*>(wrow[nt] + (c + 1) * 8);
-    }
-    // x fragments for the four mma steps of this chunk, per 16-row block.
-    uint32_t a[MT][4][4];
-    float sums[MT][4];
-    for (int m = 0; m < MT; ++m) {
-      uint4 lo0 = xrow[m][0][c * 8], hi0 = xrow[m][0][c * 8 + 1];  // row g: k 16t + [0, 8), [8, 16)
-      uint4 lo1 = xrow[m][1][c * 8], hi1 = xrow[m][1][c * 8 + 1];  // row g + 8
-      const uint32_t p0[4] = {lo0.x, lo0.y, lo0.z, lo0.w}, q0[4] = {hi0.x, hi0.y, hi0.z, hi0.w};
-      const uint32_t p1[4] = {lo1.x, lo1.y, lo1.z, lo1.w}, q1[4] = {hi1.x, hi1.y, hi1.z, hi1.w};
-      for (int i = 0; i < 4; ++i) sums[m][i] = 0.f;
-      for (int j = 0; j < 4; ++j) {
-        a[m][j][0] = dg_pair(p0, j);
-        a[m][j][1] = dg_pair(p1, j);
-        a[m][j][2] = dg_pair(q0, j);
-        a[m][j][3] = dg_pair(q1, j);
-        dg_mma(sums[m], a[m][j], ones, ones);
-      }
-    }
-    for (int nt = 0; nt < 4; ++nt) {
-      const float s0 = __bfloat162float(srow[nt * 8 * GROUPS + c]);
-      const float s1 = __bfloat162float(srow[(nt * 8 + 1) * GROUPS + c]);
-      const float z0 = __bfloat162float(brow[nt * 8 * GROUPS + c]) - 128.f * s0;
-      const float z1 = __bfloat162float(brow[(nt * 8 + 1) * GROUPS + c]) - 128.f * s1;
-      for (int m = 0; m < MT; ++m) {
-        float part[4] = {0.f, 0.f, 0.f, 0.f};
-        for (int j = 0; j < 4; ++j) {
-          dg_mma(part, a[m][j], dg_codes(wcur[nt].x, j), dg_codes(wcur[nt].y, j));
-        }
-        acc[m][nt][0] += s0 * part[0] + z0 * sums[m][0];
-        acc[m][nt][1] += s1 * part[1] + z1 * sums[m][1];
-        acc[m][nt][2] += s0 * part[2] + z0 * sums[m][2];
-        acc[m][nt][3] += s1 * part[3] + z1 * sums[m][3];
-      }
-    }
-    if (c + 1 < GROUPS) {
-      for (int nt = 0; nt < 4; ++nt) wcur[nt] = wnext[nt];
-    }
-  }
-
-  for (int m = 0; m < MT; ++m) {
-    for (int nt = 0; nt < 4; ++nt) {
-      const int col = col0 + nt * 8 + 2 * t;
-      const size_t row = (size_t)tile * ROWS + m * 16 + g;
-      *reinterpret_cast<__nv_bfloat162*>(y + row * N + col) = __floats2bfloat162_rn(acc[m][nt][0], acc[m][nt][1]);
-      *reinterpret_cast<__nv_bfloat162*>(y + (row + 8) * N + col) = __floats2bfloat162_rn(acc[m][nt][2], acc[m][nt][3]);
-    }
-  }
-"""
-
-
-TILE_QMM = KernelSource(
-    "dgemma_tile_qmm", ("x", "w", "scales", "biases", "tile_experts", "tile_count"), ("y",), _SOURCE, _HEADER
-)
-
 
 def available() -> bool:
     """Whether the kernels can run here: MLX's default device is a CUDA GPU with bf16 `mma.sync` (sm_80 and up)."""
@@ -208,31 +115,14 @@ def _suits(layer) -> bool:
     )
 
 
-def tile_matmul(x: mx.array, layer, tile_experts: mx.array, tile_count: mx.array, tile_rows: int) -> mx.array:
-    """Rows of x (tiles * tile_rows, in) times their tile's expert of `layer`: (tiles * tile_rows, out), bf16.
-
-    Rows of tiles at or past `tile_count` (an int32 scalar array) are left unwritten.
-    """
-    experts, out_features, words = layer.weight.shape
-    rows = x.shape[0]
-    return _compiled(TILE_QMM)(
-        inputs=[x, layer.weight, layer.scales, layer.biases, tile_experts, tile_count],
-        template=[("K", words * 8), ("N", out_features), ("MT", tile_rows // 16)],
-        grid=(out_features, rows // tile_rows, 1),
-        threadgroup=(THREADS, 1, 1),
-        output_shapes=[(rows, out_features)],
-        output_dtypes=[mx.bfloat16],
-    )[0]
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The fused MoE pipeline ("fused" dispatch): four launches a layer instead of about twenty-five.
 #   layout   one block: counts, tile starts, every entry's row, each row's token, each tile's expert;
 #   gate/up  the tile matmul reading x's rows through `sources` (no gathered copy) with the GLU in its epilogue;
 #   down     the same matmul on the GLU's rows;
 #   combine  each token's k results weighted and summed in float32.
-# The matmul loads every operand of the next 64-wide chunk of k before multiplying the current one (the
-# kernel above prefetches only the weights, and measured latency-bound). Not yet measured on a GPU.
+# The matmul has every operand of the next 64-wide chunks of k in flight while it multiplies the current one:
+# our first kernel loaded only the next chunk's weights and waited on memory latency (0.7-0.9 TB/s).
 # ---------------------------------------------------------------------------------------------------------------
 
 ACTIVATION_CODES = {"gelu_pytorch_tanh": 0, "gelu_new": 0, "gelu": 1, "silu": 2, "relu": 3}
@@ -332,11 +222,13 @@ __device__ __forceinline__ void dg_multiply(const DgChunk<MT>& o, float (&acc)[M
 """
 )
 
-# Grid (N threads, tiles, 1) in blocks of 128, as the kernel above. Without GLU, warp w of block bx owns weight
-# rows (output columns) bx * 128 + w * 32 + [0, 32). With GLU (N = 2 * inner: gate rows, then up rows), it
-# owns the GLU's columns j0 + [0, 16), j0 = bx * 64 + w * 16: its mma tiles 0 and 1 are gate rows
-# j0 + [0, 16) and tiles 2 and 3 the up rows inner + j0 + [0, 16), so each thread holds the gate and up of
-# the same outputs.
+# Grid (N threads, tiles, 1) in blocks of 128: block (bx, tile) computes the tile's rows [tile * ROWS, +ROWS)
+# for 128 weight rows, MT mma row tiles of 16. Lane = 4 * g + t holds mma rows g and g + 8 and, in each 64-wide
+# chunk of k, the sixteen k values 16 t + [0, 16) (words 2t and 2t + 1 of a weight row). Without GLU, warp w
+# of block bx owns weight rows (output columns) bx * 128 + w * 32 + [0, 32). With GLU (N = 2 * inner: gate
+# rows, then up rows), it owns the GLU's columns j0 + [0, 16), j0 = bx * 64 + w * 16: its mma tiles 0 and 1
+# are gate rows j0 + [0, 16) and tiles 2 and 3 the up rows inner + j0 + [0, 16), so each thread holds the
+# gate and up of the same outputs.
 _FUSED_MATMUL_SOURCE = """
   constexpr int KW = K / 8;
   constexpr int GROUPS = K / 64;
@@ -623,7 +515,8 @@ _COMBINE_SOURCE = """
   *reinterpret_cast<uint4*>(y + (size_t)token * H + column) = make_uint4(out[0], out[1], out[2], out[3]);
 """
 
-LAYOUT_THREADS = 1024
+# 1024 threads asked for more registers than a block has ("too many resources requested for launch" on the H200).
+LAYOUT_THREADS = 256
 COMBINE_THREADS = 64
 
 

@@ -25,16 +25,16 @@ from .layers import Attention, GatedMLP, RMSNorm, SelfConditioning, embedding_sc
 from .moe import Experts, Router
 
 # Whether a decoder layer's work after attention (norms, dense MLP, router, experts, residual) runs as one
-# compiled graph; None: on GPUs. There the graph's elementwise ops fuse and the host traces it once instead of
-# building it at every step. The CPU's row blocks run on several streams, which one graph cannot.
-COMPILE_FEED_FORWARD: bool | None = None
+# compiled graph (`mx.compile`), where the positions are one row block. Off: on the H200 it made a step
+# slower with the fused MoE (37.6 against 29.5 ms) and gained 2% with the earlier kernel (bench/RESULTS.md);
+# Metal is unmeasured. The CPU's row blocks run on several streams, which one graph cannot.
+COMPILE_FEED_FORWARD = False
 
 
 def compiles_feed_forward(blocks: RowBlocks) -> bool:
     """Whether the decoder layers take their compiled feed-forward graph for these row blocks."""
-    wanted = COMPILE_FEED_FORWARD if COMPILE_FEED_FORWARD is not None else not on_cpu()
     # The grouped dispatch reads its padded width back to the host, which a compiled graph cannot.
-    return wanted and len(blocks) == 1 and moe.moe_dispatch() != "grouped"
+    return COMPILE_FEED_FORWARD and len(blocks) == 1 and moe.moe_dispatch() != "grouped"
 
 
 class TransformerLayer(nn.Module):
@@ -98,6 +98,36 @@ class TransformerLayer(nn.Module):
         normed = blocks.map(self.pre_feedforward_layernorm_2, flat)
         out = self.experts(blocks, normed, [i for i, _ in routes], [w for _, w in routes])
         return blocks.map(lambda o, h: self.post_feedforward_layernorm_2(o.reshape(h.shape)), out, hs)
+
+
+# The self-conditioning matmul (canvas x vocabulary) @ (vocabulary x hidden) sums over the whole vocabulary:
+# as one quantized matmul, its few output tiles each run down all of it (on the H200 it took 6 ms of a 29 ms
+# step). On GPUs it can be cut into this many slices of the vocabulary, their products summed in float32.
+# Not yet measured on a GPU, so 1 (one matmul); `python -m bench.step --vary model.SELF_CONDITIONING_SPLITS=1,8`.
+SELF_CONDITIONING_SPLITS = 1
+
+
+def _vocab_split_matmul(probs: mx.array, embed: nn.QuantizedEmbedding, splits: int) -> mx.array:
+    """probs @ dequantized(embed) with the vocabulary cut into `splits` slices (1: one matmul)."""
+
+    def product(rows: slice) -> mx.array:
+        return mx.quantized_matmul(
+            probs[..., rows],
+            embed.weight[rows],
+            embed.scales[rows],
+            embed.biases[rows],
+            transpose=False,
+            group_size=embed.group_size,
+            bits=embed.bits,
+            mode=embed.mode,
+        )
+
+    vocab = probs.shape[-1]
+    if splits <= 1:
+        return product(slice(None))
+    step = -(-vocab // splits)
+    total = sum(product(slice(start, start + step)).astype(mx.float32) for start in range(0, vocab, step))
+    return total.astype(probs.dtype)
 
 
 class CompiledGraphs:
@@ -280,16 +310,7 @@ class Model(nn.Module):
         embed = self.embed_tokens
         if isinstance(embed, nn.QuantizedEmbedding):
             dtype = embed.scales.dtype
-            soft = mx.quantized_matmul(
-                probs.astype(dtype),
-                embed.weight,
-                embed.scales,
-                embed.biases,
-                transpose=False,
-                group_size=embed.group_size,
-                bits=embed.bits,
-                mode=embed.mode,
-            )
+            soft = _vocab_split_matmul(probs.astype(dtype), embed, 1 if on_cpu() else SELF_CONDITIONING_SPLITS)
         else:
             dtype = embed.weight.dtype
             soft = probs.astype(dtype) @ embed.weight

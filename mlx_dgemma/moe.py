@@ -7,11 +7,10 @@ How tokens reach their experts is chosen per backend (`moe_dispatch`):
   each expert's tokens are padded to whole tiles inside a buffer whose size
   depends only on the shapes (no host read). MLX's CUDA `gather_qmm` reads an
   expert's weights once per call entry; tiled, once per tile;
-- "kernel": the same tiles through our own CUDA kernel (`kernels.py`) on the
-  tensor cores, for 4-bit experts (other experts take "tiled"): CUDA's default;
-- "fused": the whole block in four CUDA kernels of ours (layout, gate/up
-  reading the token rows in place with the GLU in its epilogue, down,
-  combine); not yet measured on a GPU, so not a default;
+- "fused": the whole block in four CUDA kernels of ours (`kernels.py`: layout,
+  gate/up on the tensor cores reading the token rows in place with the GLU in
+  its epilogue, down, combine), for 4-bit experts (others take "tiled"):
+  CUDA's default;
 - "grouped": tokens sorted by expert into a (experts, rows, hidden) stack,
   every expert padded to the largest group, then one batched matmul. MLX's
   CPU `gather_mm` is about a thousand times slower than a dense matmul and
@@ -19,8 +18,8 @@ How tokens reach their experts is chosen per backend (`moe_dispatch`):
   per expert there even with the padding (measured: 18 vs 24 ms a layer at 32
   experts, top-4, 256 tokens).
 Measured for one layer of the released shape (4-bit, 256 tokens) on an H200:
-gather 5.4 ms, tiled 1.3 ms, kernel 1.2 ms (bench/RESULTS.md). All compute the
-same thing; tests hold them to float tolerance (the kernel on a GPU only).
+gather 5.5 ms, tiled 1.3 ms, fused 0.55 ms (bench/RESULTS.md). All compute the
+same thing; tests hold them to float tolerance (fused on a GPU only).
 """
 
 from __future__ import annotations
@@ -34,9 +33,9 @@ from .config import TextConfig
 from .cpu import RowBlocks, on_cpu
 from .layers import ACTIVATIONS, rms_normalize
 
-DISPATCHES = ("gather", "tiled", "grouped", "kernel", "fused")
-CUDA_ONLY = ("kernel", "fused")
-# Rows per tile: of the "tiled" dispatch, and of our kernels' ("kernel", "fused").
+DISPATCHES = ("gather", "tiled", "grouped", "fused")
+CUDA_ONLY = ("fused",)
+# Rows per tile: of the "tiled" dispatch, and of our CUDA kernels' ("fused").
 TILE_ROWS = 16
 KERNEL_TILE_ROWS = 16
 _forced_dispatch: str | None = None
@@ -49,7 +48,7 @@ def moe_dispatch() -> str:
     if on_cpu():
         return "grouped"
     if kernels.available():
-        return "kernel"
+        return "fused"
     return "gather"
 
 
@@ -116,9 +115,7 @@ class Experts(nn.Module):
             self.gate_up_proj, self.down_proj, xs[0].dtype, self.activation
         ):
             return blocks.map(self._fused, xs, indices, weights)
-        if dispatch in CUDA_ONLY and kernels.supports(self.gate_up_proj, self.down_proj, xs[0].dtype):
-            return blocks.map(self._kernel_tiled, xs, indices, weights)
-        if dispatch in ("tiled", *CUDA_ONLY):
+        if dispatch in ("tiled", "fused"):
             return blocks.map(self._tiled, xs, indices, weights)
         return blocks.map(self._gathered, xs, indices, weights)
 
@@ -137,17 +134,10 @@ class Experts(nn.Module):
         return (out * weights[..., None].astype(out.dtype)).sum(axis=1)
 
     def _tiled(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
-        slots, tile_experts, sources, _ = _compiled_tile_layout(indices, self.gate_up_proj.num_experts, TILE_ROWS)
+        slots, tile_experts, sources = _compiled_tile_layout(indices, self.gate_up_proj.num_experts, TILE_ROWS)
         rows = x[sources].reshape(tile_experts.shape[0], TILE_ROWS, -1)
         hidden = self._glu(self.gate_up_proj(rows, tile_experts, sorted_indices=True))
         out = self.down_proj(hidden, tile_experts, sorted_indices=True).reshape(-1, x.shape[-1])
-        return self._combine(out, slots, weights)
-
-    def _kernel_tiled(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
-        rows = KERNEL_TILE_ROWS
-        slots, tile_experts, sources, used = _compiled_tile_layout(indices, self.gate_up_proj.num_experts, rows)
-        hidden = self._glu(kernels.tile_matmul(x[sources], self.gate_up_proj, tile_experts, used, rows))
-        out = kernels.tile_matmul(hidden, self.down_proj, tile_experts, used, rows)
         return self._combine(out, slots, weights)
 
     def _fused(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
@@ -195,7 +185,7 @@ class Experts(nn.Module):
         return (out * weights[..., None].astype(out.dtype)).sum(axis=1)
 
 
-def tile_layout(indices: mx.array, experts: int, tile: int) -> tuple[mx.array, mx.array, mx.array, mx.array]:
+def tile_layout(indices: mx.array, experts: int, tile: int) -> tuple[mx.array, mx.array, mx.array]:
     """Where each (token, choice) goes when every expert's tokens fill whole tiles of `tile` rows.
 
     indices: (tokens, k) expert ids. Returns `slots` (tokens, k), each entry's
@@ -203,7 +193,8 @@ def tile_layout(indices: mx.array, experts: int, tile: int) -> tuple[mx.array, m
     `sources` (rows,), the token each row of the buffer reads (padding rows
     read token 0; their results are never picked). The buffer holds
     tokens * k + experts * (tile - 1) rows rounded up to a tile: the most any
-    routing can need, so every shape is fixed.
+    routing can need, so every shape is fixed. (The fused CUDA dispatch makes
+    the same layout in one kernel.)
     """
     tokens, k = indices.shape
     flat = indices.flatten()
@@ -222,8 +213,7 @@ def tile_layout(indices: mx.array, experts: int, tile: int) -> tuple[mx.array, m
     # tiles past the last expert's rows are padding and take the last expert.
     tile_starts = mx.arange(tiles, dtype=mx.int32) * tile
     tile_experts = mx.minimum((padded_ends[None, :] <= tile_starts[:, None]).sum(axis=-1), experts - 1)
-    used = (padded_ends[-1:] // tile).astype(mx.int32)
-    return slots.reshape(tokens, k), tile_experts.astype(mx.uint32), sources, used
+    return slots.reshape(tokens, k), tile_experts.astype(mx.uint32), sources
 
 
 # One compiled graph per (shape, experts, tile): a step makes this layout in every layer, and its twenty small

@@ -50,5 +50,7 @@ def test_moe_probe_times_every_cpu_dispatch(tmp_path):
         "head, dequantized",
         "self-conditioning, 8-bit",
         "self-conditioning, dequantized",
+        *(f"self-conditioning, 8-bit, {splits} slices" for splits in (4, 8, 16, 32)),
     ]
-    assert moe_main(["--shape", shape, "--dispatches", "kernel"]) == 1  # CUDA only: a one-line error
+    assert all(r["error"] is None and r["median_ms"] > 0 for r in results["embedding"])
+    assert moe_main(["--shape", shape, "--dispatches", "fused"]) == 1  # CUDA only: a one-line error

@@ -12,7 +12,7 @@ from mlx_lm.models.switch_layers import SwitchLinear
 
 from mlx_dgemma import kernels
 
-SOURCES = [kernels.TILE_QMM, *kernels.FUSED_QMM.values(), kernels.MOE_LAYOUT, kernels.MOE_COMBINE]
+SOURCES = [*kernels.FUSED_QMM.values(), kernels.MOE_LAYOUT, kernels.MOE_COMBINE]
 
 
 @pytest.mark.parametrize("kernel", SOURCES, ids=lambda k: k.name)
