@@ -22,7 +22,7 @@ from typing import Any
 from . import orchestrate, report
 from .build import MARKER, is_complete
 from .runtimes import REQUIRES
-from .shapes import PRESETS, QUICK_SETTINGS, RunSpec, Settings, Shape, parse_shape
+from .shapes import PRESETS, QUICK_SETTINGS, RunSpec, Settings, Shape, parse_setting, parse_shape
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "bench" / "out"
@@ -67,6 +67,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--compile-feed-forward",
         choices=("auto", "on", "off"),
         help="our decoder layers' feed-forward as one compiled graph (auto: our default, off)",
+    )
+    parser.add_argument(
+        "--dense-weights",
+        choices=("quantized", "dequantized"),
+        help="our quantized dense layers (attention, dense MLPs) as they are, or dequantized at load",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="MODULE.NAME=VALUE",
+        help="set a module attribute of mlx_dgemma in our runtime (e.g. model.SELF_CONDITIONING_SPLITS=8)",
     )
     parser.add_argument("--moe-compare", action="store_true", help="also time our MoE block under every dispatch")
     parser.add_argument("--no-breakdown", action="store_true", help="skip the per-component breakdown of our step")
@@ -115,8 +127,19 @@ def resolve(args: argparse.Namespace) -> tuple[Shape, Settings, list[str]]:
         "seed": args.seed,
         "moe_dispatch": args.moe_dispatch,
         "compile_feed_forward": args.compile_feed_forward,
+        "dense_weights": args.dense_weights,
     }
     settings = replace(base, **{k: v for k, v in overrides.items() if v is not None})
+    ours = {}
+    for item in args.set:
+        try:
+            target, values = parse_setting(item)
+        except ValueError as error:
+            raise SystemExit(f"--set {error}") from None
+        if len(values) != 1:
+            raise SystemExit(f"--set {item!r}: one value")
+        ours[target] = values[0]
+    settings = replace(settings, our_settings=ours)
     settings = replace(
         settings,
         moe_compare=args.moe_compare or settings.moe_compare,

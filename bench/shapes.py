@@ -115,6 +115,24 @@ PRESETS = {
 }
 
 
+def parse_setting(text: str) -> tuple[str, list[Any]]:
+    """ "module.NAME=A,B" -> ("module.NAME", [A, B]), numbers as numbers: a module attribute of mlx_dgemma."""
+    target, _, values = text.partition("=")
+    module, _, name = target.partition(".")
+    if not (module and name and values):
+        raise ValueError(f"{text!r}: expected MODULE.NAME=VALUE")
+    return target, [_number_or_text(v) for v in values.split(",")]
+
+
+def _number_or_text(text: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def parse_shape(spec: str) -> Shape:
     """A preset name, a JSON object, or a path to a JSON file.
 
@@ -156,6 +174,8 @@ class Settings:
     seed: int = 0
     moe_dispatch: str = "auto"
     compile_feed_forward: str = "auto"  # on, off, or auto (our default: off)
+    dense_weights: str = "quantized"  # ours: quantized, or dequantized at load (mlx_dgemma.loader)
+    our_settings: dict[str, Any] = field(default_factory=dict)  # "module.NAME": value, set in mlx_dgemma
     moe_compare: bool = False
     breakdown: bool = True
     adaptive: bool = True

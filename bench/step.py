@@ -4,8 +4,9 @@
 
 Loads our model once (the bench's checkpoint, or the shape's random weights
 built in memory), then runs rounds of generations: every round runs each
-variant (an MoE dispatch, with the decoder layers' feed-forward compiled or
-not) for one canvas of `--steps` fixed steps, in turn, so the machine's drift
+variant (an MoE dispatch; the decoder layers' feed-forward compiled or not;
+the quantized dense layers as they are or dequantized; any `--vary` setting)
+for one canvas of `--steps` fixed steps, in turn, so the machine's drift
 reaches every variant alike. Round 0 warms up (graph tracing, kernel
 compiles) and is not counted. A variant's figure is the median of its warm
 steps (a canvas's first step, which also launches the next, is left out as in
@@ -15,23 +16,45 @@ steps (a canvas's first step, which also launches the next, is left out as in
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .record import summary
-from .shapes import RunSpec, Settings, parse_shape
+from .shapes import RunSpec, Settings, parse_setting, parse_shape
 from .worker import make_prompt
 
 COMPILE_CHOICES = {"off": False, "on": True}
+DENSE_CHOICES = ("quantized", "dequantized")
+
+
+@dataclass(frozen=True)
+class Variant:
+    dispatch: str  # an MoE dispatch, or "auto"
+    compiled: bool  # the decoder layers' feed-forward as one compiled graph
+    dense: str  # the quantized dense layers: "quantized" or "dequantized"
+    settings: tuple[tuple[str, str, Any], ...]  # (module of mlx_dgemma, attribute, value)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "dispatch": self.dispatch,
+            "compiled": self.compiled,
+            "dense": self.dense,
+            "settings": {f"{m}.{n}": v for m, n, v in self.settings},
+        }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.step", description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="bench", help="a preset or JSON, as for python -m bench")
     parser.add_argument("--dispatches", default="auto", help="comma-separated MoE dispatches (auto: the device's)")
-    parser.add_argument("--compile", default="off,on", help="the decoder feed-forward compiled: off, on or both")
+    parser.add_argument("--compile", default="off", help="the decoder feed-forward compiled: off, on or off,on")
+    parser.add_argument(
+        "--dense", default="quantized", help="quantized dense layers: quantized, dequantized (at load) or both"
+    )
     parser.add_argument(
         "--vary",
         action="append",
@@ -46,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args(argv)
     try:
-        variants = _variants(args.dispatches, args.compile, args.vary)
+        variants = _variants(args.dispatches, args.compile, args.dense, args.vary)
         results = run(args, variants)
     except Exception as error:  # a one-line reason, not a traceback
         print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
@@ -54,44 +77,41 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if any(v.get("median_ms") for v in results["variants"]) else 1
 
 
-def _variants(dispatches: str, compiled: str, vary: list[str]) -> list[tuple[str, bool, tuple]]:
-    """(dispatch, compiled, ((module, name, value), ...)) for every combination asked for."""
-    unknown = [c for c in compiled.split(",") if c not in COMPILE_CHOICES]
-    if unknown:
-        raise ValueError(f"--compile: {', '.join(unknown)}; choose from {', '.join(COMPILE_CHOICES)}")
+def _variants(dispatches: str, compiled: str, dense: str, vary: list[str]) -> list[Variant]:
+    """Every combination asked for."""
+    for option, given, choices in (("--compile", compiled, COMPILE_CHOICES), ("--dense", dense, DENSE_CHOICES)):
+        unknown = [c for c in given.split(",") if c not in choices]
+        if unknown:
+            raise ValueError(f"{option}: {', '.join(unknown)}; choose from {', '.join(choices)}")
     settings: list[tuple] = [()]
     for item in vary:
-        target, _, values = item.partition("=")
-        module, _, name = target.partition(".")
-        if not (module and name and values):
-            raise ValueError(f"--vary {item!r}: expected MODULE.NAME=A,B")
-        settings = [(*s, (module, name, _value(v))) for s in settings for v in values.split(",")]
-    return [(d, COMPILE_CHOICES[c], s) for d in dispatches.split(",") for c in compiled.split(",") for s in settings]
+        target, values = parse_setting(item)
+        module, name = target.split(".", 1)
+        settings = [(*s, (module, name, value)) for s in settings for value in values]
+    return [
+        Variant(d, COMPILE_CHOICES[c], w, s)
+        for d in dispatches.split(",")
+        for c in compiled.split(",")
+        for w in dense.split(",")
+        for s in settings
+    ]
 
 
-def _value(text: str):
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
-def run(args: argparse.Namespace, variants: list[tuple[str, bool, tuple]]) -> dict[str, Any]:
-    import importlib
-
+def run(args: argparse.Namespace, variants: list[Variant]) -> dict[str, Any]:
     import mlx.core as mx
 
     from mlx_dgemma import model as model_module
     from mlx_dgemma import moe
+    from mlx_dgemma.loader import dequantized_dense_layers, swap_modules
 
     from .cli import ensure_checkpoint
     from .runtimes.ours import OursDriver
 
-    for dispatch, _, _ in variants:
-        if dispatch != "auto" and dispatch not in moe.available_dispatches():
-            raise ValueError(f"--dispatches: {dispatch} cannot run here; choose from {moe.available_dispatches()}")
+    for variant in variants:
+        if variant.dispatch != "auto" and variant.dispatch not in moe.available_dispatches():
+            raise ValueError(
+                f"--dispatches: {variant.dispatch} cannot run here; choose from {moe.available_dispatches()}"
+            )
     shape = parse_shape(args.shape)
     settings = Settings(prompt_tokens=args.prompt_tokens, steps=args.steps, seed=args.seed, breakdown=False)
     checkpoint = None
@@ -102,26 +122,31 @@ def run(args: argparse.Namespace, variants: list[tuple[str, bool, tuple]]) -> di
     driver = OursDriver(RunSpec("us", shape, settings, checkpoint))
     env = driver.setup()
     driver.load()
+    # Both sets of dense layers stay loaded; each variant puts its own in place.
+    dense_layers: dict[str, dict] = {}
+    if any(v.dense == "dequantized" for v in variants):
+        dense_layers["dequantized"] = dequantized_dense_layers(driver.model)
     prompt = make_prompt(driver.vocab, settings.prompt_tokens, settings.seed)
     compiled_default = model_module.COMPILE_FEED_FORWARD
-    results: dict[str, Any] = {"shape": shape.name, "device": env["device"], "mlx": env["mlx"], "variants": []}
-    rows = {
-        (d, c, s): {
-            "dispatch": d,
-            "compiled": c,
-            "settings": {f"{m}.{n}": v for m, n, v in s},
-            "steps_s": [],
-            "errors": [],
-        }
-        for d, c, s in variants
+    rows = {variant: {**variant.to_json(), "steps_s": [], "errors": []} for variant in variants}
+    results: dict[str, Any] = {
+        "shape": shape.name,
+        "device": env["device"],
+        "mlx": env["mlx"],
+        "steps": args.steps,
+        "variants": list(rows.values()),
     }
-    results["variants"] = list(rows.values())
     print(f"shape={shape.name}  device={env['device']}  mlx={env['mlx']}  steps={args.steps}", flush=True)
+    in_place = "quantized"
     for round_index in range(args.rounds + 1):
-        for (dispatch, compiled, settings_of), row in rows.items():
-            moe.set_moe_dispatch(None if dispatch == "auto" else dispatch)
-            model_module.COMPILE_FEED_FORWARD = compiled
-            targets = [(importlib.import_module(f"mlx_dgemma.{m}"), n, v) for m, n, v in settings_of]
+        for variant, row in rows.items():
+            if variant.dense != in_place:
+                replaced = swap_modules(driver.model, dense_layers[variant.dense])
+                dense_layers[in_place] = replaced
+                in_place = variant.dense
+            moe.set_moe_dispatch(None if variant.dispatch == "auto" else variant.dispatch)
+            model_module.COMPILE_FEED_FORWARD = variant.compiled
+            targets = [(importlib.import_module(f"mlx_dgemma.{m}"), n, v) for m, n, v in variant.settings]
             saved = [(module, name, getattr(module, name)) for module, name, _ in targets]
             for module, name, value in targets:
                 setattr(module, name, value)
@@ -136,7 +161,7 @@ def run(args: argparse.Namespace, variants: list[tuple[str, bool, tuple]]) -> di
                 for module, name, value in saved:
                     setattr(module, name, value)
             if round_index == 0:
-                row["dispatch_used"] = dispatch if dispatch != "auto" else moe.moe_dispatch()
+                row["dispatch_used"] = variant.dispatch if variant.dispatch != "auto" else moe.moe_dispatch()
                 continue
             row["steps_s"].extend(t for canvas in generation.step_times for t in canvas[1:])
         for row in rows.values():
@@ -148,16 +173,14 @@ def run(args: argparse.Namespace, variants: list[tuple[str, bool, tuple]]) -> di
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(results, indent=2))
     mx.clear_cache()
-    print(f"{'dispatch':<10} {'compiled':<9} {'median ms':>10} {'min ms':>8} {'samples':>8}  settings")
+    print(f"{'dispatch':<10} {'compiled':<9} {'dense':<12} {'median ms':>10} {'min ms':>8} {'samples':>8}  settings")
     for row in rows.values():
         label = " ".join(f"{k}={v}" for k, v in row["settings"].items())
+        start = f"{row['dispatch']:<10} {str(row['compiled']):<9} {row['dense']:<12}"
         if row.get("median_ms") is None:
-            print(f"{row['dispatch']:<10} {str(row['compiled']):<9} error: {'; '.join(row['errors'])[:300]}  {label}")
+            print(f"{start} error: {'; '.join(row['errors'])[:300]}  {label}")
             continue
-        print(
-            f"{row['dispatch']:<10} {str(row['compiled']):<9} {row['median_ms']:>10.2f} {row['min_ms']:>8.2f}"
-            f" {row['samples']:>8}  {label}"
-        )
+        print(f"{start} {row['median_ms']:>10.2f} {row['min_ms']:>8.2f} {row['samples']:>8}  {label}")
     return results
 
 

@@ -128,6 +128,47 @@ def load_model(path: str | Path, revision: str | None = None) -> Model:
     return model
 
 
+def dequantized_dense_layers(model: nn.Module) -> dict[str, nn.Linear]:
+    """Float twins of the model's quantized dense linears (attention, dense MLPs), by module path.
+
+    Each holds its weights dequantized to the scales' dtype. The experts and the embedding are left out:
+    the experts have kernels of their own, and the tied embedding stays quantized for the head and for
+    self-conditioning. A GPU may multiply floats faster than MLX's quantized matmul at a canvas's 256 rows;
+    whether it does is for `python -m bench.step --dense` to say (bench/README.md).
+    """
+    twins = {}
+    for path, module in model.named_modules():
+        if isinstance(module, nn.QuantizedLinear):
+            weight = mx.dequantize(
+                module.weight,
+                module.scales,
+                module.get("biases"),
+                group_size=module.group_size,
+                bits=module.bits,
+                mode=getattr(module, "mode", "affine"),
+            ).astype(module.scales.dtype)
+            twin = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in module)
+            twin.weight = weight
+            if "bias" in module:
+                twin.bias = module.bias
+            mx.eval(twin.parameters())
+            twins[path] = twin
+    return twins
+
+
+def swap_modules(model: nn.Module, modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """Put each module at its dotted path in `model`; returns the ones it replaced, by path."""
+    replaced = {}
+    for path, module in modules.items():
+        *parents, name = path.split(".")
+        parent: Any = model
+        for part in parents:
+            parent = parent[int(part)] if isinstance(parent, list) else parent[part]
+        replaced[path] = parent[name]
+        setattr(parent, name, module)
+    return replaced
+
+
 def load(path_or_repo: str | Path, revision: str | None = None) -> tuple[Model, Any]:
     """The model and its tokenizer (mlx-lm's TokenizerWrapper) from a checkpoint."""
     from .tokenizer import load_tokenizer

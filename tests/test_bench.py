@@ -54,3 +54,29 @@ def test_moe_probe_times_every_cpu_dispatch(tmp_path):
     ]
     assert all(r["error"] is None and r["median_ms"] > 0 for r in results["embedding"])
     assert moe_main(["--shape", shape, "--dispatches", "fused"]) == 1  # CUDA only: a one-line error
+
+
+def test_step_ab_runs_every_variant(tmp_path):
+    from bench.step import main as step_main
+
+    out = tmp_path / "step.json"
+    arguments = ["--shape", "quick", "--steps", "3", "--rounds", "1", "--prompt-tokens", "16", "--out", str(out)]
+    variants = ["--dispatches", "gather,tiled", "--dense", "quantized,dequantized"]
+    assert step_main([*arguments, *variants, "--vary", "model.SELF_CONDITIONING_SPLITS=1,2"]) == 0
+    rows = json.loads(out.read_text())["variants"]
+    seen = {(r["dispatch"], r["dense"], r["settings"]["model.SELF_CONDITIONING_SPLITS"]) for r in rows}
+    assert len(rows) == len(seen) == 8
+    # One warm step per canvas after the first (the first also launches the next), one counted round.
+    assert all(not r["errors"] and r["samples"] == 2 and r["median_ms"] > 0 for r in rows)
+    from mlx_dgemma import model as model_module
+
+    assert model_module.SELF_CONDITIONING_SPLITS == 1  # every setting put back
+    assert step_main([*arguments, "--vary", "model.NOPE"]) == 1  # a one-line error
+
+
+def test_bench_sets_our_settings(tmp_path):
+    arguments = ["--quick", "--runtimes", "us", "--no-breakdown", "--no-adaptive", "--no-chart", "--out", str(tmp_path)]
+    assert main([*arguments, "--set", "model.SELF_CONDITIONING_SPLITS=2", "--dense-weights", "dequantized"]) == 0
+    settings = json.loads((tmp_path / "quick.json").read_text())["settings"]
+    assert settings["our_settings"] == {"model.SELF_CONDITIONING_SPLITS": 2}
+    assert settings["dense_weights"] == "dequantized"

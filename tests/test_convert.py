@@ -579,3 +579,25 @@ def test_destination_may_not_hold_the_source(scratch_source):
     with pytest.raises(ConversionError, match="holds the source checkpoint"):
         convert_checkpoint(scratch_source, scratch_source, force=True)
     assert (scratch_source / "config.json").is_file()
+
+
+def test_dense_layers_dequantized_give_the_quantized_logits(source, tmp_path):
+    """The float twins of the quantized dense layers (bench.step --dense) compute what the quantized ones do."""
+    from mlx_dgemma import load_model
+    from mlx_dgemma.loader import dequantized_dense_layers, swap_modules
+
+    model = load_model(convert_checkpoint(source, tmp_path / "out", dtype="float32", bits=4))
+    twins = dequantized_dense_layers(model)
+    # Every 8-bit dense linear of the mixed recipe, and nothing else: not the experts, not the embedding.
+    assert len(twins) == len(model.layers) * len(EIGHT_BIT_SUFFIXES) - 1 + len(SELF_CONDITIONING)
+    assert all(not path.startswith("model.decoder.embed_tokens") and ".experts." not in path for path in twins)
+    cache = model.make_cache()
+    model.encode(mx.array([[5, 9, 2, 7, 11]]), cache)
+    canvas = mx.array([list(range(20, 20 + model.config.canvas_length))])
+    quantized = model.denoise(canvas, cache)
+    originals = swap_modules(model, twins)
+    assert type(model.layers[0].self_attn.q_proj).__name__ == "Linear"  # quantized: QuantizedLinear
+    dequantized = model.denoise(canvas, cache)
+    swap_modules(model, originals)
+    assert float(mx.abs(dequantized - quantized).max()) < 1e-4
+    assert mx.array_equal(model.denoise(canvas, cache), quantized)

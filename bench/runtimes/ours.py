@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +27,12 @@ class OursDriver(MlxDriver):
 
         if self.settings.moe_dispatch != "auto":
             moe.set_moe_dispatch(self.settings.moe_dispatch)
+        for target, value in getattr(self.settings, "our_settings", {}).items():
+            module_name, name = target.split(".", 1)
+            module = importlib.import_module(f"mlx_dgemma.{module_name}")
+            if not hasattr(module, name):
+                raise ValueError(f"--set {target}: mlx_dgemma.{module_name} has no {name}")
+            setattr(module, name, value)
         compiled = getattr(self.settings, "compile_feed_forward", "auto")
         if compiled != "auto":
             model_module.COMPILE_FEED_FORWARD = compiled == "on"
@@ -47,6 +54,10 @@ class OursDriver(MlxDriver):
             from mlx_dgemma.loader import load_model
 
             self.model = load_model(self.spec.checkpoint)
+        if getattr(self.settings, "dense_weights", "quantized") == "dequantized":
+            from mlx_dgemma.loader import dequantized_dense_layers, swap_modules
+
+            swap_modules(self.model, dequantized_dense_layers(self.model))
         self.canvas = self.model.config.canvas_length
         self.vocab = self.model.text_config.vocab_size
 
