@@ -181,7 +181,7 @@ def _embedding_parts(config, shape, tokens: int, dtype, repeats: int, save, resu
     def quantized(a, transpose):
         return mx.quantized_matmul(a, packed, scales, biases, transpose=transpose, group_size=shape.group_size, bits=8)
 
-    from mlx_dgemma.model import _vocab_split_matmul
+    from mlx_dgemma.model import vocab_sliced_matmul
 
     embedding = SimpleNamespace(weight=packed, scales=scales, biases=biases, group_size=shape.group_size, bits=8)
     embedding.mode = "affine"
@@ -191,7 +191,7 @@ def _embedding_parts(config, shape, tokens: int, dtype, repeats: int, save, resu
         "self-conditioning, 8-bit": lambda: quantized(probs, False),
         "self-conditioning, dequantized": lambda: probs @ dense,
         **{
-            f"self-conditioning, 8-bit, {splits} slices": partial(_vocab_split_matmul, probs, embedding, splits)
+            f"self-conditioning, 8-bit, {splits} slices": partial(vocab_sliced_matmul, probs, embedding, splits)
             for splits in (4, 8, 16, 32)
         },
     }

@@ -37,6 +37,19 @@ def compiles_feed_forward(blocks: RowBlocks) -> bool:
     return COMPILE_FEED_FORWARD and len(blocks) == 1 and moe.moe_dispatch() != "grouped"
 
 
+class CompiledGraphs:
+    """`mx.compile(function)`, traced again for every key (the settings that shape the graph)."""
+
+    def __init__(self, function: Callable):
+        self.function = function
+        self.graphs: dict[Hashable, Callable] = {}
+
+    def get(self, key: Hashable) -> Callable:
+        if key not in self.graphs:
+            self.graphs[key] = mx.compile(self.function)
+        return self.graphs[key]
+
+
 class TransformerLayer(nn.Module):
     """Attention, then a dense MLP and a mixture of experts side by side."""
 
@@ -100,49 +113,6 @@ class TransformerLayer(nn.Module):
         return blocks.map(lambda o, h: self.post_feedforward_layernorm_2(o.reshape(h.shape)), out, hs)
 
 
-# The self-conditioning matmul (canvas x vocabulary) @ (vocabulary x hidden) sums over the whole vocabulary:
-# as one quantized matmul, its few output tiles each run down all of it (on the H200 it took 6 ms of a 29 ms
-# step). On GPUs it can be cut into this many slices of the vocabulary, their products summed in float32.
-# Not yet measured on a GPU, so 1 (one matmul); `python -m bench.step --vary model.SELF_CONDITIONING_SPLITS=1,8`.
-SELF_CONDITIONING_SPLITS = 1
-
-
-def _vocab_split_matmul(probs: mx.array, embed: nn.QuantizedEmbedding, splits: int) -> mx.array:
-    """probs @ dequantized(embed) with the vocabulary cut into `splits` slices (1: one matmul)."""
-
-    def product(rows: slice) -> mx.array:
-        return mx.quantized_matmul(
-            probs[..., rows],
-            embed.weight[rows],
-            embed.scales[rows],
-            embed.biases[rows],
-            transpose=False,
-            group_size=embed.group_size,
-            bits=embed.bits,
-            mode=embed.mode,
-        )
-
-    vocab = probs.shape[-1]
-    if splits <= 1:
-        return product(slice(None))
-    step = -(-vocab // splits)
-    total = sum(product(slice(start, start + step)).astype(mx.float32) for start in range(0, vocab, step))
-    return total.astype(probs.dtype)
-
-
-class CompiledGraphs:
-    """`mx.compile(function)`, traced again for every key (the settings that shape the graph)."""
-
-    def __init__(self, function: Callable):
-        self.function = function
-        self.graphs: dict[Hashable, Callable] = {}
-
-    def get(self, key: Hashable) -> Callable:
-        if key not in self.graphs:
-            self.graphs[key] = mx.compile(self.function)
-        return self.graphs[key]
-
-
 class Decoder(nn.Module):
     """Holds the shared weights: embeddings, layers, final norm, self-conditioning."""
 
@@ -179,6 +149,36 @@ class Backbone(nn.Module):
         super().__init__()
         self.decoder = Decoder(config)
         self.encoder = Encoder(config)
+
+
+# The self-conditioning matmul (canvas x vocabulary) @ (vocabulary x hidden) sums over the whole vocabulary:
+# as one quantized matmul, its few output tiles each run down all of it (on the H200 it took 6 ms of a 29 ms
+# step). On GPUs it can be cut into this many slices of the vocabulary, their products summed in float32.
+# Not yet measured on a GPU, so 1 (one matmul); `python -m bench.step --vary model.SELF_CONDITIONING_SPLITS=1,8`.
+SELF_CONDITIONING_SPLITS = 1
+
+
+def vocab_sliced_matmul(probs: mx.array, embed: nn.QuantizedEmbedding, splits: int) -> mx.array:
+    """probs @ dequantized(embed) with the vocabulary cut into `splits` slices (1: one matmul)."""
+
+    def product(rows: slice) -> mx.array:
+        return mx.quantized_matmul(
+            probs[..., rows],
+            embed.weight[rows],
+            embed.scales[rows],
+            embed.biases[rows],
+            transpose=False,
+            group_size=embed.group_size,
+            bits=embed.bits,
+            mode=embed.mode,
+        )
+
+    vocab = probs.shape[-1]
+    if splits <= 1:
+        return product(slice(None))
+    step = -(-vocab // splits)
+    total = sum(product(slice(start, start + step)).astype(mx.float32) for start in range(0, vocab, step))
+    return total.astype(probs.dtype)
 
 
 class Model(nn.Module):
@@ -310,7 +310,7 @@ class Model(nn.Module):
         embed = self.embed_tokens
         if isinstance(embed, nn.QuantizedEmbedding):
             dtype = embed.scales.dtype
-            soft = _vocab_split_matmul(probs.astype(dtype), embed, 1 if on_cpu() else SELF_CONDITIONING_SPLITS)
+            soft = vocab_sliced_matmul(probs.astype(dtype), embed, 1 if on_cpu() else SELF_CONDITIONING_SPLITS)
         else:
             dtype = embed.weight.dtype
             soft = probs.astype(dtype) @ embed.weight

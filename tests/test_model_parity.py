@@ -216,7 +216,7 @@ def test_self_conditioning_in_vocabulary_slices(splits):
     quantized = mlx_dgemma.model.nn.QuantizedEmbedding.from_embedding(embedding, group_size=64, bits=8)
     probs = mx.softmax(3 * mx.random.normal((2, 16, 1000), key=mx.random.key(1)), axis=-1)
     dense = mx.dequantize(quantized.weight, quantized.scales, quantized.biases, group_size=64, bits=8)
-    got = model_module._vocab_split_matmul(probs, quantized, splits)
+    got = model_module.vocab_sliced_matmul(probs, quantized, splits)
     assert got.shape == (2, 16, 128) and got.dtype == probs.dtype
     assert float(mx.abs(got - probs @ dense).max()) < 1e-6
 
