@@ -24,7 +24,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from .record import summary, time_repeated
-from .shapes import parse_shape
+from .shapes import parse_shape, set_our_settings
 
 # Settings each dispatch is timed under: module attributes of mlx_dgemma ("module.NAME") and their values.
 VARIANTS = {
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace, results: dict[str, Any], save) -> None:
     import mlx.core as mx
     import mlx.nn as nn
 
-    from mlx_dgemma import kernels, moe
+    from mlx_dgemma import moe
     from mlx_dgemma.config import ModelConfig
     from mlx_dgemma.cpu import RowBlocks
 
@@ -127,18 +127,15 @@ def run(args: argparse.Namespace, results: dict[str, Any], save) -> None:
         if unknown:
             raise ValueError(f"--dispatches: {', '.join(unknown)} cannot run here; choose from {', '.join(dispatches)}")
         dispatches = tuple(asked)
-    modules = {"moe": moe, "kernels": kernels}
     for dispatch in dispatches:
         for settings in VARIANTS.get(dispatch, [{}]):
             label = ", ".join(f"{v} rows" if k.endswith("ROWS") else str(v) for k, v in settings.items())
             name = f"{dispatch} ({label})" if label else dispatch
             row: dict[str, Any] = {"dispatch": dispatch, "settings": settings, "error": None}
-            targets = [(modules[key.split(".")[0]], key.split(".")[1], value) for key, value in settings.items()]
-            saved = [(module, attribute, getattr(module, attribute)) for module, attribute, _ in targets]
+            previous: dict[str, Any] = {}
             try:
                 moe.set_moe_dispatch(dispatch)
-                for module, attribute, value in targets:
-                    setattr(module, attribute, value)
+                previous = set_our_settings(settings)
                 out = forward()
                 mx.eval(out)
                 out = out.astype(mx.float32)
@@ -157,8 +154,7 @@ def run(args: argparse.Namespace, results: dict[str, Any], save) -> None:
                 print(f"{name:<28} error: {row['error'][:300]}")
             finally:
                 moe.set_moe_dispatch(None)
-                for module, attribute, value in saved:
-                    setattr(module, attribute, value)
+                set_our_settings(previous)
             rows.append(row)
             save()
             sys.stdout.flush()

@@ -11,7 +11,10 @@ a dense MLP beside a top-k mixture of experts, a big vocabulary, canvas 256).
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -122,6 +125,33 @@ def parse_setting(text: str) -> tuple[str, list[Any]]:
     if not (module and name and values):
         raise ValueError(f"{text!r}: expected MODULE.NAME=VALUE")
     return target, [_number_or_text(v) for v in values.split(",")]
+
+
+def set_our_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Set module attributes of mlx_dgemma ("module.NAME": value); returns the values they replaced."""
+    previous: dict[str, Any] = {}
+    try:
+        for target, value in settings.items():
+            module_name, name = target.split(".", 1)
+            module = importlib.import_module(f"mlx_dgemma.{module_name}")
+            if not hasattr(module, name):
+                raise ValueError(f"{target}: mlx_dgemma.{module_name} has no {name}")
+            previous[target] = getattr(module, name)
+            setattr(module, name, value)
+    except Exception:
+        set_our_settings(previous)
+        raise
+    return previous
+
+
+@contextmanager
+def our_settings(settings: Mapping[str, Any]) -> Iterator[None]:
+    """`set_our_settings` for the duration of a block, then the previous values back."""
+    previous = set_our_settings(settings)
+    try:
+        yield
+    finally:
+        set_our_settings(previous)
 
 
 def _number_or_text(text: str) -> Any:

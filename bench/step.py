@@ -16,7 +16,6 @@ steps (a canvas's first step, which also launches the next, is left out as in
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .record import summary
-from .shapes import RunSpec, Settings, parse_setting, parse_shape
+from .shapes import RunSpec, Settings, our_settings, parse_setting, parse_shape
 from .worker import make_prompt
 
 COMPILE_CHOICES = {"off": False, "on": True}
@@ -36,14 +35,14 @@ class Variant:
     dispatch: str  # an MoE dispatch, or "auto"
     compiled: bool  # the decoder layers' feed-forward as one compiled graph
     dense: str  # the quantized dense layers: "quantized" or "dequantized"
-    settings: tuple[tuple[str, str, Any], ...]  # (module of mlx_dgemma, attribute, value)
+    settings: tuple[tuple[str, Any], ...]  # ("module.NAME" of mlx_dgemma, value)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "dispatch": self.dispatch,
             "compiled": self.compiled,
             "dense": self.dense,
-            "settings": {f"{m}.{n}": v for m, n, v in self.settings},
+            "settings": dict(self.settings),
         }
 
 
@@ -86,8 +85,7 @@ def _variants(dispatches: str, compiled: str, dense: str, vary: list[str]) -> li
     settings: list[tuple] = [()]
     for item in vary:
         target, values = parse_setting(item)
-        module, name = target.split(".", 1)
-        settings = [(*s, (module, name, value)) for s in settings for value in values]
+        settings = [(*s, (target, value)) for s in settings for value in values]
     return [
         Variant(d, COMPILE_CHOICES[c], w, s)
         for d in dispatches.split(",")
@@ -98,7 +96,6 @@ def _variants(dispatches: str, compiled: str, dense: str, vary: list[str]) -> li
 
 
 def run(args: argparse.Namespace, variants: list[Variant]) -> dict[str, Any]:
-    import mlx.core as mx
 
     from mlx_dgemma import model as model_module
     from mlx_dgemma import moe
@@ -146,20 +143,15 @@ def run(args: argparse.Namespace, variants: list[Variant]) -> dict[str, Any]:
                 in_place = variant.dense
             moe.set_moe_dispatch(None if variant.dispatch == "auto" else variant.dispatch)
             model_module.COMPILE_FEED_FORWARD = variant.compiled
-            targets = [(importlib.import_module(f"mlx_dgemma.{m}"), n, v) for m, n, v in variant.settings]
-            saved = [(module, name, getattr(module, name)) for module, name, _ in targets]
-            for module, name, value in targets:
-                setattr(module, name, value)
             try:
-                generation = driver.generate(prompt, args.steps, adaptive=False, seed=args.seed, per_step=True)
+                with our_settings(dict(variant.settings)):
+                    generation = driver.generate(prompt, args.steps, adaptive=False, seed=args.seed, per_step=True)
             except Exception as error:
                 row["errors"].append(f"{type(error).__name__}: {error}"[:300])
                 continue
             finally:
                 moe.set_moe_dispatch(None)
                 model_module.COMPILE_FEED_FORWARD = compiled_default
-                for module, name, value in saved:
-                    setattr(module, name, value)
             if round_index == 0:
                 row["dispatch_used"] = variant.dispatch if variant.dispatch != "auto" else moe.moe_dispatch()
                 continue
@@ -172,7 +164,6 @@ def run(args: argparse.Namespace, variants: list[Variant]) -> dict[str, Any]:
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(results, indent=2))
-    mx.clear_cache()
     print(f"{'dispatch':<10} {'compiled':<9} {'dense':<12} {'median ms':>10} {'min ms':>8} {'samples':>8}  settings")
     for row in rows.values():
         label = " ".join(f"{k}={v}" for k, v in row["settings"].items())

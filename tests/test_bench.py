@@ -72,6 +72,9 @@ def test_step_ab_runs_every_variant(tmp_path):
 
     assert model_module.SELF_CONDITIONING_SPLITS == 1  # every setting put back
     assert step_main([*arguments, "--vary", "model.NOPE"]) == 1  # a one-line error
+    assert step_main([*arguments, "--vary", "model.NOPE=1"]) == 1  # no such setting: every variant fails
+    assert "no NOPE" in json.loads(out.read_text())["variants"][0]["errors"][0]
+    assert not hasattr(model_module, "NOPE")
 
 
 def test_bench_sets_our_settings(tmp_path):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import time
 from collections.abc import Callable, Iterator
@@ -27,12 +26,9 @@ class OursDriver(MlxDriver):
 
         if self.settings.moe_dispatch != "auto":
             moe.set_moe_dispatch(self.settings.moe_dispatch)
-        for target, value in getattr(self.settings, "our_settings", {}).items():
-            module_name, name = target.split(".", 1)
-            module = importlib.import_module(f"mlx_dgemma.{module_name}")
-            if not hasattr(module, name):
-                raise ValueError(f"--set {target}: mlx_dgemma.{module_name} has no {name}")
-            setattr(module, name, value)
+        from ..shapes import set_our_settings
+
+        set_our_settings(getattr(self.settings, "our_settings", {}))
         compiled = getattr(self.settings, "compile_feed_forward", "auto")
         if compiled != "auto":
             model_module.COMPILE_FEED_FORWARD = compiled == "on"
