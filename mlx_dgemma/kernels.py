@@ -219,6 +219,43 @@ __device__ __forceinline__ void dg_multiply(const DgChunk<MT>& o, float (&acc)[M
     }
   }
 }
+
+// First of the block's 128 weight rows (with GLU: 64 gate rows, then 64 up rows) in warp w's mma column tile nt.
+template <bool GLU>
+__device__ __forceinline__ constexpr int dg_warp_rows(int w, int nt) {
+  return GLU ? (nt >= 2 ? 64 : 0) + w * 16 + 8 * (nt & 1) : w * 32 + 8 * nt;
+}
+
+// The block's results: rows tile * 16 MT + [0, 16 MT) of y, this lane's columns of the warp's mma tiles; with
+// GLU, act(gate) * up, the GLU's column j0 + c holding gate row j0 + c and up row N / 2 + j0 + c.
+template <int MT, bool GLU, int N, int ACT, typename T>
+__device__ __forceinline__ void dg_store(T* y, const float (&acc)[MT][4][4], int tile, int warp, int g, int t) {
+  #pragma unroll
+  for (int m = 0; m < MT; ++m) {
+    const size_t row = (size_t)tile * 16 * MT + m * 16 + g;
+    if constexpr (GLU) {
+      constexpr int OUT = N / 2;
+      #pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+        const int col = blockIdx.x * 64 + dg_warp_rows<GLU>(warp, nt) + 2 * t;
+        const float* gate = acc[m][nt];
+        const float* up = acc[m][nt + 2];
+        *reinterpret_cast<__nv_bfloat162*>(y + row * OUT + col) =
+            __floats2bfloat162_rn(dg_act<ACT>(gate[0]) * up[0], dg_act<ACT>(gate[1]) * up[1]);
+        *reinterpret_cast<__nv_bfloat162*>(y + (row + 8) * OUT + col) =
+            __floats2bfloat162_rn(dg_act<ACT>(gate[2]) * up[2], dg_act<ACT>(gate[3]) * up[3]);
+      }
+    } else {
+      #pragma unroll
+      for (int nt = 0; nt < 4; ++nt) {
+        const int col = blockIdx.x * 128 + dg_warp_rows<GLU>(warp, nt) + 2 * t;
+        *reinterpret_cast<__nv_bfloat162*>(y + row * N + col) = __floats2bfloat162_rn(acc[m][nt][0], acc[m][nt][1]);
+        *reinterpret_cast<__nv_bfloat162*>(y + (row + 8) * N + col) =
+            __floats2bfloat162_rn(acc[m][nt][2], acc[m][nt][3]);
+      }
+    }
+  }
+}
 """
 )
 
@@ -275,31 +312,7 @@ _FUSED_MATMUL_SOURCE = """
     if (c + 1 < GROUPS) dg_multiply<MT>(odd, acc);
   }
 
-  #pragma unroll
-  for (int m = 0; m < MT; ++m) {
-    const size_t row = (size_t)tile * ROWS + m * 16 + g;
-    if constexpr (GLU) {
-      constexpr int OUT = N / 2;
-      #pragma unroll
-      for (int nt = 0; nt < 2; ++nt) {
-        const int col = blockIdx.x * 64 + warp * 16 + 8 * nt + 2 * t;
-        const float* gate = acc[m][nt];
-        const float* up = acc[m][nt + 2];
-        *reinterpret_cast<__nv_bfloat162*>(y + row * OUT + col) =
-            __floats2bfloat162_rn(dg_act<ACT>(gate[0]) * up[0], dg_act<ACT>(gate[1]) * up[1]);
-        *reinterpret_cast<__nv_bfloat162*>(y + (row + 8) * OUT + col) =
-            __floats2bfloat162_rn(dg_act<ACT>(gate[2]) * up[2], dg_act<ACT>(gate[3]) * up[3]);
-      }
-    } else {
-      #pragma unroll
-      for (int nt = 0; nt < 4; ++nt) {
-        const int col = col0 + dg_tile_offset<GLU, N>(nt) + 2 * t;
-        *reinterpret_cast<__nv_bfloat162*>(y + row * N + col) = __floats2bfloat162_rn(acc[m][nt][0], acc[m][nt][1]);
-        *reinterpret_cast<__nv_bfloat162*>(y + (row + 8) * N + col) =
-            __floats2bfloat162_rn(acc[m][nt][2], acc[m][nt][3]);
-      }
-    }
-  }
+  dg_store<MT, GLU, N, ACT>(y, acc, tile, warp, g, t);
 """
 
 # The same matmul with its operands staged through shared memory: every 64-wide chunk's weights and x rows are
@@ -320,12 +333,6 @@ __device__ __forceinline__ void dg_copy_wait() { asm volatile("cp.async.wait_gro
 template <bool GLU, int N>
 __device__ __forceinline__ int dg_block_row_weight(int bx, int r) {
   return GLU ? (r < 64 ? 0 : N / 2 - 64) + bx * 64 + r : bx * 128 + r;
-}
-
-// First block row of warp w's mma column tile nt.
-template <bool GLU>
-__device__ __forceinline__ constexpr int dg_warp_rows(int w, int nt) {
-  return GLU ? (nt >= 2 ? 64 : 0) + w * 16 + 8 * (nt & 1) : w * 32 + 8 * nt;
 }
 """
 
@@ -420,31 +427,7 @@ _STAGED_MATMUL_SOURCE = """
     dg_multiply<MT>(o, acc);
   }
 
-  #pragma unroll
-  for (int m = 0; m < MT; ++m) {
-    const size_t row = (size_t)tile * ROWS + m * 16 + g;
-    if constexpr (GLU) {
-      constexpr int OUT = N / 2;
-      #pragma unroll
-      for (int nt = 0; nt < 2; ++nt) {
-        const int col = blockIdx.x * 64 + dg_warp_rows<GLU>(warp, nt) + 2 * t;
-        const float* gate = acc[m][nt];
-        const float* up = acc[m][nt + 2];
-        *reinterpret_cast<__nv_bfloat162*>(y + row * OUT + col) =
-            __floats2bfloat162_rn(dg_act<ACT>(gate[0]) * up[0], dg_act<ACT>(gate[1]) * up[1]);
-        *reinterpret_cast<__nv_bfloat162*>(y + (row + 8) * OUT + col) =
-            __floats2bfloat162_rn(dg_act<ACT>(gate[2]) * up[2], dg_act<ACT>(gate[3]) * up[3]);
-      }
-    } else {
-      #pragma unroll
-      for (int nt = 0; nt < 4; ++nt) {
-        const int col = blockIdx.x * 128 + dg_warp_rows<GLU>(warp, nt) + 2 * t;
-        *reinterpret_cast<__nv_bfloat162*>(y + row * N + col) = __floats2bfloat162_rn(acc[m][nt][0], acc[m][nt][1]);
-        *reinterpret_cast<__nv_bfloat162*>(y + (row + 8) * N + col) =
-            __floats2bfloat162_rn(acc[m][nt][2], acc[m][nt][3]);
-      }
-    }
-  }
+  dg_store<MT, GLU, N, ACT>(y, acc, tile, warp, g, t);
 """
 
 # One block. Entries (token, choice) are counted per expert, each expert's rows start at a multiple of TILE
