@@ -70,15 +70,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--dense-weights",
-        choices=("quantized", "dequantized"),
-        help="our quantized dense layers (attention, dense MLPs) as they are, or dequantized at load",
+        choices=("quantized", "dequantized", "dequantizing"),
+        help="our quantized dense layers (attention, dense MLPs) as they are, dequantized at load, or at every call",
     )
     parser.add_argument(
         "--set",
         action="append",
         default=[],
         metavar="MODULE.NAME=VALUE",
-        help="set a module attribute of mlx_dgemma in our runtime (e.g. model.SELF_CONDITIONING_SPLITS=8)",
+        help="set a module attribute of mlx_dgemma in our runtime (e.g. model.HEAD_PRODUCT=dequantized:8)",
     )
     parser.add_argument("--moe-compare", action="store_true", help="also time our MoE block under every dispatch")
     parser.add_argument("--no-breakdown", action="store_true", help="skip the per-component breakdown of our step")

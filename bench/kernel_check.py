@@ -54,6 +54,8 @@ def variants():
                     yield kernel, (*matmul, i), template
         yield kernels.MOE_LAYOUT, (u,), {"EXPERTS": shape["experts"], "TILE": 16}
         yield kernels.MOE_COMBINE, (b, i, f), {"H": hidden, "TOP_K": shape["top_k"]}
+        for scores in (b, f):
+            yield kernels.ROUTER_TOP_K, (scores, scores), {"EXPERTS": shape["experts"], "TOP_K": shape["top_k"]}
     for act in (1, 2, 3):
         kernel = kernels.FUSED_QMM["staged"]
         template = {"K": 2816, "N": 1408, "MT": 1, "GATHER": True, "GLU": True, "ACT": act, "STAGES": 3}
@@ -62,8 +64,9 @@ def variants():
 
 def kernel_source(kernel, dtypes: tuple[str, ...], template: dict) -> str:
     """The translation unit MLX's cuda_kernel builds (custom_kernel.cpp's build_kernel). Outputs are bf16 but for the
-    layout kernel's int32/uint32 ones."""
+    layout's and the router's."""
     out_types = {"slots": "int32", "tile_experts": "uint32", "sources": "int32", "used": "int32"}
+    out_types |= {"indices": "uint32", "weights": "float32"}
     text = DEFAULT_HEADER + kernel.header + "namespace mlx::core::cu {\n\nnamespace cg = cooperative_groups;\n\n"
     text += f"__global__ void custom_kernel_{kernel.name}(\n"
     for name, dtype in zip(kernel.inputs, dtypes, strict=True):

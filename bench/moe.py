@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--embedding", action="store_true", help="also time the tied embedding's two matmuls")
+    parser.add_argument("--router", action="store_true", help="also time the router: stock ops, and our kernel (CUDA)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here (rewritten after every row)")
     args = parser.parse_args(argv)
     results: dict[str, Any] = {}
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # a one-line reason, not a traceback
         print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
         return 1
-    rows = results["dispatches"] + results.get("embedding", [])
+    rows = results["dispatches"] + results.get("embedding", []) + results.get("router", [])
     return 0 if all(r.get("error") is None for r in rows) else 1
 
 
@@ -160,6 +161,48 @@ def run(args: argparse.Namespace, results: dict[str, Any], save) -> None:
             sys.stdout.flush()
     if args.embedding:
         _embedding_parts(config, shape, tokens, dtype, args.repeats, save, results)
+    if args.router:
+        _router_parts(config, tokens, dtype, args, save, results)
+
+
+def _router_parts(config, tokens: int, dtype, args, save, results) -> None:
+    """One layer's router (projection, top-k, weights) with stock ops and, on CUDA, with our top-k kernel:
+    time, whether both choose the same experts for every token, and the largest weight difference."""
+    import mlx.core as mx
+
+    from mlx_dgemma import kernels, moe
+
+    from . import synthetic
+
+    router = moe.Router(config)  # our converter keeps the router in the float dtype, unquantized
+    synthetic.randomize(router, dtype, args.seed)
+    x = mx.random.normal((tokens, config.hidden_size), key=mx.random.key(args.seed + 7)).astype(dtype)
+    rows: list[dict[str, Any]] = []
+    results["router"] = rows
+    print(f"{'router':<28} {'median ms':>10} {'same experts':>13} {'max weight diff':>16}")
+    first = None
+    for use_kernel in (False, True) if kernels.available() else (False,):
+        name = "router, our top-k kernel" if use_kernel else "router, stock ops"
+        row: dict[str, Any] = {"case": name, "error": None}
+        previous = set_our_settings({"moe.ROUTER_KERNEL": use_kernel})
+        try:
+            indices, weights = router(x)
+            order = mx.argsort(indices, axis=-1)  # the kernel lists the best first; argpartition in no order
+            chosen = (mx.take_along_axis(indices, order, -1), mx.take_along_axis(weights, order, -1))
+            mx.eval(chosen)
+            first = chosen if first is None else first
+            row["same_experts"] = float(mx.all(chosen[0] == first[0], axis=-1).mean())
+            row["max_weight_diff"] = float(mx.abs(chosen[1] - first[1]).max())
+            times = summary(time_repeated(lambda: router(x), mx.eval, args.repeats, warmup=2))
+            row["median_ms"] = times["median"] * 1e3
+            print(f"{name:<28} {row['median_ms']:>10.3f} {row['same_experts']:>13.4f} {row['max_weight_diff']:>16.2e}")
+        except Exception as error:
+            row["error"] = f"{type(error).__name__}: {error}"
+            print(f"{name:<28} error: {row['error'][:300]}")
+        finally:
+            set_our_settings(previous)
+        rows.append(row)
+        save()
 
 
 def _embedding_parts(config, shape, tokens: int, dtype, repeats: int, save, results) -> None:
@@ -177,32 +220,39 @@ def _embedding_parts(config, shape, tokens: int, dtype, repeats: int, save, resu
     def quantized(a, transpose):
         return mx.quantized_matmul(a, packed, scales, biases, transpose=transpose, group_size=shape.group_size, bits=8)
 
-    from mlx_dgemma.model import vocab_sliced_matmul
+    from mlx_dgemma.model import embedding_product
 
     embedding = SimpleNamespace(weight=packed, scales=scales, biases=biases, group_size=shape.group_size, bits=8)
     embedding.mode = "affine"
+    embedding.get = lambda name: getattr(embedding, name)
     cases = {
         "head, 8-bit": lambda: quantized(x, True),
         "head, dequantized": lambda: x @ dense.T,
+        **{
+            f"head, {how.replace(':', ' in ')} slices": partial(embedding_product, x, embedding, True, how)
+            for how in ("quantized:8", "dequantized:4", "dequantized:8", "dequantized:16")
+        },
         "self-conditioning, 8-bit": lambda: quantized(probs, False),
         "self-conditioning, dequantized": lambda: probs @ dense,
         **{
-            f"self-conditioning, 8-bit, {splits} slices": partial(vocab_sliced_matmul, probs, embedding, splits)
-            for splits in (4, 8, 16, 32)
+            f"self-conditioning, {how.replace(':', ' in ')} slices": partial(
+                embedding_product, probs, embedding, False, how
+            )
+            for how in (*(f"quantized:{n}" for n in (4, 8, 16, 32)), *(f"dequantized:{n}" for n in (4, 8, 16)))
         },
     }
     rows: list[dict[str, Any]] = []
     results["embedding"] = rows
-    print(f"{'embedding matmul':<32} {'median ms':>10}")
+    print(f"{'embedding matmul':<48} {'median ms':>10}")
     for name, case in cases.items():
         row: dict[str, Any] = {"case": name, "error": None}
         try:
             times = summary(time_repeated(case, mx.eval, repeats, warmup=2))
             row["median_ms"] = times["median"] * 1e3
-            print(f"{name:<32} {row['median_ms']:>10.3f}")
+            print(f"{name:<48} {row['median_ms']:>10.3f}")
         except Exception as error:
             row["error"] = f"{type(error).__name__}: {error}"
-            print(f"{name:<32} error: {row['error'][:300]}")
+            print(f"{name:<48} error: {row['error'][:300]}")
         rows.append(row)
         save()
 

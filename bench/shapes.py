@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -128,11 +129,20 @@ def parse_setting(text: str) -> tuple[str, list[Any]]:
 
 
 def set_our_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
-    """Set module attributes of mlx_dgemma ("module.NAME": value); returns the values they replaced."""
+    """Set module attributes of mlx_dgemma ("module.NAME": value) or environment variables ("env.NAME": value,
+    e.g. MLX's, which it reads once, at first use: set them before any computation); returns the values they
+    replaced (None: an unset variable)."""
     previous: dict[str, Any] = {}
     try:
         for target, value in settings.items():
             module_name, name = target.split(".", 1)
+            if module_name == "env":
+                previous[target] = os.environ.get(name)
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = str(value)
+                continue
             module = importlib.import_module(f"mlx_dgemma.{module_name}")
             if not hasattr(module, name):
                 raise ValueError(f"{target}: mlx_dgemma.{module_name} has no {name}")
@@ -204,7 +214,7 @@ class Settings:
     seed: int = 0
     moe_dispatch: str = "auto"
     compile_feed_forward: str = "auto"  # on, off, or auto (our default: off)
-    dense_weights: str = "quantized"  # ours: quantized, or dequantized at load (mlx_dgemma.loader)
+    dense_weights: str = "quantized"  # ours: quantized, dequantized (at load) or dequantizing (mlx_dgemma.loader)
     our_settings: dict[str, Any] = field(default_factory=dict)  # "module.NAME": value, set in mlx_dgemma
     moe_compare: bool = False
     breakdown: bool = True

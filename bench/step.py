@@ -10,14 +10,21 @@ for one canvas of `--steps` fixed steps, in turn, so the machine's drift
 reaches every variant alike. Round 0 warms up (graph tracing, kernel
 compiles) and is not counted. A variant's figure is the median of its warm
 steps (a canvas's first step, which also launches the next, is left out as in
-`python -m bench`). Prints a table and, with --out, writes JSON after every round.
+`python -m bench`). Each step's launch is timed on the host as well: building
+its graph (Python) and encoding it (`mx.async_eval`, which returns once every
+kernel is queued); a launch as long as the step says the host, not the device,
+sets the pace. Prints a table and, with --out, writes JSON after every round.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,14 +34,14 @@ from .shapes import RunSpec, Settings, our_settings, parse_setting, parse_shape
 from .worker import make_prompt
 
 COMPILE_CHOICES = {"off": False, "on": True}
-DENSE_CHOICES = ("quantized", "dequantized")
+DENSE_CHOICES = ("quantized", "dequantized", "dequantizing")
 
 
 @dataclass(frozen=True)
 class Variant:
     dispatch: str  # an MoE dispatch, or "auto"
     compiled: bool  # the decoder layers' feed-forward as one compiled graph
-    dense: str  # the quantized dense layers: "quantized" or "dequantized"
+    dense: str  # the quantized dense layers: "quantized", "dequantized" (at load) or "dequantizing" (per call)
     settings: tuple[tuple[str, Any], ...]  # ("module.NAME" of mlx_dgemma, value)
 
     def to_json(self) -> dict[str, Any]:
@@ -52,14 +59,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dispatches", default="auto", help="comma-separated MoE dispatches (auto: the device's)")
     parser.add_argument("--compile", default="off", help="the decoder feed-forward compiled: off, on or off,on")
     parser.add_argument(
-        "--dense", default="quantized", help="quantized dense layers: quantized, dequantized (at load) or both"
+        "--dense",
+        default="quantized",
+        help="quantized dense layers: quantized, dequantized (at load), dequantizing (at every call); comma-separated",
     )
     parser.add_argument(
         "--vary",
         action="append",
         default=[],
         metavar="MODULE.NAME=A,B",
-        help="also vary a setting of mlx_dgemma (e.g. model.SELF_CONDITIONING_SPLITS=1,8); repeatable",
+        help="also vary a setting of mlx_dgemma (e.g. model.HEAD_PRODUCT=quantized,dequantized:8); repeatable",
     )
     parser.add_argument("--steps", type=int, default=16, help="fixed steps per canvas")
     parser.add_argument("--rounds", type=int, default=4, help="rounds after the warm-up round")
@@ -85,6 +94,8 @@ def _variants(dispatches: str, compiled: str, dense: str, vary: list[str]) -> li
     settings: list[tuple] = [()]
     for item in vary:
         target, values = parse_setting(item)
+        if target.startswith("env."):
+            raise ValueError(f"--vary {target}: MLX reads its environment once a process; run once per value")
         settings = [(*s, (target, value)) for s in settings for value in values]
     return [
         Variant(d, COMPILE_CHOICES[c], w, s)
@@ -99,10 +110,10 @@ def run(args: argparse.Namespace, variants: list[Variant]) -> dict[str, Any]:
 
     from mlx_dgemma import model as model_module
     from mlx_dgemma import moe
-    from mlx_dgemma.loader import dequantized_dense_layers, swap_modules
+    from mlx_dgemma.loader import swap_modules
 
     from .cli import ensure_checkpoint
-    from .runtimes.ours import OursDriver
+    from .runtimes.ours import DENSE_LAYERS, OursDriver
 
     for variant in variants:
         if variant.dispatch != "auto" and variant.dispatch not in moe.available_dispatches():
@@ -119,21 +130,24 @@ def run(args: argparse.Namespace, variants: list[Variant]) -> dict[str, Any]:
     driver = OursDriver(RunSpec("us", shape, settings, checkpoint))
     env = driver.setup()
     driver.load()
-    # Both sets of dense layers stay loaded; each variant puts its own in place.
-    dense_layers: dict[str, dict] = {}
-    if any(v.dense == "dequantized" for v in variants):
-        dense_layers["dequantized"] = dequantized_dense_layers(driver.model)
+    # Every set of dense layers stays loaded; each variant puts its own in place.
+    dense_layers = {kind: DENSE_LAYERS[kind](driver.model) for kind in {v.dense for v in variants} - {"quantized"}}
     prompt = make_prompt(driver.vocab, settings.prompt_tokens, settings.seed)
     compiled_default = model_module.COMPILE_FEED_FORWARD
-    rows = {variant: {**variant.to_json(), "steps_s": [], "errors": []} for variant in variants}
+    rows = {
+        variant: {**variant.to_json(), "steps_s": [], "build_s": [], "encode_s": [], "errors": []}
+        for variant in variants
+    }
     results: dict[str, Any] = {
         "shape": shape.name,
         "device": env["device"],
         "mlx": env["mlx"],
+        "mlx_environment": {name: value for name, value in os.environ.items() if name.startswith("MLX_")},
         "steps": args.steps,
         "variants": list(rows.values()),
     }
-    print(f"shape={shape.name}  device={env['device']}  mlx={env['mlx']}  steps={args.steps}", flush=True)
+    environment = "".join(f"  {k}={v}" for k, v in results["mlx_environment"].items())
+    print(f"shape={shape.name}  device={env['device']}  mlx={env['mlx']}  steps={args.steps}{environment}", flush=True)
     in_place = "quantized"
     for round_index in range(args.rounds + 1):
         for variant, row in rows.items():
@@ -144,7 +158,7 @@ def run(args: argparse.Namespace, variants: list[Variant]) -> dict[str, Any]:
             moe.set_moe_dispatch(None if variant.dispatch == "auto" else variant.dispatch)
             model_module.COMPILE_FEED_FORWARD = variant.compiled
             try:
-                with our_settings(dict(variant.settings)):
+                with our_settings(dict(variant.settings)), launch_timer() as launches:
                     generation = driver.generate(prompt, args.steps, adaptive=False, seed=args.seed, per_step=True)
             except Exception as error:
                 row["errors"].append(f"{type(error).__name__}: {error}"[:300])
@@ -156,23 +170,57 @@ def run(args: argparse.Namespace, variants: list[Variant]) -> dict[str, Any]:
                 row["dispatch_used"] = variant.dispatch if variant.dispatch != "auto" else moe.moe_dispatch()
                 continue
             row["steps_s"].extend(t for canvas in generation.step_times for t in canvas[1:])
+            row["build_s"].extend(build for build, _ in launches)
+            row["encode_s"].extend(encode for _, encode in launches)
         for row in rows.values():
             if row["steps_s"]:
                 stats = summary(row["steps_s"])
                 row.update(median_ms=stats["median"] * 1e3, min_ms=stats["min"] * 1e3, samples=len(row["steps_s"]))
+                row.update(build_ms=summary(row["build_s"])["median"] * 1e3)
+                row.update(encode_ms=summary(row["encode_s"])["median"] * 1e3)
         print(f"round {round_index} done", flush=True)
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(results, indent=2))
-    print(f"{'dispatch':<10} {'compiled':<9} {'dense':<12} {'median ms':>10} {'min ms':>8} {'samples':>8}  settings")
+    header = f"{'dispatch':<10} {'compiled':<9} {'dense':<12} {'median ms':>10} {'min ms':>8} {'samples':>8}"
+    print(f"{header} {'build ms':>9} {'encode ms':>10}  settings")
     for row in rows.values():
         label = " ".join(f"{k}={v}" for k, v in row["settings"].items())
         start = f"{row['dispatch']:<10} {str(row['compiled']):<9} {row['dense']:<12}"
         if row.get("median_ms") is None:
             print(f"{start} error: {'; '.join(row['errors'])[:300]}  {label}")
             continue
-        print(f"{start} {row['median_ms']:>10.2f} {row['min_ms']:>8.2f} {row['samples']:>8}  {label}")
+        figures = f"{row['median_ms']:>10.2f} {row['min_ms']:>8.2f} {row['samples']:>8}"
+        print(f"{start} {figures} {row['build_ms']:>9.2f} {row['encode_ms']:>10.2f}  {label}")
     return results
+
+
+@contextmanager
+def launch_timer() -> Iterator[list[tuple[float, float]]]:
+    """(build, encode) seconds of every step the sampler launches meanwhile: from the start of its decoder call to
+    its `mx.async_eval`, and inside that call."""
+    import mlx.core as mx
+
+    from mlx_dgemma.sampler import BlockSampler
+
+    launches: list[tuple[float, float]] = []
+    started = [0.0]
+    decode, async_eval = BlockSampler._decode, mx.async_eval
+
+    def timed_decode(self, *args, **kwargs):
+        started[0] = time.perf_counter()
+        return decode(self, *args, **kwargs)
+
+    def timed_async_eval(*arrays):
+        called = time.perf_counter()
+        async_eval(*arrays)
+        launches.append((called - started[0], time.perf_counter() - called))
+
+    BlockSampler._decode, mx.async_eval = timed_decode, timed_async_eval
+    try:
+        yield launches
+    finally:
+        BlockSampler._decode, mx.async_eval = decode, async_eval
 
 
 if __name__ == "__main__":

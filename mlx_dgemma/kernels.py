@@ -498,10 +498,71 @@ _COMBINE_SOURCE = """
   *reinterpret_cast<uint4*>(y + (size_t)token * H + column) = make_uint4(out[0], out[1], out[2], out[3]);
 """
 
+# One warp per token (grid (32 * tokens, 1, 1) rounded up to whole blocks): the token's TOP_K largest router
+# scores, ties going to the lower expert, in descending order; then the softmax over them, each weight times its
+# expert's scale. Replaces about ten stock ops a layer (cast, argpartition, gathers, softmax, scale).
+_ROUTER_SOURCE = """
+  constexpr int PER_LANE = (EXPERTS + 31) / 32;
+  const int token = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (token >= scores_shape[0]) return;  // whole warps: 32 * tokens threads come in blocks of 32s
+  float score[PER_LANE];
+  #pragma unroll
+  for (int i = 0; i < PER_LANE; ++i) {
+    const int e = lane + 32 * i;
+    score[i] = e < EXPERTS ? static_cast<float>(scores[(size_t)token * EXPERTS + e]) : 0.f;
+  }
+  unsigned taken = 0;  // bit i: this lane's expert lane + 32 i is chosen already
+  float chosen[TOP_K];
+  int chosen_expert[TOP_K];
+  #pragma unroll
+  for (int j = 0; j < TOP_K; ++j) {
+    float best = 0.f;
+    int best_expert = EXPERTS;  // none yet
+    #pragma unroll
+    for (int i = 0; i < PER_LANE; ++i) {
+      const int e = lane + 32 * i;
+      const bool open = e < EXPERTS && !((taken >> i) & 1u);
+      if (open && (best_expert == EXPERTS || score[i] > best)) {  // ascending e: ties keep the lower
+        best = score[i];
+        best_expert = e;
+      }
+    }
+    #pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+      const float other = __shfl_xor_sync(0xffffffffu, best, offset);
+      const int other_expert = __shfl_xor_sync(0xffffffffu, best_expert, offset);
+      const bool better = other_expert < EXPERTS &&
+          (best_expert == EXPERTS || other > best || (other == best && other_expert < best_expert));
+      if (better) {
+        best = other;
+        best_expert = other_expert;
+      }
+    }
+    chosen[j] = best;
+    chosen_expert[j] = best_expert;
+    if ((best_expert & 31) == lane) taken |= 1u << (best_expert >> 5);
+  }
+  if (lane != 0) return;
+  float weight[TOP_K];
+  float total = 0.f;
+  #pragma unroll
+  for (int j = 0; j < TOP_K; ++j) {
+    weight[j] = expf(chosen[j] - chosen[0]);  // chosen[0] is the largest
+    total += weight[j];
+  }
+  #pragma unroll
+  for (int j = 0; j < TOP_K; ++j) {
+    indices[token * TOP_K + j] = static_cast<uint32_t>(chosen_expert[j]);
+    weights[token * TOP_K + j] = weight[j] / total * static_cast<float>(expert_scales[chosen_expert[j]]);
+  }
+"""
+
 # At 1024 threads the H200 refused the launch ("too many resources requested for launch"), though ptxas reports
 # 22 registers a thread (bench.kernel_check); at 256 it runs.
 LAYOUT_THREADS = 256
 COMBINE_THREADS = 64
+ROUTER_THREADS = 128
 
 
 # Which matmul the fused pipeline uses: "staged" (operands through shared memory; where its static shared
@@ -534,6 +595,24 @@ MOE_LAYOUT = KernelSource(
     "dgemma_moe_layout", ("indices",), ("slots", "tile_experts", "sources", "used"), _LAYOUT_SOURCE
 )
 MOE_COMBINE = KernelSource("dgemma_moe_combine", ("rows", "slots", "weights"), ("y",), _COMBINE_SOURCE)
+ROUTER_TOP_K = KernelSource("dgemma_router_top_k", ("scores", "expert_scales"), ("indices", "weights"), _ROUTER_SOURCE)
+
+
+def top_k_routes(scores: mx.array, expert_scales: mx.array, k: int) -> tuple[mx.array, mx.array]:
+    """Each token's k best experts (tokens, k) uint32, best first, and their weights (tokens, k) float32:
+    the softmax over the chosen scores times each expert's scale. scores: (tokens, experts)."""
+    tokens, experts = scores.shape
+    threads = -(-32 * tokens // ROUTER_THREADS) * ROUTER_THREADS
+    return tuple(
+        _compiled(ROUTER_TOP_K)(
+            inputs=[scores, expert_scales],
+            template=[("EXPERTS", experts), ("TOP_K", k)],
+            grid=(threads, 1, 1),
+            threadgroup=(ROUTER_THREADS, 1, 1),
+            output_shapes=[(tokens, k), (tokens, k)],
+            output_dtypes=[mx.uint32, mx.float32],
+        )
+    )
 
 
 def fused_supports(gate_up, down, x_dtype: mx.Dtype, activation: str) -> bool:

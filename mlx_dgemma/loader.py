@@ -131,29 +131,52 @@ def load_model(path: str | Path, revision: str | None = None) -> Model:
 def dequantized_dense_layers(model: nn.Module) -> dict[str, nn.Linear]:
     """Float twins of the model's quantized dense linears (attention, dense MLPs), by module path.
 
-    Each holds its weights dequantized to the scales' dtype. The experts and the embedding are left out:
-    the experts have kernels of their own, and the tied embedding stays quantized for the head and for
-    self-conditioning. A GPU may multiply floats faster than MLX's quantized matmul at a canvas's 256 rows;
-    whether it does is for `python -m bench.step --dense` to say (bench/README.md).
+    Each holds its weights dequantized to the scales' dtype (+1.5 GB at the released shape). The experts and the
+    embedding are left out: the experts have kernels of their own, and the tied embedding stays quantized for
+    the head and for self-conditioning. A GPU may multiply floats faster than MLX's quantized matmul at a
+    canvas's 256 rows; whether it does is for `python -m bench.step --dense` to say (bench/README.md).
     """
     twins = {}
-    for path, module in model.named_modules():
-        if isinstance(module, nn.QuantizedLinear):
-            weight = mx.dequantize(
-                module.weight,
-                module.scales,
-                module.get("biases"),
-                group_size=module.group_size,
-                bits=module.bits,
-                mode=getattr(module, "mode", "affine"),
-            ).astype(module.scales.dtype)
-            twin = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in module)
-            twin.weight = weight
-            if "bias" in module:
-                twin.bias = module.bias
-            mx.eval(twin.parameters())
-            twins[path] = twin
+    for path, module in _quantized_dense(model):
+        twin = nn.Linear(1, 1, bias="bias" in module)  # its shapes come with the weights below
+        twin.weight = DequantizingLinear(module).dequantized()
+        if "bias" in module:
+            twin.bias = module.bias
+        mx.eval(twin.parameters())
+        twins[path] = twin
     return twins
+
+
+def dequantizing_dense_layers(model: nn.Module) -> dict[str, DequantizingLinear]:
+    """The same dense linears, kept quantized but dequantized at every call before a plain matmul (no memory
+    held beyond the passing copy); `python -m bench.step --dense dequantizing`."""
+    return {path: DequantizingLinear(module) for path, module in _quantized_dense(model)}
+
+
+def _quantized_dense(model: nn.Module) -> list[tuple[str, nn.QuantizedLinear]]:
+    return [(path, module) for path, module in model.named_modules() if isinstance(module, nn.QuantizedLinear)]
+
+
+class DequantizingLinear(nn.Module):
+    """A quantized linear layer whose weights are dequantized to the scales' dtype at each call, then multiplied."""
+
+    def __init__(self, linear: nn.QuantizedLinear):
+        super().__init__()
+        self.weight, self.scales = linear.weight, linear.scales
+        self.biases = linear.get("biases")
+        if "bias" in linear:
+            self.bias = linear.bias
+        self.group_size, self.bits, self.mode = linear.group_size, linear.bits, linear.mode
+
+    def dequantized(self) -> mx.array:
+        weight = mx.dequantize(
+            self.weight, self.scales, self.biases, group_size=self.group_size, bits=self.bits, mode=self.mode
+        )
+        return weight.astype(self.scales.dtype)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = x @ self.dequantized().T
+        return y + self.bias if "bias" in self else y
 
 
 def swap_modules(model: nn.Module, modules: dict[str, nn.Module]) -> dict[str, nn.Module]:

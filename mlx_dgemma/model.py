@@ -151,34 +151,49 @@ class Backbone(nn.Module):
         self.encoder = Encoder(config)
 
 
-# The self-conditioning matmul (canvas x vocabulary) @ (vocabulary x hidden) sums over the whole vocabulary:
-# as one quantized matmul, its few output tiles each run down all of it (on the H200 it took 6 ms of a 29 ms
-# step). On GPUs it can be cut into this many slices of the vocabulary, their products summed in float32.
-# Not yet measured on a GPU, so 1 (one matmul); `python -m bench.step --vary model.SELF_CONDITIONING_SPLITS=1,8`.
-SELF_CONDITIONING_SPLITS = 1
+# How the tied embedding's two vocabulary-wide products run on a GPU when it is quantized: the head's
+# hidden @ Eᵀ and self-conditioning's probs @ E, each (canvas × hidden × vocabulary). "quantized": MLX's
+# quantized matmul on the table as stored; "quantized:N": the same in N vocabulary slices (self-conditioning's
+# product sums down the whole vocabulary, which one matmul gives few output tiles; the slices' products are
+# summed in float32); "dequantized:N": N slices, each dequantized to the scales' dtype just before a plain
+# matmul (a passing copy of 1/N of the table; the table itself stays quantized). On the H200 self-conditioning
+# took 6 ms of a 29 ms step as one quantized matmul, the head 2.6 ms (bench/RESULTS.md). The CPU always takes
+# "quantized". Measure with `python -m bench.step --vary model.SELF_CONDITIONING_PRODUCT=quantized,dequantized:8`.
+HEAD_PRODUCT = "quantized"
+SELF_CONDITIONING_PRODUCT = "quantized"
+PRODUCT_KINDS = ("quantized", "dequantized")
 
 
-def vocab_sliced_matmul(probs: mx.array, embed: nn.QuantizedEmbedding, splits: int) -> mx.array:
-    """probs @ dequantized(embed) with the vocabulary cut into `splits` slices (1: one matmul)."""
+def parse_product(how: str) -> tuple[str, int]:
+    """ "dequantized:8" -> ("dequantized", 8); "quantized" -> ("quantized", 1)."""
+    kind, _, count = str(how).partition(":")
+    if kind not in PRODUCT_KINDS or not (count == "" or (count.isdigit() and int(count) > 0)):
+        raise ValueError(f"{how!r}: expected quantized, quantized:N or dequantized:N (N > 0 slices)")
+    return kind, int(count or 1)
+
+
+def embedding_product(x: mx.array, embed: nn.QuantizedEmbedding, transposed: bool, how: str) -> mx.array:
+    """x @ Eᵀ (`transposed`: the head) or x @ E (self-conditioning) for a quantized table E, as `how` says."""
+    kind, slices = parse_product(how)
+    vocab = embed.weight.shape[0]
+    step = -(-vocab // slices)
 
     def product(rows: slice) -> mx.array:
-        return mx.quantized_matmul(
-            probs[..., rows],
-            embed.weight[rows],
-            embed.scales[rows],
-            embed.biases[rows],
-            transpose=False,
-            group_size=embed.group_size,
-            bits=embed.bits,
-            mode=embed.mode,
-        )
+        weight, scales, biases = embed.weight[rows], embed.scales[rows], embed.get("biases")
+        biases = None if biases is None else biases[rows]
+        operand = x if transposed else x[..., rows]
+        quantization = {"group_size": embed.group_size, "bits": embed.bits, "mode": embed.mode}
+        if kind == "quantized":
+            return mx.quantized_matmul(operand, weight, scales, biases, transpose=transposed, **quantization)
+        table = mx.dequantize(weight, scales, biases, **quantization)
+        return operand @ (table.T if transposed else table)
 
-    vocab = probs.shape[-1]
-    if splits <= 1:
-        return product(slice(None))
-    step = -(-vocab // splits)
-    total = sum(product(slice(start, start + step)).astype(mx.float32) for start in range(0, vocab, step))
-    return total.astype(probs.dtype)
+    parts = [product(slice(start, start + step)) for start in range(0, vocab, step)]
+    if len(parts) == 1:
+        return parts[0]
+    if transposed:  # each slice is its own columns of the logits
+        return mx.concatenate(parts, axis=-1)
+    return sum(part.astype(mx.float32) for part in parts).astype(parts[0].dtype)
 
 
 class Model(nn.Module):
@@ -291,7 +306,10 @@ class Model(nn.Module):
 
     def head(self, hidden: mx.array) -> mx.array:
         """The tied head's float32 logits, before the soft-cap."""
-        return self.embed_tokens.as_linear(hidden).astype(mx.float32)
+        embed = self.embed_tokens
+        if isinstance(embed, nn.QuantizedEmbedding) and not on_cpu() and HEAD_PRODUCT != "quantized":
+            return embedding_product(hidden, embed, True, HEAD_PRODUCT).astype(mx.float32)
+        return embed.as_linear(hidden).astype(mx.float32)
 
     def _soft_embeddings(
         self, blocks: RowBlocks, prediction: mx.array | list[mx.array], from_logits: bool
@@ -310,7 +328,8 @@ class Model(nn.Module):
         embed = self.embed_tokens
         if isinstance(embed, nn.QuantizedEmbedding):
             dtype = embed.scales.dtype
-            soft = vocab_sliced_matmul(probs.astype(dtype), embed, 1 if on_cpu() else SELF_CONDITIONING_SPLITS)
+            how = "quantized" if on_cpu() else SELF_CONDITIONING_PRODUCT
+            soft = embedding_product(probs.astype(dtype), embed, False, how)
         else:
             dtype = embed.weight.dtype
             soft = probs.astype(dtype) @ embed.weight

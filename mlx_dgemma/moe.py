@@ -38,6 +38,9 @@ CUDA_ONLY = ("fused",)
 # Rows per tile: of the "tiled" dispatch, and of our CUDA kernels' ("fused").
 TILE_ROWS = 16
 KERNEL_TILE_ROWS = 16
+# Whether CUDA picks each token's experts with our one-launch kernel (kernels.top_k_routes) instead of about ten
+# stock ops a layer. Off until a GPU has timed it: `python -m bench.step --vary moe.ROUTER_KERNEL=0,1`.
+ROUTER_KERNEL = False
 _forced_dispatch: str | None = None
 
 
@@ -54,7 +57,7 @@ def moe_dispatch() -> str:
 
 def dispatch_settings() -> tuple:
     """The dispatch in force with the settings that shape its graph (a key for compiled graphs)."""
-    return moe_dispatch(), TILE_ROWS, KERNEL_TILE_ROWS, kernels.FUSED_MATMUL
+    return moe_dispatch(), TILE_ROWS, KERNEL_TILE_ROWS, kernels.FUSED_MATMUL, routes_by_kernel()
 
 
 def available_dispatches() -> tuple[str, ...]:
@@ -68,6 +71,11 @@ def set_moe_dispatch(dispatch: str | None) -> None:
     if dispatch is not None and dispatch not in DISPATCHES:
         raise ValueError(f"unknown MoE dispatch {dispatch!r}; choose from {DISPATCHES}")
     _forced_dispatch = dispatch
+
+
+def routes_by_kernel() -> bool:
+    """Whether the router's top-k runs as our CUDA kernel here."""
+    return bool(ROUTER_KERNEL) and kernels.available()
 
 
 class Router(nn.Module):
@@ -84,7 +92,10 @@ class Router(nn.Module):
 
     def __call__(self, x: mx.array) -> tuple[mx.array, mx.array]:
         x = rms_normalize(x, self.eps) * (self.scale * self.root_size)
-        scores = self.proj(x).astype(mx.float32)
+        scores = self.proj(x)
+        if routes_by_kernel():
+            return kernels.top_k_routes(scores, self.per_expert_scale, self.top_k)
+        scores = scores.astype(mx.float32)
         indices = mx.argpartition(-scores, kth=self.top_k - 1, axis=-1)[..., : self.top_k]
         # Softmax over the chosen scores equals the full softmax renormalised
         # over the top k, as the reference computes it.

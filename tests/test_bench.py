@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import mlx.core as mx
+
 from bench.cli import main
 
 
@@ -37,7 +39,7 @@ def test_moe_probe_times_every_cpu_dispatch(tmp_path):
 
     out = tmp_path / "moe.json"
     shape = '{"base": "quick", "moe_intermediate_size": 64, "hidden_size": 128}'
-    assert moe_main(["--shape", shape, "--repeats", "2", "--embedding", "--out", str(out)]) == 0
+    assert moe_main(["--shape", shape, "--repeats", "2", "--embedding", "--router", "--out", str(out)]) == 0
     results = json.loads(out.read_text())
     rows = {(r["dispatch"], r["settings"].get("moe.TILE_ROWS")): r for r in results["dispatches"]}
     # The CPU runs every dispatch but our CUDA kernels, the tiled one at three tile heights.
@@ -48,11 +50,18 @@ def test_moe_probe_times_every_cpu_dispatch(tmp_path):
     assert [r["case"] for r in results["embedding"]] == [
         "head, 8-bit",
         "head, dequantized",
+        "head, quantized in 8 slices",
+        *(f"head, dequantized in {n} slices" for n in (4, 8, 16)),
         "self-conditioning, 8-bit",
         "self-conditioning, dequantized",
-        *(f"self-conditioning, 8-bit, {splits} slices" for splits in (4, 8, 16, 32)),
+        *(f"self-conditioning, quantized in {n} slices" for n in (4, 8, 16, 32)),
+        *(f"self-conditioning, dequantized in {n} slices" for n in (4, 8, 16)),
     ]
     assert all(r["error"] is None and r["median_ms"] > 0 for r in results["embedding"])
+    # Off CUDA the router runs its stock ops only (our top-k kernel is CUDA's), agreeing with itself.
+    assert [(r["case"], r["same_experts"], r["max_weight_diff"]) for r in results["router"]] == [
+        ("router, stock ops", 1.0, 0.0)
+    ]
     assert moe_main(["--shape", shape, "--dispatches", "fused"]) == 1  # CUDA only: a one-line error
 
 
@@ -61,17 +70,22 @@ def test_step_ab_runs_every_variant(tmp_path):
 
     out = tmp_path / "step.json"
     arguments = ["--shape", "quick", "--steps", "3", "--rounds", "1", "--prompt-tokens", "16", "--out", str(out)]
-    variants = ["--dispatches", "gather,tiled", "--dense", "quantized,dequantized"]
-    assert step_main([*arguments, *variants, "--vary", "model.SELF_CONDITIONING_SPLITS=1,2"]) == 0
+    variants = ["--dispatches", "gather,tiled", "--dense", "quantized,dequantized,dequantizing"]
+    vary = ["--vary", "model.SELF_CONDITIONING_PRODUCT=quantized,dequantized:2"]
+    assert step_main([*arguments, *variants, *vary]) == 0
     rows = json.loads(out.read_text())["variants"]
-    seen = {(r["dispatch"], r["dense"], r["settings"]["model.SELF_CONDITIONING_SPLITS"]) for r in rows}
-    assert len(rows) == len(seen) == 8
+    seen = {(r["dispatch"], r["dense"], r["settings"]["model.SELF_CONDITIONING_PRODUCT"]) for r in rows}
+    assert len(rows) == len(seen) == 12
     # One warm step per canvas after the first (the first also launches the next), one counted round.
     assert all(not r["errors"] and r["samples"] == 2 and r["median_ms"] > 0 for r in rows)
+    # Every launch timed on the host: building the step's graph, then queueing it (mx.async_eval), put back after.
+    assert all(r["build_ms"] > 0 and r["encode_ms"] > 0 and len(r["build_s"]) >= r["samples"] for r in rows)
+    assert mx.async_eval.__name__ == "async_eval"
     from mlx_dgemma import model as model_module
 
-    assert model_module.SELF_CONDITIONING_SPLITS == 1  # every setting put back
+    assert model_module.SELF_CONDITIONING_PRODUCT == "quantized"  # every setting put back
     assert step_main([*arguments, "--vary", "model.NOPE"]) == 1  # a one-line error
+    assert step_main([*arguments, "--vary", "env.MLX_MAX_OPS_PER_BUFFER=20,100"]) == 1  # once a process
     assert step_main([*arguments, "--vary", "model.NOPE=1"]) == 1  # no such setting: every variant fails
     assert "no NOPE" in json.loads(out.read_text())["variants"][0]["errors"][0]
     assert not hasattr(model_module, "NOPE")
@@ -79,7 +93,19 @@ def test_step_ab_runs_every_variant(tmp_path):
 
 def test_bench_sets_our_settings(tmp_path):
     arguments = ["--quick", "--runtimes", "us", "--no-breakdown", "--no-adaptive", "--no-chart", "--out", str(tmp_path)]
-    assert main([*arguments, "--set", "model.SELF_CONDITIONING_SPLITS=2", "--dense-weights", "dequantized"]) == 0
+    assert main([*arguments, "--set", "model.HEAD_PRODUCT=dequantized:2", "--dense-weights", "dequantizing"]) == 0
     settings = json.loads((tmp_path / "quick.json").read_text())["settings"]
-    assert settings["our_settings"] == {"model.SELF_CONDITIONING_SPLITS": 2}
-    assert settings["dense_weights"] == "dequantized"
+    assert settings["our_settings"] == {"model.HEAD_PRODUCT": "dequantized:2"}
+    assert settings["dense_weights"] == "dequantizing"
+
+
+def test_our_settings_reach_environment_variables(monkeypatch):
+    import os
+
+    from bench.shapes import our_settings
+
+    monkeypatch.delenv("DGEMMA_BENCH_PROBE", raising=False)
+    monkeypatch.setenv("DGEMMA_BENCH_KEPT", "before")
+    with our_settings({"env.DGEMMA_BENCH_PROBE": 100, "env.DGEMMA_BENCH_KEPT": "during"}):
+        assert os.environ["DGEMMA_BENCH_PROBE"] == "100" and os.environ["DGEMMA_BENCH_KEPT"] == "during"
+    assert "DGEMMA_BENCH_PROBE" not in os.environ and os.environ["DGEMMA_BENCH_KEPT"] == "before"

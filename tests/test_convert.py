@@ -581,13 +581,15 @@ def test_destination_may_not_hold_the_source(scratch_source):
     assert (scratch_source / "config.json").is_file()
 
 
-def test_dense_layers_dequantized_give_the_quantized_logits(source, tmp_path):
-    """The float twins of the quantized dense layers (bench.step --dense) compute what the quantized ones do."""
+@pytest.mark.parametrize("when", ["at load", "at every call"])
+def test_dense_layers_dequantized_give_the_quantized_logits(source, tmp_path, when):
+    """The float twins of the quantized dense layers (bench.step --dense), or the same layers dequantized at
+    every call, compute what the quantized ones do."""
     from mlx_dgemma import load_model
-    from mlx_dgemma.loader import dequantized_dense_layers, swap_modules
+    from mlx_dgemma.loader import dequantized_dense_layers, dequantizing_dense_layers, swap_modules
 
     model = load_model(convert_checkpoint(source, tmp_path / "out", dtype="float32", bits=4))
-    twins = dequantized_dense_layers(model)
+    twins = (dequantized_dense_layers if when == "at load" else dequantizing_dense_layers)(model)
     # Every 8-bit dense linear of the mixed recipe, and nothing else: not the experts, not the embedding.
     assert len(twins) == len(model.layers) * len(EIGHT_BIT_SUFFIXES) - 1 + len(SELF_CONDITIONING)
     assert all(not path.startswith("model.decoder.embed_tokens") and ".experts." not in path for path in twins)
@@ -596,8 +598,35 @@ def test_dense_layers_dequantized_give_the_quantized_logits(source, tmp_path):
     canvas = mx.array([list(range(20, 20 + model.config.canvas_length))])
     quantized = model.denoise(canvas, cache)
     originals = swap_modules(model, twins)
-    assert type(model.layers[0].self_attn.q_proj).__name__ == "Linear"  # quantized: QuantizedLinear
+    expected = "Linear" if when == "at load" else "DequantizingLinear"
+    assert type(model.layers[0].self_attn.q_proj).__name__ == expected  # quantized: QuantizedLinear
     dequantized = model.denoise(canvas, cache)
     swap_modules(model, originals)
     assert float(mx.abs(dequantized - quantized).max()) < 1e-4
     assert mx.array_equal(model.denoise(canvas, cache), quantized)
+
+
+@pytest.mark.parametrize("head, conditioning", [("dequantized:3", "dequantized:4"), ("quantized:2", "quantized:5")])
+def test_embedding_products_on_the_gpu_path_give_the_same_logits(source, tmp_path, monkeypatch, head, conditioning):
+    """The head and self-conditioning in vocabulary slices (a GPU's `HEAD_PRODUCT` and
+    `SELF_CONDITIONING_PRODUCT`), run here on the CPU, give the logits of the quantized matmuls."""
+    from mlx_dgemma import load_model
+    from mlx_dgemma import model as model_module
+
+    model = load_model(convert_checkpoint(source, tmp_path / "out", dtype="float32", bits=4))
+    assert type(model.embed_tokens).__name__ == "QuantizedEmbedding"
+    cache = model.make_cache()
+    model.encode(mx.array([[5, 9, 2, 7, 11]]), cache)
+    canvas = mx.array([list(range(20, 20 + model.config.canvas_length))])
+    first = model.denoise(canvas, cache)
+    expected = model.denoise(canvas, cache, first)
+    monkeypatch.setattr(model_module, "on_cpu", lambda: False)
+    monkeypatch.setattr(model_module, "HEAD_PRODUCT", head)
+    monkeypatch.setattr(model_module, "SELF_CONDITIONING_PRODUCT", conditioning)
+    products = model_module.embedding_product
+    asked = []
+    monkeypatch.setattr(model_module, "embedding_product", lambda *args: asked.append(args[2:]) or products(*args))
+    got = model.denoise(canvas, cache, first)
+    assert asked == [(False, conditioning), (True, head)]
+    assert float(mx.abs(got - expected).max()) < 1e-4
+    assert float(mx.abs(model.denoise(canvas, cache) - first).max()) < 1e-4

@@ -12,7 +12,7 @@ from mlx_lm.models.switch_layers import SwitchLinear
 
 from mlx_dgemma import kernels
 
-SOURCES = [*kernels.FUSED_QMM.values(), kernels.MOE_LAYOUT, kernels.MOE_COMBINE]
+SOURCES = [*kernels.FUSED_QMM.values(), kernels.MOE_LAYOUT, kernels.MOE_COMBINE, kernels.ROUTER_TOP_K]
 
 
 @pytest.mark.parametrize("kernel", SOURCES, ids=lambda k: k.name)
@@ -40,3 +40,11 @@ def test_nothing_applies_off_cuda():
     assert (layer.bits, layer.group_size, layer.scales.dtype, layer.weight.dtype) == (4, 64, mx.bfloat16, mx.uint32)
     assert not kernels.available()
     assert not kernels.supports(layer, layer, mx.bfloat16)
+
+
+def test_router_takes_stock_ops_off_cuda(monkeypatch):
+    from mlx_dgemma import moe
+
+    monkeypatch.setattr(moe, "ROUTER_KERNEL", True)
+    assert not moe.routes_by_kernel()
+    assert moe.dispatch_settings()[-1] is False  # compiled graphs are keyed by whether the kernel routes

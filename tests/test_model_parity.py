@@ -208,17 +208,28 @@ def test_compiled_feed_forward_matches_reference(small, monkeypatch):
     assert [key[0] for key in graphs] == ["gather", "tiled"]
 
 
-@pytest.mark.parametrize("splits", [1, 3, 8])
-def test_self_conditioning_in_vocabulary_slices(splits):
-    """The quantized self-conditioning matmul cut into vocabulary slices sums to the uncut product."""
+@pytest.mark.parametrize("how", ["quantized", "quantized:3", "quantized:8", "dequantized:1", "dequantized:3"])
+def test_embedding_products_in_vocabulary_slices(how):
+    """The head's and self-conditioning's products with the quantized table, in slices or dequantized slice by
+    slice, equal the products with the dequantized table."""
     embedding = mlx_dgemma.model.nn.Embedding(1000, 128)
     embedding.weight = mx.random.normal((1000, 128), key=mx.random.key(0)) * 0.05
     quantized = mlx_dgemma.model.nn.QuantizedEmbedding.from_embedding(embedding, group_size=64, bits=8)
     probs = mx.softmax(3 * mx.random.normal((2, 16, 1000), key=mx.random.key(1)), axis=-1)
+    hidden = mx.random.normal((2, 16, 128), key=mx.random.key(2))
     dense = mx.dequantize(quantized.weight, quantized.scales, quantized.biases, group_size=64, bits=8)
-    got = model_module.vocab_sliced_matmul(probs, quantized, splits)
-    assert got.shape == (2, 16, 128) and got.dtype == probs.dtype
-    assert float(mx.abs(got - probs @ dense).max()) < 1e-6
+    soft = model_module.embedding_product(probs, quantized, False, how)
+    assert soft.shape == (2, 16, 128) and soft.dtype == probs.dtype
+    assert float(mx.abs(soft - probs @ dense).max()) < 1e-6
+    logits = model_module.embedding_product(hidden, quantized, True, how)
+    assert logits.shape == (2, 16, 1000)
+    assert float(mx.abs(logits - hidden @ dense.T).max()) < 1e-5
+
+
+@pytest.mark.parametrize("how", ["dequant", "quantized:0", "dequantized:x", "8"])
+def test_embedding_product_settings_are_checked(how):
+    with pytest.raises(ValueError, match="quantized:N"):
+        model_module.parse_product(how)
 
 
 VARIANTS = {

@@ -10,6 +10,19 @@ from typing import Any
 
 from .base import GenerationRun, MlxDriver
 
+# Our quantized dense layers other than as they are: their twins, by --dense-weights / bench.step --dense.
+DENSE_LAYERS = {
+    "dequantized": lambda model: _loader().dequantized_dense_layers(model),
+    "dequantizing": lambda model: _loader().dequantizing_dense_layers(model),
+}
+
+
+def _loader():
+    from mlx_dgemma import loader
+
+    return loader
+
+
 # Never stops early: a mean entropy below this is impossible short of exact one-hot logits.
 NEVER_CONFIDENT = 1e-30
 
@@ -50,10 +63,11 @@ class OursDriver(MlxDriver):
             from mlx_dgemma.loader import load_model
 
             self.model = load_model(self.spec.checkpoint)
-        if getattr(self.settings, "dense_weights", "quantized") == "dequantized":
-            from mlx_dgemma.loader import dequantized_dense_layers, swap_modules
+        dense = getattr(self.settings, "dense_weights", "quantized")
+        if dense != "quantized":
+            from mlx_dgemma import loader
 
-            swap_modules(self.model, dequantized_dense_layers(self.model))
+            loader.swap_modules(self.model, DENSE_LAYERS[dense](self.model))
         self.canvas = self.model.config.canvas_length
         self.vocab = self.model.text_config.vocab_size
 
