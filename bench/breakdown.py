@@ -263,14 +263,14 @@ class StepBreakdown:
     def run(self) -> dict[str, Any]:
         import mlx_dgemma.model as model_module
 
-        # The parts are timed one by one, which a layer's compiled feed-forward graph would hide (and patched
-        # calls traced into it would stay there): the breakdown's step runs them uncompiled.
-        compiled = getattr(model_module, "COMPILE_FEED_FORWARD", False)
-        model_module.COMPILE_FEED_FORWARD = False
+        # The parts are timed one by one, which a layer's compiled graphs would hide (and patched calls traced
+        # into them would stay there): the breakdown's step runs them uncompiled.
+        compiled = getattr(model_module, "COMPILE_LAYERS", False)
+        model_module.COMPILE_LAYERS = False
         try:
             return self._run()
         finally:
-            model_module.COMPILE_FEED_FORWARD = compiled
+            model_module.COMPILE_LAYERS = compiled
 
     def _run(self) -> dict[str, Any]:
         from mlx_dgemma import moe
@@ -392,5 +392,5 @@ class StepBreakdown:
             "repeats": self.repeats,
             "errors": self.errors,
             "method": "each part re-run alone on the recorded inputs of a real second (self-conditioned) step; "
-            "mx.eval + perf_counter, median of repeats; the layers' feed-forward uncompiled",
+            "mx.eval + perf_counter, median of repeats; the layers uncompiled",
         }

@@ -64,14 +64,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--synthetic", action="store_true", help="random weights built in memory, no checkpoint")
     parser.add_argument("--moe-dispatch", choices=MOE_DISPATCHES, help="force our MoE dispatch")
     parser.add_argument(
-        "--compile-feed-forward",
+        "--compile-layers",
         choices=("auto", "on", "off"),
-        help="our decoder layers' feed-forward as one compiled graph (auto: our default, off)",
+        help="our decoder layers as compiled graphs around attention (auto: our default, on under CUDA)",
     )
     parser.add_argument(
         "--dense-weights",
-        choices=("quantized", "dequantized", "dequantizing"),
-        help="our quantized dense layers (attention, dense MLPs) as they are, dequantized at load, or at every call",
+        choices=("auto", "quantized", "dequantized"),
+        help="our quantized dense layers (attention, dense MLPs): as they are, dequantized at load, or auto (our "
+        "default: dequantized under CUDA)",
     )
     parser.add_argument(
         "--set",
@@ -126,7 +127,7 @@ def resolve(args: argparse.Namespace) -> tuple[Shape, Settings, list[str]]:
         "canvases": args.canvases,
         "seed": args.seed,
         "moe_dispatch": args.moe_dispatch,
-        "compile_feed_forward": args.compile_feed_forward,
+        "compile_layers": args.compile_layers,
         "dense_weights": args.dense_weights,
     }
     settings = replace(base, **{k: v for k, v in overrides.items() if v is not None})

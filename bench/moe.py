@@ -228,16 +228,10 @@ def _embedding_parts(config, shape, tokens: int, dtype, repeats: int, save, resu
     cases = {
         "head, 8-bit": lambda: quantized(x, True),
         "head, dequantized": lambda: x @ dense.T,
-        **{
-            f"head, {how.replace(':', ' in ')} slices": partial(embedding_product, x, embedding, True, how)
-            for how in ("quantized:8", "dequantized:4", "dequantized:8", "dequantized:16")
-        },
         "self-conditioning, 8-bit": lambda: quantized(probs, False),
         "self-conditioning, dequantized": lambda: probs @ dense,
         **{
-            f"self-conditioning, {how.replace(':', ' in ')} slices": partial(
-                embedding_product, probs, embedding, False, how
-            )
+            f"self-conditioning, {how.replace(':', ' in ')} slices": partial(embedding_product, probs, embedding, how)
             for how in (*(f"quantized:{n}" for n in (4, 8, 16, 32)), *(f"dequantized:{n}" for n in (4, 8, 16)))
         },
     }

@@ -213,8 +213,8 @@ class Settings:
     breakdown_repeats: int = 5
     seed: int = 0
     moe_dispatch: str = "auto"
-    compile_feed_forward: str = "auto"  # on, off, or auto (our default: off)
-    dense_weights: str = "quantized"  # ours: quantized, dequantized (at load) or dequantizing (mlx_dgemma.loader)
+    compile_layers: str = "auto"  # on, off, or auto (our default: on under CUDA)
+    dense_weights: str = "auto"  # ours: auto, quantized or dequantized (mlx_dgemma.loader.DENSE_WEIGHTS)
     our_settings: dict[str, Any] = field(default_factory=dict)  # "module.NAME": value, set in mlx_dgemma
     moe_compare: bool = False
     breakdown: bool = True

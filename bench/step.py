@@ -1,10 +1,10 @@
 """Our denoising step under several settings, in one process, alternating: which settings make it fastest.
 
-    python -m bench.step --shape released --dispatches kernel,fused --compile off,on   # a GPU
+    python -m bench.step --shape released --dispatches tiled,fused --compile off,on   # a GPU
 
 Loads our model once (the bench's checkpoint, or the shape's random weights
 built in memory), then runs rounds of generations: every round runs each
-variant (an MoE dispatch; the decoder layers' feed-forward compiled or not;
+variant (an MoE dispatch; the decoder layers compiled or not;
 the quantized dense layers as they are or dequantized; any `--vary` setting)
 for one canvas of `--steps` fixed steps, in turn, so the machine's drift
 reaches every variant alike. Round 0 warms up (graph tracing, kernel
@@ -25,7 +25,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,15 +33,15 @@ from .record import summary
 from .shapes import RunSpec, Settings, our_settings, parse_setting, parse_shape
 from .worker import make_prompt
 
-COMPILE_CHOICES = {"off": False, "on": True}
-DENSE_CHOICES = ("quantized", "dequantized", "dequantizing")
+COMPILE_CHOICES = {"auto": None, "off": False, "on": True}
+DENSE_CHOICES = ("auto", "quantized", "dequantized")
 
 
 @dataclass(frozen=True)
 class Variant:
     dispatch: str  # an MoE dispatch, or "auto"
-    compiled: bool  # the decoder layers' feed-forward as one compiled graph
-    dense: str  # the quantized dense layers: "quantized", "dequantized" (at load) or "dequantizing" (per call)
+    compiled: bool | None  # the decoder layers as compiled graphs around attention (None: our default)
+    dense: str  # the quantized dense layers: "quantized" or "dequantized" (at load)
     settings: tuple[tuple[str, Any], ...]  # ("module.NAME" of mlx_dgemma, value)
 
     def to_json(self) -> dict[str, Any]:
@@ -57,11 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.step", description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="bench", help="a preset or JSON, as for python -m bench")
     parser.add_argument("--dispatches", default="auto", help="comma-separated MoE dispatches (auto: the device's)")
-    parser.add_argument("--compile", default="off", help="the decoder feed-forward compiled: off, on or off,on")
+    parser.add_argument(
+        "--compile", default="auto", help="the decoder layers compiled: auto (our default), off, on; comma-separated"
+    )
     parser.add_argument(
         "--dense",
-        default="quantized",
-        help="quantized dense layers: quantized, dequantized (at load), dequantizing (at every call); comma-separated",
+        default="auto",
+        help="quantized dense layers: auto (our default here), quantized, dequantized (at load); comma-separated",
     )
     parser.add_argument(
         "--vary",
@@ -110,10 +112,10 @@ def run(args: argparse.Namespace, variants: list[Variant]) -> dict[str, Any]:
 
     from mlx_dgemma import model as model_module
     from mlx_dgemma import moe
-    from mlx_dgemma.loader import swap_modules
+    from mlx_dgemma.loader import dense_weights_here, dequantized_dense_layers, swap_modules
 
     from .cli import ensure_checkpoint
-    from .runtimes.ours import DENSE_LAYERS, OursDriver
+    from .runtimes.ours import OursDriver
 
     for variant in variants:
         if variant.dispatch != "auto" and variant.dispatch not in moe.available_dispatches():
@@ -121,7 +123,11 @@ def run(args: argparse.Namespace, variants: list[Variant]) -> dict[str, Any]:
                 f"--dispatches: {variant.dispatch} cannot run here; choose from {moe.available_dispatches()}"
             )
     shape = parse_shape(args.shape)
-    settings = Settings(prompt_tokens=args.prompt_tokens, steps=args.steps, seed=args.seed, breakdown=False)
+    # Loaded as stored; each variant puts its own dense layers in place.
+    settings = Settings(
+        prompt_tokens=args.prompt_tokens, steps=args.steps, seed=args.seed, breakdown=False, dense_weights="quantized"
+    )
+    variants = [replace(v, dense=dense_weights_here(v.dense)) for v in variants]
     checkpoint = None
     if shape.source != "synthetic":
         out = Path(__file__).resolve().parent / "out"
@@ -130,10 +136,12 @@ def run(args: argparse.Namespace, variants: list[Variant]) -> dict[str, Any]:
     driver = OursDriver(RunSpec("us", shape, settings, checkpoint))
     env = driver.setup()
     driver.load()
-    # Every set of dense layers stays loaded; each variant puts its own in place.
-    dense_layers = {kind: DENSE_LAYERS[kind](driver.model) for kind in {v.dense for v in variants} - {"quantized"}}
+    # Both sets of dense layers stay loaded; each variant puts its own in place.
+    dense_layers: dict[str, dict] = {}
+    if any(v.dense == "dequantized" for v in variants):
+        dense_layers["dequantized"] = dequantized_dense_layers(driver.model)
     prompt = make_prompt(driver.vocab, settings.prompt_tokens, settings.seed)
-    compiled_default = model_module.COMPILE_FEED_FORWARD
+    compiled_default = model_module.COMPILE_LAYERS
     rows = {
         variant: {**variant.to_json(), "steps_s": [], "build_s": [], "encode_s": [], "errors": []}
         for variant in variants
@@ -156,7 +164,7 @@ def run(args: argparse.Namespace, variants: list[Variant]) -> dict[str, Any]:
                 dense_layers[in_place] = replaced
                 in_place = variant.dense
             moe.set_moe_dispatch(None if variant.dispatch == "auto" else variant.dispatch)
-            model_module.COMPILE_FEED_FORWARD = variant.compiled
+            model_module.COMPILE_LAYERS = variant.compiled
             try:
                 with our_settings(dict(variant.settings)), launch_timer() as launches:
                     generation = driver.generate(prompt, args.steps, adaptive=False, seed=args.seed, per_step=True)
@@ -165,7 +173,7 @@ def run(args: argparse.Namespace, variants: list[Variant]) -> dict[str, Any]:
                 continue
             finally:
                 moe.set_moe_dispatch(None)
-                model_module.COMPILE_FEED_FORWARD = compiled_default
+                model_module.COMPILE_LAYERS = compiled_default
             if round_index == 0:
                 row["dispatch_used"] = variant.dispatch if variant.dispatch != "auto" else moe.moe_dispatch()
                 continue

@@ -17,10 +17,14 @@ from .generate import (
     generate,
     stream_generate,
 )
+from .kernels import prefer_larger_cuda_graphs
 from .loader import LoadError, load, load_model
 from .model import Model
 from .moe import moe_dispatch, set_moe_dispatch
 from .sampler import Noise, SamplerSettings, SeededNoise
+
+# Before MLX's first launch, which reads the setting (no imported module launches anything).
+prefer_larger_cuda_graphs()
 
 __all__ = [
     "Chat",

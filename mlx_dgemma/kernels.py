@@ -29,6 +29,7 @@ says when.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import cache
 
@@ -82,9 +83,31 @@ __device__ __forceinline__ uint32_t dg_pair(const uint32_t* p, int j) {
 """
 
 
+# Ops per CUDA graph that MLX records before launching it (MLX's default is 20). A step of ours is about two
+# thousand ops and its time on the H200 is the host's; at 100 the host took 16 against 20 ms to queue a step
+# (bench/RESULTS.md).
+CUDA_OPS_PER_GRAPH = 100
+
+
+def prefer_larger_cuda_graphs() -> None:
+    """Under CUDA, let MLX record CUDA_OPS_PER_GRAPH ops per graph unless the user set MLX_MAX_OPS_PER_BUFFER.
+
+    MLX reads the variable once, at its first launch: this runs when mlx_dgemma is imported. Elsewhere (Metal,
+    the CPU) nothing changes.
+    """
+    cuda = getattr(mx, "cuda", None)
+    if cuda is not None and cuda.is_available():
+        os.environ.setdefault("MLX_MAX_OPS_PER_BUFFER", str(CUDA_OPS_PER_GRAPH))
+
+
+def on_cuda() -> bool:
+    """Whether MLX's default device is a CUDA GPU."""
+    return mx.default_device().type == mx.gpu and mx.cuda.is_available()
+
+
 def available() -> bool:
     """Whether the kernels can run here: MLX's default device is a CUDA GPU with bf16 `mma.sync` (sm_80 and up)."""
-    return mx.default_device().type == mx.gpu and mx.cuda.is_available() and _compute_capability() >= 8
+    return on_cuda() and _compute_capability() >= 8
 
 
 @cache

@@ -10,6 +10,7 @@ import mlx.nn as nn
 from .cache import LayerCache
 from .config import LayerShape, RopeConfig, TextConfig
 from .cpu import LOG2_E, RowBlocks, exp, on_cpu
+from .kernels import on_cuda
 
 # gelu's tanh approximation as a logistic: 0.5·(1 + tanh(z)) = 1 / (1 + e^(-2z)).
 _GELU_TANH_SCALE = 2 * math.sqrt(2 / math.pi) * LOG2_E
@@ -102,7 +103,7 @@ class RotaryEmbedding(nn.Module):
             self._freqs = mx.concatenate([wavelengths, unrotated])
             self.base = None
 
-    def __call__(self, x: mx.array, offset: int) -> mx.array:
+    def __call__(self, x: mx.array, offset: int | mx.array) -> mx.array:
         return mx.fast.rope(
             x, self.head_dim, traditional=False, base=self.base, scale=self.scale, offset=offset, freqs=self._freqs
         )
@@ -134,10 +135,14 @@ class Attention(nn.Module):
         batch, length, _ = x.shape
         return x.reshape(batch, length, count, self.head_dim)
 
-    def keys_and_values(self, x: mx.array, offset: int) -> tuple[mx.array, mx.array]:
+    def keys_and_values(self, x: mx.array, offset: int | mx.array) -> tuple[mx.array, mx.array]:
         """Keys and values of `x`, shaped (batch, kv_heads, length, head_dim)."""
-        raw_keys = self._heads(self.k_proj(x), self.num_kv_heads)
-        raw_values = self._heads(self.v_proj(x), self.num_kv_heads) if "v_proj" in self else raw_keys
+        return self._states(self.k_proj(x), self.v_proj(x) if "v_proj" in self else None, offset)
+
+    def _states(self, keys: mx.array, values: mx.array | None, offset: int | mx.array) -> tuple[mx.array, mx.array]:
+        # Full-attention layers have no value projection: their values are the raw keys.
+        raw_keys = self._heads(keys, self.num_kv_heads)
+        raw_values = raw_keys if values is None else self._heads(values, self.num_kv_heads)
         keys = self.rope(self.k_norm(raw_keys).transpose(0, 2, 1, 3), offset)
         values = rms_normalize(raw_values, self.eps).transpose(0, 2, 1, 3)
         return keys, values
@@ -147,8 +152,21 @@ class Attention(nn.Module):
         states = blocks.map(lambda x, start: self.keys_and_values(x, offset + start), xs, blocks.starts)
         return blocks.join([k for k, _ in states], axis=2), blocks.join([v for _, v in states], axis=2)
 
-    def _queries(self, x: mx.array, offset: int) -> mx.array:
-        return self.rope(self.q_norm(self._heads(self.q_proj(x), self.num_heads)).transpose(0, 2, 1, 3), offset)
+    def _queries(self, queries: mx.array, offset: int | mx.array) -> mx.array:
+        return self.rope(self.q_norm(self._heads(queries, self.num_heads)).transpose(0, 2, 1, 3), offset)
+
+    def projected(self, x: mx.array, offset: int | mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """Queries, keys and values of `x`, each (batch, heads, length, head_dim)."""
+        if "fused_qkv" in self:  # the three projections as one matmul (loader.dequantized_dense_layers)
+            queries, keys, *values = mx.split(self.fused_qkv(x), self.qkv_splits, axis=-1)
+            return self._queries(queries, offset), *self._states(keys, values[0] if values else None, offset)
+        return self._queries(self.q_proj(x), offset), *self.keys_and_values(x, offset)
+
+    @property
+    def qkv_splits(self) -> list[int]:
+        """Where queries end (and keys, before values) in the merged projection's output."""
+        queries = self.num_heads * self.head_dim
+        return [queries, queries + self.num_kv_heads * self.head_dim] if "v_proj" in self else [queries]
 
     def __call__(
         self,
@@ -164,26 +182,32 @@ class Attention(nn.Module):
         `xs` are the positions in row blocks (batch, block, hidden), `offset` the
         position of the first; each block gets its rows of the output.
         """
-        queries = blocks.map(lambda x, start: self._queries(x, offset + start), xs, blocks.starts)
+        queries = blocks.map(lambda x, start: self._queries(self.q_proj(x), offset + start), xs, blocks.starts)
         keys, values = cache.extended(*self.states(blocks, xs, offset))
         if store:
             cache.commit()
-        return blocks.map(lambda q, mask: self._merged_heads(attend(q, keys, values, mask)), queries, masks)
+        return blocks.map(lambda q, mask: self.merged_heads(attend(q, keys, values, mask)), queries, masks)
 
-    def _merged_heads(self, out: mx.array) -> mx.array:
+    def merged_heads(self, out: mx.array) -> mx.array:
+        """The output projection of attention's output (batch, heads, length, head_dim)."""
         batch, _, length, _ = out.shape
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))
 
 
 def attend(queries: mx.array, keys: mx.array, values: mx.array, mask: mx.array | None) -> mx.array:
-    """softmax(q·kᵀ) v with scale 1, grouped-query, under a boolean mask (batch|1, 1, queries, keys).
+    """softmax(q·kᵀ) v with scale 1, grouped-query, under a boolean mask (batch|1, 1, queries|1, keys).
 
-    GPUs take MLX's fused kernel. On the CPU that kernel spends most of its time
-    in `exp`; grouping the query heads per KV head and using the CPU's fast
-    `exp` is faster there, to float32 rounding. (Splitting the KV heads over
-    CPU streams, as the sampler does with its rows, measured no faster: these
-    matmuls already keep both cores busy.)
+    Metal takes MLX's fused kernel. MLX's CUDA backend has none for these head
+    sizes (256 and 512) and composes the same from stock ops, repeating each KV
+    head across its query heads; `grouped_attention` gives the queries of a KV
+    head to one matmul instead, in fewer ops. On the CPU the fused kernel spends
+    most of its time in `exp`; grouping the query heads per KV head and using
+    the CPU's fast `exp` is faster there, to float32 rounding. (Splitting the KV
+    heads over CPU streams, as the sampler does with its rows, measured no
+    faster: these matmuls already keep both cores busy.)
     """
+    if on_cuda() and CUDA_ATTENTION == "grouped":
+        return grouped_attention(queries, keys, values, mask)
     if not on_cpu():
         return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=1.0, mask=mask)
     batch, heads, length, dim = queries.shape
@@ -199,6 +223,25 @@ def attend(queries: mx.array, keys: mx.array, values: mx.array, mask: mx.array |
     return (weights @ values[:, :, None]).reshape(batch, heads, length, dim)
 
 
+# CUDA's attention: "grouped" (`grouped_attention`) or "mlx" (MLX's own composition), until a GPU has compared them.
+CUDA_ATTENTION = "grouped"
+
+
+def grouped_attention(queries: mx.array, keys: mx.array, values: mx.array, mask: mx.array | None) -> mx.array:
+    """`attend` as two matmuls over each KV head's queries stacked, the softmax between them in float32 (as MLX's
+    composed attention computes it), the output in the queries' dtype."""
+    batch, heads, length, dim = queries.shape
+    kv_heads, positions = keys.shape[1], keys.shape[2]
+    group = heads // kv_heads
+    scores = queries.reshape(batch, kv_heads, group * length, dim) @ keys.swapaxes(-1, -2)
+    if mask is not None:
+        lowest = mx.array(mx.finfo(scores.dtype).min, dtype=scores.dtype)
+        grouped = scores.reshape(batch, kv_heads, group, length, positions)
+        scores = mx.where(mask[:, :, None], grouped, lowest).reshape(scores.shape)
+    weights = mx.softmax(scores, axis=-1, precise=True)
+    return (weights @ values).reshape(batch, heads, length, dim)
+
+
 class GatedMLP(nn.Module):
     """down(act(gate(x)) * up(x)): the dense feed-forward block."""
 
@@ -210,7 +253,16 @@ class GatedMLP(nn.Module):
         self.act = ACTIVATIONS[activation]
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = gate_and_up(self, x)
+        return self.down_proj(self.act(gate) * up)
+
+
+def gate_and_up(mlp: nn.Module, x: mx.array) -> tuple[mx.array, mx.array]:
+    """A gated MLP's two input projections; one matmul where they are merged (loader.dequantized_dense_layers)."""
+    if "fused_gate_up" in mlp:
+        gate, up = mx.split(mlp.fused_gate_up(x), 2, axis=-1)
+        return gate, up
+    return mlp.gate_proj(x), mlp.up_proj(x)
 
 
 class SelfConditioning(nn.Module):
@@ -230,7 +282,8 @@ class SelfConditioning(nn.Module):
         # zero (no biases), so only the output norm remains.
         if soft_embeddings is not None:
             normed = self.pre_norm(soft_embeddings)
-            embeddings = embeddings + self.down_proj(self.act(self.gate_proj(normed)) * self.up_proj(normed))
+            gate, up = gate_and_up(self, normed)
+            embeddings = embeddings + self.down_proj(self.act(gate) * up)
         return rms_normalize(embeddings, self.eps)
 
 

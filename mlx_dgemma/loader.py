@@ -17,6 +17,7 @@ import mlx.nn as nn
 
 from .config import ConfigError, ModelConfig
 from .cpu import one_blas_thread, reuse_freed_memory
+from .kernels import on_cuda
 from .model import Model
 from .sampler import SamplerSettings
 
@@ -100,8 +101,9 @@ def _quantization_params(config: ModelConfig, path: str) -> dict[str, Any]:
     return {"group_size": quantization["group_size"], "bits": quantization["bits"], "mode": mode}
 
 
-def load_model(path: str | Path, revision: str | None = None) -> Model:
-    """Build the model from a checkpoint directory (or hub repo id)."""
+def load_model(path: str | Path, revision: str | None = None, dense_weights: str = "auto") -> Model:
+    """Build the model from a checkpoint directory (or hub repo id); `dense_weights` see DENSE_WEIGHTS."""
+    dense_weights_here(dense_weights)  # a bad value fails before the reading
     path = resolve_model_path(path, revision)
     reuse_freed_memory()
     one_blas_thread()
@@ -124,82 +126,115 @@ def load_model(path: str | Path, revision: str | None = None) -> Model:
     except ValueError as error:
         raise LoadError(f"{path}: generation_config.json: {error}") from None
     mx.eval(model.parameters())
+    place_dense_layers(model, dense_weights)
     model.eval()
     return model
 
 
-def dequantized_dense_layers(model: nn.Module) -> dict[str, nn.Linear]:
+# How the quantized dense layers (attention, the dense MLPs, self-conditioning's MLP) run: "quantized", as stored;
+# "dequantized", turned into float weights once at load (+1.5 GB at the released shape) for plain matmuls. "auto":
+# dequantized under CUDA, where MLX's quantized matmul at a canvas's 256 rows took about 8 ms of GPU time a step and
+# the float layers about 1 (bench/RESULTS.md); quantized elsewhere (Metal is unmeasured, and keeps the memory).
+DENSE_WEIGHTS = ("auto", "quantized", "dequantized")
+
+
+def dense_weights_here(dense_weights: str = "auto") -> str:
+    """ "auto" resolved for this device: "dequantized" under CUDA, else "quantized"."""
+    if dense_weights not in DENSE_WEIGHTS:
+        raise ValueError(f"dense weights {dense_weights!r}: choose from {', '.join(DENSE_WEIGHTS)}")
+    if dense_weights == "auto":
+        return "dequantized" if on_cuda() else "quantized"
+    return dense_weights
+
+
+def place_dense_layers(model: nn.Module, dense_weights: str = "auto") -> None:
+    """Dequantize the model's quantized dense layers when `dense_weights` (resolved here) says so."""
+    if dense_weights_here(dense_weights) == "dequantized":
+        swap_modules(model, dequantized_dense_layers(model))
+
+
+# Projections that read the same input, merged into one matmul among the float twins: (the parts, the merged name).
+FUSED_PROJECTIONS = ((("q_proj", "k_proj", "v_proj"), "fused_qkv"), (("gate_proj", "up_proj"), "fused_gate_up"))
+
+
+def dequantized_dense_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Float twins of the model's quantized dense linears (attention, dense MLPs), by module path.
 
-    Each holds its weights dequantized to the scales' dtype (+1.5 GB at the released shape). The experts and the
-    embedding are left out: the experts have kernels of their own, and the tied embedding stays quantized for
-    the head and for self-conditioning. A GPU may multiply floats faster than MLX's quantized matmul at a
-    canvas's 256 rows; whether it does is for `python -m bench.step --dense` to say (bench/README.md).
+    Each holds its weights dequantized to the scales' dtype. Projections of one input are also merged into one
+    linear (`fused_qkv` beside an attention's q/k/v projections, `fused_gate_up` beside a gated MLP's), whose
+    weight the separate twins then view: a step makes a third fewer matmuls, and the host, which sets a GPU
+    step's pace, queues fewer ops. The experts and the embedding are left out: the experts have kernels of
+    their own, and the tied embedding stays quantized for the head and for self-conditioning.
     """
-    twins = {}
-    for path, module in _quantized_dense(model):
+    twins: dict[str, nn.Module] = {}
+    for path, module in model.named_modules():
+        if not isinstance(module, nn.QuantizedLinear):
+            continue
         twin = nn.Linear(1, 1, bias="bias" in module)  # its shapes come with the weights below
-        twin.weight = DequantizingLinear(module).dequantized()
+        weight = mx.dequantize(
+            module.weight,
+            module.scales,
+            module.get("biases"),
+            group_size=module.group_size,
+            bits=module.bits,
+            mode=module.mode,
+        )
+        twin.weight = weight.astype(module.scales.dtype)
         if "bias" in module:
             twin.bias = module.bias
         mx.eval(twin.parameters())
         twins[path] = twin
+    for path, parent in model.named_modules():
+        for names, merged_name in FUSED_PROJECTIONS:
+            parts = [twins.get(f"{path}.{name}") for name in names if name in parent]
+            if len(parts) >= 2 and all(parts) and len({("bias" in p, p.weight.dtype) for p in parts}) == 1:
+                twins[f"{path}.{merged_name}"] = _merged(parts)
     return twins
 
 
-def dequantizing_dense_layers(model: nn.Module) -> dict[str, DequantizingLinear]:
-    """The same dense linears, kept quantized but dequantized at every call before a plain matmul (no memory
-    held beyond the passing copy); `python -m bench.step --dense dequantizing`."""
-    return {path: DequantizingLinear(module) for path, module in _quantized_dense(model)}
+def _merged(parts: list[nn.Linear]) -> nn.Linear:
+    """One linear computing the parts' outputs side by side; each part's weight becomes a view of its rows."""
+    merged = nn.Linear(1, 1, bias="bias" in parts[0])
+    merged.weight = mx.concatenate([part.weight for part in parts])
+    if "bias" in parts[0]:
+        merged.bias = mx.concatenate([part.bias for part in parts])
+    mx.eval(merged.parameters())
+    start = 0
+    for part in parts:
+        rows = slice(start, start + part.weight.shape[0])
+        part.weight = merged.weight[rows]
+        if "bias" in part:
+            part.bias = merged.bias[rows]
+        mx.eval(part.parameters())
+        start = rows.stop
+    return merged
 
 
-def _quantized_dense(model: nn.Module) -> list[tuple[str, nn.QuantizedLinear]]:
-    return [(path, module) for path, module in model.named_modules() if isinstance(module, nn.QuantizedLinear)]
-
-
-class DequantizingLinear(nn.Module):
-    """A quantized linear layer whose weights are dequantized to the scales' dtype at each call, then multiplied."""
-
-    def __init__(self, linear: nn.QuantizedLinear):
-        super().__init__()
-        self.weight, self.scales = linear.weight, linear.scales
-        self.biases = linear.get("biases")
-        if "bias" in linear:
-            self.bias = linear.bias
-        self.group_size, self.bits, self.mode = linear.group_size, linear.bits, linear.mode
-
-    def dequantized(self) -> mx.array:
-        weight = mx.dequantize(
-            self.weight, self.scales, self.biases, group_size=self.group_size, bits=self.bits, mode=self.mode
-        )
-        return weight.astype(self.scales.dtype)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        y = x @ self.dequantized().T
-        return y + self.bias if "bias" in self else y
-
-
-def swap_modules(model: nn.Module, modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
-    """Put each module at its dotted path in `model`; returns the ones it replaced, by path."""
+def swap_modules(model: nn.Module, modules: dict[str, nn.Module | None]) -> dict[str, nn.Module | None]:
+    """Put each module at its dotted path in `model` (None: remove it); returns what was there, by path (None:
+    nothing), which swaps back."""
     replaced = {}
     for path, module in modules.items():
         *parents, name = path.split(".")
         parent: Any = model
         for part in parents:
             parent = parent[int(part)] if isinstance(parent, list) else parent[part]
-        replaced[path] = parent[name]
-        setattr(parent, name, module)
+        replaced[path] = parent.get(name)
+        if module is None:
+            parent.pop(name, None)
+        else:
+            setattr(parent, name, module)
     return replaced
 
 
-def load(path_or_repo: str | Path, revision: str | None = None) -> tuple[Model, Any]:
+def load(path_or_repo: str | Path, revision: str | None = None, dense_weights: str = "auto") -> tuple[Model, Any]:
     """The model and its tokenizer (mlx-lm's TokenizerWrapper) from a checkpoint."""
     from .tokenizer import load_tokenizer
 
     path = resolve_model_path(path_or_repo, revision)
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise LoadError(f"no tokenizer in {path}: expected one of {', '.join(TOKENIZER_FILES)}")
-    return load_model(path), load_tokenizer(path)
+    return load_model(path, dense_weights=dense_weights), load_tokenizer(path)
 
 
 def _first_line(error: Exception) -> str:

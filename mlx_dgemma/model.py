@@ -17,24 +17,27 @@ from collections.abc import Callable, Hashable
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import moe
+from . import kernels, moe
 from .cache import EncoderCache, LayerCache
 from .config import LayerShape, ModelConfig, TextConfig
 from .cpu import RowBlocks, on_cpu
-from .layers import Attention, GatedMLP, RMSNorm, SelfConditioning, embedding_scale, soft_cap
+from .layers import Attention, GatedMLP, RMSNorm, SelfConditioning, attend, embedding_scale, soft_cap
 from .moe import Experts, Router
 
-# Whether a decoder layer's work after attention (norms, dense MLP, router, experts, residual) runs as one
-# compiled graph (`mx.compile`), where the positions are one row block. Off: on the H200 it made a step
-# slower with the fused MoE (37.6 against 29.5 ms) and gained 2% with the earlier kernel (bench/RESULTS.md);
-# Metal is unmeasured. The CPU's row blocks run on several streams, which one graph cannot.
-COMPILE_FEED_FORWARD = False
+# Whether a decoder pass runs each layer as two compiled graphs (`mx.compile`) around its attention: the input
+# norm, projections, q/k/v norms and RoPE; then the output projection, residual, dense MLP, router and experts.
+# The cache and attention between them change shape with every canvas, and stay as they are. On CUDA a step's
+# time is the host's, building and queueing some two thousand ops (bench/RESULTS.md), and the graphs cut the
+# building. None: on under CUDA, off elsewhere (Metal is unmeasured; the CPU's row blocks run on several
+# streams, which one graph cannot).
+COMPILE_LAYERS: bool | None = None
 
 
-def compiles_feed_forward(blocks: RowBlocks) -> bool:
-    """Whether the decoder layers take their compiled feed-forward graph for these row blocks."""
+def compiles_layers(blocks: RowBlocks) -> bool:
+    """Whether the decoder layers take their compiled graphs for these row blocks."""
+    wanted = COMPILE_LAYERS if COMPILE_LAYERS is not None else kernels.on_cuda()
     # The grouped dispatch reads its padded width back to the host, which a compiled graph cannot.
-    return COMPILE_FEED_FORWARD and len(blocks) == 1 and moe.moe_dispatch() != "grouped"
+    return bool(wanted) and len(blocks) == 1 and moe.moe_dispatch() != "grouped"
 
 
 class CompiledGraphs:
@@ -46,7 +49,9 @@ class CompiledGraphs:
 
     def get(self, key: Hashable) -> Callable:
         if key not in self.graphs:
-            self.graphs[key] = mx.compile(self.function)
+            # MLX keeps traces per function object: each key compiles a function of its own, or every key would
+            # share the first key's trace.
+            self.graphs[key] = mx.compile(lambda *args: self.function(*args))
         return self.graphs[key]
 
 
@@ -68,7 +73,8 @@ class TransformerLayer(nn.Module):
         self.pre_feedforward_layernorm_2 = RMSNorm(hidden, eps)
         self.post_feedforward_layernorm_2 = RMSNorm(hidden, eps)
         self.layer_scalar = mx.ones((1,))
-        self._feed_forward_graphs = CompiledGraphs(self._whole_feed_forward)
+        self._input_graphs = CompiledGraphs(self._attention_inputs)
+        self._output_graphs = CompiledGraphs(self._attention_outputs)
 
     def __call__(
         self,
@@ -81,14 +87,35 @@ class TransformerLayer(nn.Module):
         layer_scalar: mx.array,
     ) -> list[mx.array]:
         """The layer over the residual stream in row blocks (batch, block, hidden), each block on its stream."""
+        if not store and compiles_layers(blocks):
+            # Decoder passes only: their shapes are the canvas's, where the encoder's vary with every prompt
+            # (a new trace each).
+            return [self._compiled_pass(hs[0], cache, offset, masks[0], layer_scalar)]
         normed = blocks.map(self.input_layernorm, hs)
         attended = self.self_attn(blocks, normed, cache, offset, masks, store)
-        if not store and compiles_feed_forward(blocks):
-            # Decoder passes only: their shape is the canvas's, where the encoder's varies with every prompt
-            # (a new trace each). One graph per MoE dispatch setting: the dispatch is chosen while tracing.
-            graph = self._feed_forward_graphs.get(moe.dispatch_settings())
-            return [graph(hs[0], attended[0], layer_scalar)]
         return self.feed_forward(blocks, hs, attended, layer_scalar)
+
+    def _compiled_pass(
+        self, h: mx.array, cache: LayerCache, offset: int, mask: mx.array | None, layer_scalar: mx.array
+    ) -> mx.array:
+        """A decoder pass: compiled graphs before and after attention, the cache and attention between them."""
+        # One trace per MoE setting (the dispatch is chosen while tracing) and per set of dense layers (a trace
+        # holds the weights it read); the position goes in as an array, so a new canvas needs no new trace.
+        key = (moe.dispatch_settings(), *(id(module) for module in self._dense_layers()))
+        queries, keys, values = self._input_graphs.get(key)(h, mx.array(offset, dtype=mx.int32))
+        keys, values = cache.extended(keys, values)
+        return self._output_graphs.get(key)(h, attend(queries, keys, values, mask), layer_scalar)
+
+    def _dense_layers(self) -> tuple[nn.Module, ...]:
+        attention, mlp = self.self_attn, self.mlp
+        return attention.q_proj, attention.k_proj, attention.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj
+
+    def _attention_inputs(self, h: mx.array, offset: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        return self.self_attn.projected(self.input_layernorm(h), offset)
+
+    def _attention_outputs(self, h: mx.array, attention: mx.array, layer_scalar: mx.array) -> mx.array:
+        attended = self.self_attn.merged_heads(attention)
+        return self.feed_forward(RowBlocks.whole(h.shape[1]), [h], [attended], layer_scalar)[0]
 
     def feed_forward(
         self, blocks: RowBlocks, hs: list[mx.array], attended: list[mx.array], layer_scalar: mx.array
@@ -100,9 +127,6 @@ class TransformerLayer(nn.Module):
         return blocks.map(
             lambda h, d, m: (h + self.post_feedforward_layernorm(d + m)) * layer_scalar, hs, dense, experts
         )
-
-    def _whole_feed_forward(self, h: mx.array, attended: mx.array, layer_scalar: mx.array) -> mx.array:
-        return self.feed_forward(RowBlocks.whole(h.shape[1]), [h], [attended], layer_scalar)[0]
 
     def _moe(self, blocks: RowBlocks, hs: list[mx.array]) -> list[mx.array]:
         # The router reads the residual stream itself; the experts its normed copy.
@@ -151,17 +175,24 @@ class Backbone(nn.Module):
         self.encoder = Encoder(config)
 
 
-# How the tied embedding's two vocabulary-wide products run on a GPU when it is quantized: the head's
-# hidden @ Eᵀ and self-conditioning's probs @ E, each (canvas × hidden × vocabulary). "quantized": MLX's
-# quantized matmul on the table as stored; "quantized:N": the same in N vocabulary slices (self-conditioning's
-# product sums down the whole vocabulary, which one matmul gives few output tiles; the slices' products are
-# summed in float32); "dequantized:N": N slices, each dequantized to the scales' dtype just before a plain
-# matmul (a passing copy of 1/N of the table; the table itself stays quantized). On the H200 self-conditioning
-# took 6 ms of a 29 ms step as one quantized matmul, the head 2.6 ms (bench/RESULTS.md). The CPU always takes
-# "quantized". Measure with `python -m bench.step --vary model.SELF_CONDITIONING_PRODUCT=quantized,dequantized:8`.
-HEAD_PRODUCT = "quantized"
-SELF_CONDITIONING_PRODUCT = "quantized"
+# How self-conditioning's probs @ E (canvas × vocabulary × hidden) runs on a GPU when the tied embedding E is
+# quantized: "quantized", MLX's quantized matmul on the table as stored; "quantized:N", the same in N vocabulary
+# slices whose products are summed in float32 (one matmul sums down the whole vocabulary in few output tiles);
+# "dequantized:N", N slices each dequantized just before a plain matmul (a passing copy of 1/N of the table).
+# None: "quantized:8" under CUDA, where on the H200 it took 3.2 ms against 5.2 ms for one matmul and 3.8 ms
+# dequantized in 8 slices (bench/RESULTS.md), "quantized" elsewhere (Metal is unmeasured). The CPU always
+# takes "quantized". The head's hidden @ Eᵀ stays one quantized matmul: in slices it measured slower.
+SELF_CONDITIONING_PRODUCT: str | None = None
 PRODUCT_KINDS = ("quantized", "dequantized")
+
+
+def self_conditioning_product() -> str:
+    """How self-conditioning's product runs here (see SELF_CONDITIONING_PRODUCT)."""
+    if on_cpu():
+        return "quantized"
+    if SELF_CONDITIONING_PRODUCT is not None:
+        return SELF_CONDITIONING_PRODUCT
+    return "quantized:8" if kernels.on_cuda() else "quantized"
 
 
 def parse_product(how: str) -> tuple[str, int]:
@@ -172,27 +203,23 @@ def parse_product(how: str) -> tuple[str, int]:
     return kind, int(count or 1)
 
 
-def embedding_product(x: mx.array, embed: nn.QuantizedEmbedding, transposed: bool, how: str) -> mx.array:
-    """x @ Eᵀ (`transposed`: the head) or x @ E (self-conditioning) for a quantized table E, as `how` says."""
+def embedding_product(probs: mx.array, embed: nn.QuantizedEmbedding, how: str) -> mx.array:
+    """probs @ E for a quantized table E (vocabulary, hidden), as `how` says (see SELF_CONDITIONING_PRODUCT)."""
     kind, slices = parse_product(how)
     vocab = embed.weight.shape[0]
     step = -(-vocab // slices)
+    quantization = {"group_size": embed.group_size, "bits": embed.bits, "mode": embed.mode}
 
     def product(rows: slice) -> mx.array:
-        weight, scales, biases = embed.weight[rows], embed.scales[rows], embed.get("biases")
-        biases = None if biases is None else biases[rows]
-        operand = x if transposed else x[..., rows]
-        quantization = {"group_size": embed.group_size, "bits": embed.bits, "mode": embed.mode}
+        biases = embed.get("biases")
+        weight, scales, biases = embed.weight[rows], embed.scales[rows], None if biases is None else biases[rows]
         if kind == "quantized":
-            return mx.quantized_matmul(operand, weight, scales, biases, transpose=transposed, **quantization)
-        table = mx.dequantize(weight, scales, biases, **quantization)
-        return operand @ (table.T if transposed else table)
+            return mx.quantized_matmul(probs[..., rows], weight, scales, biases, transpose=False, **quantization)
+        return probs[..., rows] @ mx.dequantize(weight, scales, biases, **quantization)
 
     parts = [product(slice(start, start + step)) for start in range(0, vocab, step)]
     if len(parts) == 1:
         return parts[0]
-    if transposed:  # each slice is its own columns of the logits
-        return mx.concatenate(parts, axis=-1)
     return sum(part.astype(mx.float32) for part in parts).astype(parts[0].dtype)
 
 
@@ -306,10 +333,7 @@ class Model(nn.Module):
 
     def head(self, hidden: mx.array) -> mx.array:
         """The tied head's float32 logits, before the soft-cap."""
-        embed = self.embed_tokens
-        if isinstance(embed, nn.QuantizedEmbedding) and not on_cpu() and HEAD_PRODUCT != "quantized":
-            return embedding_product(hidden, embed, True, HEAD_PRODUCT).astype(mx.float32)
-        return embed.as_linear(hidden).astype(mx.float32)
+        return self.embed_tokens.as_linear(hidden).astype(mx.float32)
 
     def _soft_embeddings(
         self, blocks: RowBlocks, prediction: mx.array | list[mx.array], from_logits: bool
@@ -328,8 +352,7 @@ class Model(nn.Module):
         embed = self.embed_tokens
         if isinstance(embed, nn.QuantizedEmbedding):
             dtype = embed.scales.dtype
-            how = "quantized" if on_cpu() else SELF_CONDITIONING_PRODUCT
-            soft = embedding_product(probs.astype(dtype), embed, False, how)
+            soft = embedding_product(probs.astype(dtype), embed, self_conditioning_product())
         else:
             dtype = embed.weight.dtype
             soft = probs.astype(dtype) @ embed.weight

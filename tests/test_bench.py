@@ -50,8 +50,6 @@ def test_moe_probe_times_every_cpu_dispatch(tmp_path):
     assert [r["case"] for r in results["embedding"]] == [
         "head, 8-bit",
         "head, dequantized",
-        "head, quantized in 8 slices",
-        *(f"head, dequantized in {n} slices" for n in (4, 8, 16)),
         "self-conditioning, 8-bit",
         "self-conditioning, dequantized",
         *(f"self-conditioning, quantized in {n} slices" for n in (4, 8, 16, 32)),
@@ -70,12 +68,12 @@ def test_step_ab_runs_every_variant(tmp_path):
 
     out = tmp_path / "step.json"
     arguments = ["--shape", "quick", "--steps", "3", "--rounds", "1", "--prompt-tokens", "16", "--out", str(out)]
-    variants = ["--dispatches", "gather,tiled", "--dense", "quantized,dequantized,dequantizing"]
+    variants = ["--dispatches", "gather,tiled", "--dense", "quantized,dequantized"]
     vary = ["--vary", "model.SELF_CONDITIONING_PRODUCT=quantized,dequantized:2"]
     assert step_main([*arguments, *variants, *vary]) == 0
     rows = json.loads(out.read_text())["variants"]
     seen = {(r["dispatch"], r["dense"], r["settings"]["model.SELF_CONDITIONING_PRODUCT"]) for r in rows}
-    assert len(rows) == len(seen) == 12
+    assert len(rows) == len(seen) == 8
     # One warm step per canvas after the first (the first also launches the next), one counted round.
     assert all(not r["errors"] and r["samples"] == 2 and r["median_ms"] > 0 for r in rows)
     # Every launch timed on the host: building the step's graph, then queueing it (mx.async_eval), put back after.
@@ -83,7 +81,7 @@ def test_step_ab_runs_every_variant(tmp_path):
     assert mx.async_eval.__name__ == "async_eval"
     from mlx_dgemma import model as model_module
 
-    assert model_module.SELF_CONDITIONING_PRODUCT == "quantized"  # every setting put back
+    assert model_module.SELF_CONDITIONING_PRODUCT is None  # every setting put back
     assert step_main([*arguments, "--vary", "model.NOPE"]) == 1  # a one-line error
     assert step_main([*arguments, "--vary", "env.MLX_MAX_OPS_PER_BUFFER=20,100"]) == 1  # once a process
     assert step_main([*arguments, "--vary", "model.NOPE=1"]) == 1  # no such setting: every variant fails
@@ -93,10 +91,11 @@ def test_step_ab_runs_every_variant(tmp_path):
 
 def test_bench_sets_our_settings(tmp_path):
     arguments = ["--quick", "--runtimes", "us", "--no-breakdown", "--no-adaptive", "--no-chart", "--out", str(tmp_path)]
-    assert main([*arguments, "--set", "model.HEAD_PRODUCT=dequantized:2", "--dense-weights", "dequantizing"]) == 0
+    setting = "model.SELF_CONDITIONING_PRODUCT=dequantized:2"
+    assert main([*arguments, "--set", setting, "--dense-weights", "dequantized"]) == 0
     settings = json.loads((tmp_path / "quick.json").read_text())["settings"]
-    assert settings["our_settings"] == {"model.HEAD_PRODUCT": "dequantized:2"}
-    assert settings["dense_weights"] == "dequantizing"
+    assert settings["our_settings"] == {"model.SELF_CONDITIONING_PRODUCT": "dequantized:2"}
+    assert settings["dense_weights"] == "dequantized"
 
 
 def test_our_settings_reach_environment_variables(monkeypatch):

@@ -581,35 +581,56 @@ def test_destination_may_not_hold_the_source(scratch_source):
     assert (scratch_source / "config.json").is_file()
 
 
-@pytest.mark.parametrize("when", ["at load", "at every call"])
-def test_dense_layers_dequantized_give_the_quantized_logits(source, tmp_path, when):
-    """The float twins of the quantized dense layers (bench.step --dense), or the same layers dequantized at
-    every call, compute what the quantized ones do."""
+def test_dense_layers_dequantized_give_the_quantized_logits(source, tmp_path, monkeypatch):
+    """The float twins of the quantized dense layers (CUDA's default, bench.step --dense) compute what the
+    quantized ones do; `load_model(dense_weights=...)` puts them in place."""
     from mlx_dgemma import load_model
-    from mlx_dgemma.loader import dequantized_dense_layers, dequantizing_dense_layers, swap_modules
+    from mlx_dgemma.loader import dequantized_dense_layers, swap_modules
 
-    model = load_model(convert_checkpoint(source, tmp_path / "out", dtype="float32", bits=4))
-    twins = (dequantized_dense_layers if when == "at load" else dequantizing_dense_layers)(model)
-    # Every 8-bit dense linear of the mixed recipe, and nothing else: not the experts, not the embedding.
-    assert len(twins) == len(model.layers) * len(EIGHT_BIT_SUFFIXES) - 1 + len(SELF_CONDITIONING)
+    converted = convert_checkpoint(source, tmp_path / "out", dtype="float32", bits=4)
+    model = load_model(converted)
+    twins = dequantized_dense_layers(model)
+    merged = [path for path in twins if path.rsplit(".", 1)[1].startswith("fused_")]
+    # Every 8-bit dense linear of the mixed recipe, and nothing else: not the experts, not the embedding; plus
+    # each attention's q/k/v and each gated MLP's gate/up merged, the parts viewing the merged weights.
+    assert len(twins) - len(merged) == len(model.layers) * len(EIGHT_BIT_SUFFIXES) - 1 + len(SELF_CONDITIONING)
+    assert len(merged) == 2 * len(model.layers) + 1
     assert all(not path.startswith("model.decoder.embed_tokens") and ".experts." not in path for path in twins)
+    qkv = twins["model.decoder.layers.0.self_attn.fused_qkv"].weight
+    parts = [twins[f"model.decoder.layers.0.self_attn.{name}_proj"].weight for name in "qkv"]
+    assert mx.array_equal(mx.concatenate(parts), qkv)
     cache = model.make_cache()
     model.encode(mx.array([[5, 9, 2, 7, 11]]), cache)
     canvas = mx.array([list(range(20, 20 + model.config.canvas_length))])
     quantized = model.denoise(canvas, cache)
     originals = swap_modules(model, twins)
-    expected = "Linear" if when == "at load" else "DequantizingLinear"
-    assert type(model.layers[0].self_attn.q_proj).__name__ == expected  # quantized: QuantizedLinear
+    assert type(model.layers[0].self_attn.q_proj).__name__ == "Linear"  # quantized: QuantizedLinear
+    assert all(originals[path] is None for path in merged)  # new: swapping back removes them
     dequantized = model.denoise(canvas, cache)
+    # CUDA's compiled layers take the merged projections.
+    from mlx_dgemma import cpu
+    from mlx_dgemma import model as model_module
+
+    monkeypatch.setattr(model_module, "COMPILE_LAYERS", True)
+    monkeypatch.setattr(cpu, "block_count", lambda length: 1)
+    fused = model.denoise(canvas, cache)
+    monkeypatch.setattr(model_module, "COMPILE_LAYERS", False)
     swap_modules(model, originals)
-    assert float(mx.abs(dequantized - quantized).max()) < 1e-4
+    assert "fused_qkv" not in model.layers[0].self_attn and "fused_gate_up" not in model.layers[0].mlp
+    for got in (dequantized, fused):
+        assert float(mx.abs(got - quantized).max()) < 1e-4
     assert mx.array_equal(model.denoise(canvas, cache), quantized)
+    # Loading says which: "auto" keeps them quantized off CUDA.
+    assert type(load_model(converted).layers[0].mlp.up_proj).__name__ == "QuantizedLinear"
+    assert type(load_model(converted, dense_weights="dequantized").layers[0].mlp.up_proj).__name__ == "Linear"
+    with pytest.raises(ValueError, match="choose from auto, quantized, dequantized"):
+        load_model(converted, dense_weights="bf16")
 
 
-@pytest.mark.parametrize("head, conditioning", [("dequantized:3", "dequantized:4"), ("quantized:2", "quantized:5")])
-def test_embedding_products_on_the_gpu_path_give_the_same_logits(source, tmp_path, monkeypatch, head, conditioning):
-    """The head and self-conditioning in vocabulary slices (a GPU's `HEAD_PRODUCT` and
-    `SELF_CONDITIONING_PRODUCT`), run here on the CPU, give the logits of the quantized matmuls."""
+@pytest.mark.parametrize("product", ["dequantized:4", "quantized:5", None])
+def test_self_conditioning_products_on_the_gpu_path_give_the_same_logits(source, tmp_path, monkeypatch, product):
+    """Self-conditioning's product in vocabulary slices (a GPU's SELF_CONDITIONING_PRODUCT; None: CUDA's
+    default, "quantized" here), run on the CPU, gives the logits of one quantized matmul."""
     from mlx_dgemma import load_model
     from mlx_dgemma import model as model_module
 
@@ -621,12 +642,10 @@ def test_embedding_products_on_the_gpu_path_give_the_same_logits(source, tmp_pat
     first = model.denoise(canvas, cache)
     expected = model.denoise(canvas, cache, first)
     monkeypatch.setattr(model_module, "on_cpu", lambda: False)
-    monkeypatch.setattr(model_module, "HEAD_PRODUCT", head)
-    monkeypatch.setattr(model_module, "SELF_CONDITIONING_PRODUCT", conditioning)
+    monkeypatch.setattr(model_module, "SELF_CONDITIONING_PRODUCT", product)
     products = model_module.embedding_product
     asked = []
-    monkeypatch.setattr(model_module, "embedding_product", lambda *args: asked.append(args[2:]) or products(*args))
+    monkeypatch.setattr(model_module, "embedding_product", lambda *args: asked.append(args[2]) or products(*args))
     got = model.denoise(canvas, cache, first)
-    assert asked == [(False, conditioning), (True, head)]
+    assert asked == [product or "quantized"]
     assert float(mx.abs(got - expected).max()) < 1e-4
-    assert float(mx.abs(model.denoise(canvas, cache) - first).max()) < 1e-4

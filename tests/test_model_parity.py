@@ -184,11 +184,12 @@ def test_moe_dispatches_agree(small):
         assert np.abs(results[dispatch] - results["gather"]).max() < 1e-5
 
 
-def test_compiled_feed_forward_matches_reference(small, monkeypatch):
-    """The GPUs' compiled decoder feed-forward, forced here in one block: reference logits, one trace per dispatch."""
+def test_compiled_layers_match_reference(small, monkeypatch):
+    """CUDA's compiled decoder layers, forced here in one block: reference logits, one trace per dispatch, and none
+    for a new position."""
     reference, ours = small
     monkeypatch.setattr(cpu, "block_count", lambda length: 1)
-    monkeypatch.setattr(model_module, "COMPILE_FEED_FORWARD", True)
+    monkeypatch.setattr(model_module, "COMPILE_LAYERS", True)
     vocab, canvas_length = ours.text_config.vocab_size, ours.config.canvas_length
     generator = torch.Generator().manual_seed(9)
     prompt, canvas = random_ids(generator, vocab, 1, 17), random_ids(generator, vocab, 1, canvas_length)
@@ -196,34 +197,56 @@ def test_compiled_feed_forward_matches_reference(small, monkeypatch):
     run.encode(prompt)
     ours.encode(to_mx(prompt), cache)
     expected = run.denoise(canvas)
-    graphs = ours.layers[0]._feed_forward_graphs.graphs
-    graphs.clear()
+    layer = ours.layers[0]
+    traces = []
+    trace = layer._input_graphs.function
+    monkeypatch.setattr(layer._input_graphs, "function", lambda *args: traces.append(args) or trace(*args))
+    layer._input_graphs.graphs.clear()
+    layer._output_graphs.graphs.clear()
     try:
         for dispatch in ("gather", "tiled"):
             set_moe_dispatch(dispatch)
             for _ in range(2):
                 assert max_error(ours.denoise(to_mx(canvas), cache), expected) < TOLERANCE
+        # A later chunk moves the canvas's positions: the same traces serve it.
+        more = random_ids(generator, vocab, 1, 5)
+        run.encode(more)
+        ours.encode(to_mx(more), cache)
+        assert max_error(ours.denoise(to_mx(canvas), cache), run.denoise(canvas)) < TOLERANCE
     finally:
         set_moe_dispatch(None)
-    assert [key[0] for key in graphs] == ["gather", "tiled"]
+    assert [key[0][0] for key in layer._output_graphs.graphs] == ["gather", "tiled"]
+    assert len(traces) == 2
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(16, 8, 64), (16, 2, 128), (4, 4, 16)])
+def test_grouped_attention_is_mlx_attention(dtype, heads, kv_heads, head_dim):
+    """CUDA's attention (each KV head's queries in one matmul) computes what MLX's composed attention does."""
+    from mlx_dgemma.layers import grouped_attention
+
+    keys = mx.random.split(mx.random.key(3), 5)
+    q = mx.random.normal((2, heads, 24, head_dim), key=keys[0]).astype(dtype)
+    k, v = (mx.random.normal((2, kv_heads, 40, head_dim), key=key).astype(dtype) for key in keys[1:3])
+    padding = (mx.random.uniform(shape=(2, 1, 1, 40), key=keys[3]) > 0.3) | (mx.arange(40) == 0)
+    causal = (mx.arange(40)[None, :] <= mx.arange(16, 40)[:, None])[None, None]
+    for mask in (None, padding, causal):
+        expected = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
+        assert mx.array_equal(grouped_attention(q, k, v, mask), expected)
 
 
 @pytest.mark.parametrize("how", ["quantized", "quantized:3", "quantized:8", "dequantized:1", "dequantized:3"])
-def test_embedding_products_in_vocabulary_slices(how):
-    """The head's and self-conditioning's products with the quantized table, in slices or dequantized slice by
-    slice, equal the products with the dequantized table."""
+def test_self_conditioning_product_in_vocabulary_slices(how):
+    """Self-conditioning's product with the quantized table, in slices or dequantized slice by slice, equals the
+    product with the dequantized table."""
     embedding = mlx_dgemma.model.nn.Embedding(1000, 128)
     embedding.weight = mx.random.normal((1000, 128), key=mx.random.key(0)) * 0.05
     quantized = mlx_dgemma.model.nn.QuantizedEmbedding.from_embedding(embedding, group_size=64, bits=8)
     probs = mx.softmax(3 * mx.random.normal((2, 16, 1000), key=mx.random.key(1)), axis=-1)
-    hidden = mx.random.normal((2, 16, 128), key=mx.random.key(2))
     dense = mx.dequantize(quantized.weight, quantized.scales, quantized.biases, group_size=64, bits=8)
-    soft = model_module.embedding_product(probs, quantized, False, how)
+    soft = model_module.embedding_product(probs, quantized, how)
     assert soft.shape == (2, 16, 128) and soft.dtype == probs.dtype
     assert float(mx.abs(soft - probs @ dense).max()) < 1e-6
-    logits = model_module.embedding_product(hidden, quantized, True, how)
-    assert logits.shape == (2, 16, 1000)
-    assert float(mx.abs(logits - hidden @ dense.T).max()) < 1e-5
 
 
 @pytest.mark.parametrize("how", ["dequant", "quantized:0", "dequantized:x", "8"])

@@ -22,13 +22,15 @@ EOS, PAD = 1, 0
 def row_blocks(request, monkeypatch):
     """Every parity test runs as this machine splits the canvas, again cut into 3 blocks on 3 CPU streams,
     and again down the code path a GPU takes (one block, fused step math, every position drawn, the
-    next step launched ahead, tanh soft-cap, fused attention, gathered MoE, each decoder layer's feed-forward
-    as one compiled graph), here on the CPU."""
+    next step launched ahead, tanh soft-cap, CUDA's grouped attention, gathered MoE, each decoder layer as two
+    compiled graphs around its attention), here on the CPU."""
     if request.param == "3 row blocks":
         monkeypatch.setattr(cpu, "block_count", lambda length: 3)
     elif request.param == "GPU code path":
         for module in (cpu, layers, moe, sampler, model_module):
             monkeypatch.setattr(module, "on_cpu", lambda: False)
+        monkeypatch.setattr(model_module, "COMPILE_LAYERS", True)
+        monkeypatch.setattr(layers, "on_cuda", lambda: True)  # CUDA's grouped attention
 
 
 @pytest.fixture(scope="module")

@@ -10,19 +10,6 @@ from typing import Any
 
 from .base import GenerationRun, MlxDriver
 
-# Our quantized dense layers other than as they are: their twins, by --dense-weights / bench.step --dense.
-DENSE_LAYERS = {
-    "dequantized": lambda model: _loader().dequantized_dense_layers(model),
-    "dequantizing": lambda model: _loader().dequantizing_dense_layers(model),
-}
-
-
-def _loader():
-    from mlx_dgemma import loader
-
-    return loader
-
-
 # Never stops early: a mean entropy below this is impossible short of exact one-hot logits.
 NEVER_CONFIDENT = 1e-30
 
@@ -42,32 +29,33 @@ class OursDriver(MlxDriver):
         from ..shapes import set_our_settings
 
         set_our_settings(getattr(self.settings, "our_settings", {}))
-        compiled = getattr(self.settings, "compile_feed_forward", "auto")
+        compiled = getattr(self.settings, "compile_layers", "auto")
         if compiled != "auto":
-            model_module.COMPILE_FEED_FORWARD = compiled == "on"
+            model_module.COMPILE_LAYERS = compiled == "on"
         self.mx = mx
         return {
             "mlx": mx.__version__,
             "mlx_dgemma": _version("mlx-dgemma") or getattr(mlx_dgemma, "__version__", "?"),
             "device": str(mx.default_device()),
             "moe_dispatch": moe.moe_dispatch(),
-            "compile_feed_forward": _compiles_feed_forward(model_module),
+            "compile_layers": _compiles_layers(model_module),
         }
 
     # -- loading -------------------------------------------------------------------------------------------------
 
     def load(self) -> None:
+        from mlx_dgemma import loader
+
+        dense = getattr(self.settings, "dense_weights", "auto")
         if self.shape.source == "synthetic":
             self.model = self._synthetic_model()
+            # What loading a checkpoint does after reading it (older trees dequantized nothing).
+            if hasattr(loader, "place_dense_layers"):
+                loader.place_dense_layers(self.model, dense)
+        elif hasattr(loader, "place_dense_layers"):
+            self.model = loader.load_model(self.spec.checkpoint, dense_weights=dense)
         else:
-            from mlx_dgemma.loader import load_model
-
-            self.model = load_model(self.spec.checkpoint)
-        dense = getattr(self.settings, "dense_weights", "quantized")
-        if dense != "quantized":
-            from mlx_dgemma import loader
-
-            loader.swap_modules(self.model, DENSE_LAYERS[dense](self.model))
+            self.model = loader.load_model(self.spec.checkpoint)
         self.canvas = self.model.config.canvas_length
         self.vocab = self.model.text_config.vocab_size
 
@@ -162,13 +150,13 @@ def sampler_events(sampler, cache) -> Iterator[tuple[str, Any]]:
         yield "canvas", result
 
 
-def _compiles_feed_forward(model_module) -> bool | None:
-    """Whether a canvas's decoder layers run their feed-forward compiled (None: a tree without the option)."""
-    if not hasattr(model_module, "compiles_feed_forward"):
+def _compiles_layers(model_module) -> bool | None:
+    """Whether a canvas's decoder layers run as compiled graphs (None: a tree without the option)."""
+    if not hasattr(model_module, "compiles_layers"):
         return None
     from mlx_dgemma.cpu import RowBlocks
 
-    return model_module.compiles_feed_forward(RowBlocks(256))
+    return model_module.compiles_layers(RowBlocks(256))
 
 
 def _version(distribution: str) -> str | None:
