@@ -108,3 +108,14 @@ def test_our_settings_reach_environment_variables(monkeypatch):
     with our_settings({"env.DGEMMA_BENCH_PROBE": 100, "env.DGEMMA_BENCH_KEPT": "during"}):
         assert os.environ["DGEMMA_BENCH_PROBE"] == "100" and os.environ["DGEMMA_BENCH_KEPT"] == "during"
     assert "DGEMMA_BENCH_PROBE" not in os.environ and os.environ["DGEMMA_BENCH_KEPT"] == "before"
+
+
+def test_launch_costs_time_every_kind_of_op(tmp_path):
+    from bench.launch import main as launch_main
+
+    out = tmp_path / "launch.json"
+    assert launch_main(["--ops", "3", "--repeats", "1", "--rows", "8", "--hidden", "64", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) >= 10
+    assert {"matmul bf16 (cuBLAS on CUDA)", "rms_norm", "reshape (a view)"} <= {r["op"] for r in rows}
+    assert all(r["error"] is None and r["queue_us"] > 0 and r["whole_us"] >= r["queue_us"] for r in rows)
