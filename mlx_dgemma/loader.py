@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -132,9 +133,10 @@ def load_model(path: str | Path, revision: str | None = None, dense_weights: str
 
 
 # How the quantized dense layers (attention, the dense MLPs, self-conditioning's MLP) run: "quantized", as stored;
-# "dequantized", turned into float weights once at load (+1.5 GB at the released shape) for plain matmuls. "auto":
-# dequantized under CUDA, where MLX's quantized matmul at a canvas's 256 rows took about 8 ms of GPU time a step and
-# the float layers about 1 (bench/RESULTS.md); quantized elsewhere (Metal is unmeasured, and keeps the memory).
+# "dequantized", turned into float weights once at load (+1.5 GB at the released shape) for plain matmuls, with
+# projections of one input merged. "auto": dequantized under CUDA, where MLX's quantized matmul is slow at a
+# canvas's 256 rows (a step of 21.6 against 26.6 ms on the H200, bench/RESULTS.md); quantized elsewhere (Metal is
+# unmeasured, and keeps the memory).
 DENSE_WEIGHTS = ("auto", "quantized", "dequantized")
 
 
@@ -148,9 +150,14 @@ def dense_weights_here(dense_weights: str = "auto") -> str:
 
 
 def place_dense_layers(model: nn.Module, dense_weights: str = "auto") -> None:
-    """Dequantize the model's quantized dense layers when `dense_weights` (resolved here) says so."""
+    """Dequantize the model's quantized dense layers when `dense_weights` (resolved here) says so.
+
+    One module's layers at a time: each quantized layer is freed as its twin comes in, so memory never holds
+    both sets whole.
+    """
     if dense_weights_here(dense_weights) == "dequantized":
-        swap_modules(model, dequantized_dense_layers(model))
+        for twins in _dequantized_by_owner(model):
+            swap_modules(model, twins)
 
 
 # Projections that read the same input, merged into one matmul among the float twins: (the parts, the merged name).
@@ -166,30 +173,45 @@ def dequantized_dense_layers(model: nn.Module) -> dict[str, nn.Module]:
     step's pace, queues fewer ops. The experts and the embedding are left out: the experts have kernels of
     their own, and the tied embedding stays quantized for the head and for self-conditioning.
     """
-    twins: dict[str, nn.Module] = {}
-    for path, module in model.named_modules():
-        if not isinstance(module, nn.QuantizedLinear):
-            continue
-        twin = nn.Linear(1, 1, bias="bias" in module)  # its shapes come with the weights below
-        weight = mx.dequantize(
-            module.weight,
-            module.scales,
-            module.get("biases"),
-            group_size=module.group_size,
-            bits=module.bits,
-            mode=module.mode,
-        )
-        twin.weight = weight.astype(module.scales.dtype)
-        if "bias" in module:
-            twin.bias = module.bias
-        mx.eval(twin.parameters())
-        twins[path] = twin
-    for path, parent in model.named_modules():
+    return {path: twin for twins in _dequantized_by_owner(model) for path, twin in twins.items()}
+
+
+def _dequantized_by_owner(model: nn.Module) -> Iterator[dict[str, nn.Module]]:
+    """For each module that holds quantized linears: their float twins and merged projections, by path."""
+    owners = [(path, module) for path, module in model.named_modules() if _quantized_children(module)]
+    for path, owner in owners:
+        prefix = f"{path}." if path else ""
+        twins = {name: _float_twin(child) for name, child in _quantized_children(owner).items()}
         for names, merged_name in FUSED_PROJECTIONS:
-            parts = [twins.get(f"{path}.{name}") for name in names if name in parent]
-            if len(parts) >= 2 and all(parts) and len({("bias" in p, p.weight.dtype) for p in parts}) == 1:
-                twins[f"{path}.{merged_name}"] = _merged(parts)
-    return twins
+            parts = [twins[name] for name in names if name in twins]
+            if len(parts) >= 2 and len(parts) == sum(name in owner for name in names) and _alike(parts):
+                twins[merged_name] = _merged(parts)
+        yield {prefix + name: twin for name, twin in twins.items()}
+
+
+def _quantized_children(module: nn.Module) -> dict[str, nn.QuantizedLinear]:
+    return {name: child for name, child in module.items() if isinstance(child, nn.QuantizedLinear)}
+
+
+def _alike(parts: list[nn.Linear]) -> bool:
+    return len({("bias" in part, part.weight.dtype) for part in parts}) == 1
+
+
+def _float_twin(module: nn.QuantizedLinear) -> nn.Linear:
+    twin = nn.Linear(1, 1, bias="bias" in module)  # its shapes come with the weights below
+    weight = mx.dequantize(
+        module.weight,
+        module.scales,
+        module.get("biases"),
+        group_size=module.group_size,
+        bits=module.bits,
+        mode=module.mode,
+    )
+    twin.weight = weight.astype(module.scales.dtype)
+    if "bias" in module:
+        twin.bias = module.bias
+    mx.eval(twin.parameters())
+    return twin
 
 
 def _merged(parts: list[nn.Linear]) -> nn.Linear:

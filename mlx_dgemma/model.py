@@ -27,9 +27,9 @@ from .moe import Experts, Router
 # Whether a decoder pass runs each layer as two compiled graphs (`mx.compile`) around its attention: the input
 # norm, projections, q/k/v norms and RoPE; then the output projection, residual, dense MLP, router and experts.
 # The cache and attention between them change shape with every canvas, and stay as they are. On CUDA a step's
-# time is the host's, building and queueing some two thousand ops (bench/RESULTS.md), and the graphs cut the
-# building. None: on under CUDA, off elsewhere (Metal is unmeasured; the CPU's row blocks run on several
-# streams, which one graph cannot).
+# time is the host's, building and queueing its ops; the graphs halve the building (Python) and queue a little
+# slower: 21.6 against 22.1 ms a step on the H200 (bench/RESULTS.md). None: on under CUDA, off elsewhere (Metal
+# is unmeasured; the CPU's row blocks run on several streams, which one graph cannot).
 COMPILE_LAYERS: bool | None = None
 
 

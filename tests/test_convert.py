@@ -627,6 +627,25 @@ def test_dense_layers_dequantized_give_the_quantized_logits(source, tmp_path, mo
         load_model(converted, dense_weights="bf16")
 
 
+def test_dense_layers_dequantize_one_module_at_a_time(source, tmp_path):
+    """Loading frees each quantized layer as its float twin comes in: a lower peak than both sets whole."""
+    from mlx_dgemma import load_model
+    from mlx_dgemma.loader import dequantized_dense_layers, place_dense_layers, swap_modules
+
+    converted = convert_checkpoint(source, tmp_path / "out", dtype="float32", bits=4)
+    peaks = []
+    for place in (place_dense_layers, lambda m, _: swap_modules(m, dequantized_dense_layers(m))):
+        model = load_model(converted, dense_weights="quantized")
+        mx.synchronize()
+        mx.reset_peak_memory()
+        start = mx.get_active_memory()
+        place(model, "dequantized")
+        peaks.append(mx.get_peak_memory() - start)
+        assert "fused_qkv" in model.layers[0].self_attn
+        del model
+    assert peaks[0] < peaks[1]
+
+
 @pytest.mark.parametrize("product", ["dequantized:4", "quantized:5", None])
 def test_self_conditioning_products_on_the_gpu_path_give_the_same_logits(source, tmp_path, monkeypatch, product):
     """Self-conditioning's product in vocabulary slices (a GPU's SELF_CONDITIONING_PRODUCT; None: CUDA's
