@@ -43,6 +43,7 @@ from .memory import (
     check_fits,
     checkpoint_dtype,
     count_parameters,
+    dense_weights_that_fit,
     estimate_memory,
     format_bytes,
     format_count,
@@ -205,9 +206,12 @@ def _load_model(name: str, params: dict[str, int | float], context: int = DEFAUL
     except ValueError as error:
         raise _settings_error(error) from None
     estimate = check_fits(path, context)
+    dense_weights = dense_weights_that_fit(path, estimate)
+    if dense_weights == "quantized":
+        _status("keeping the dense layers quantized: dequantized (this GPU's faster path) they would not fit")
     _status(f"loading {path} ({format_bytes(estimate.weights)})")
     start = time.perf_counter()
-    model, tokenizer = load(path)
+    model, tokenizer = load(path, dense_weights=dense_weights)
     _status(f"loaded in {time.perf_counter() - start:.1f} s")
     return model, tokenizer, path
 

@@ -6,7 +6,8 @@ data, so `dgemma info` and the check before loading are instant even for a
 
 Peak memory for a context of N tokens is estimated as
 
-    weights                      text tensors as stored (vision tower excluded: never loaded)
+    weights                      text tensors as stored (vision tower excluded: never loaded; under CUDA
+                                 the dense layers dequantized at load add `dequantized_dense_bytes`)
   + KV cache at N                per layer 2 (K, V) x kv_heads x head_dim x positions x dtype bytes,
                                  positions = min(N, window - 1) on sliding layers, N on full layers
   + vocabulary-wide arrays       6 x canvas x vocab x 4 bytes (float32 logits, tempered logits,
@@ -217,6 +218,22 @@ def config_weight_bytes(config: ModelConfig, value_bytes: int = 2) -> int:
     return int(total)
 
 
+# What loading dequantizes under CUDA (mlx_dgemma.loader.DENSE_WEIGHTS): every quantized linear but the experts and
+# the embedding.
+DEQUANTIZED_GROUPS = ("attention", "dense_mlp", "router", "self_conditioning")
+
+
+def dequantized_dense_bytes(config: ModelConfig, value_bytes: int = 2) -> int:
+    """What dequantizing the quantized dense layers at load adds to the weights (0 for a float checkpoint)."""
+    extra = 0.0
+    for tensor in _tensors(config):
+        quantized = _quantized_as(config, tensor) if tensor.group in DEQUANTIZED_GROUPS else None
+        if quantized is not None:
+            bits, group = quantized
+            extra += tensor.numel * value_bytes - (tensor.numel * bits / 8 + 2 * tensor.numel / group * value_bytes)
+    return int(extra)
+
+
 def kv_cache_bytes(config: ModelConfig, context: int, value_bytes: int = 2) -> int:
     """Keys and values the encoder cache holds after `context` tokens."""
     return sum(_layer_kv_bytes(config, shape, context, value_bytes) for shape in config.text.layers)
@@ -313,6 +330,18 @@ def check_fits(path: str | Path, context: int = DEFAULT_CONTEXT) -> MemoryEstima
             f"({source}); use a smaller quantization (dgemma convert --bits 4) or a machine with more memory"
         )
     return estimate
+
+
+def dense_weights_that_fit(path: str | Path, estimate: MemoryEstimate) -> str:
+    """`load_model`'s dense_weights for a checkpoint that fits as stored (`estimate`): "auto", unless this
+    device dequantizes the dense layers (CUDA) and the extra bytes would not fit, then "quantized"."""
+    from .loader import dense_weights_here
+
+    if dense_weights_here("auto") != "dequantized":
+        return "auto"
+    config = ModelConfig.from_path(path)
+    extra = dequantized_dense_bytes(config, _activation_bytes_per_value(config, _text_tensor_headers(Path(path))))
+    return "auto" if estimate.total + extra <= available_memory()[0] else "quantized"
 
 
 # ----------------------------------------------------------------- descriptions

@@ -23,6 +23,7 @@ import termios
 import time
 from pathlib import Path
 
+import mlx.core as mx
 import pytest
 from checkpoints import build_reference_model, save_reference_checkpoint
 from safetensors.numpy import load_file
@@ -395,6 +396,50 @@ def test_memory_estimates(model_dir):
     assert memory.available_bytes() > 2**30
     with pytest.raises(ValueError, match="context must be a positive"):
         memory.estimate_memory(config, 0)
+
+
+@pytest.mark.parametrize("room", ["both", "only quantized"])
+def test_cuda_keeps_dense_layers_quantized_when_dequantized_would_not_fit(
+    model_dir, quantized_dir, capsys, monkeypatch, room
+):
+    """Under CUDA the dense layers are dequantized at load, unless that would not fit: then they stay quantized."""
+    from mlx_dgemma import loader
+
+    monkeypatch.setattr(loader, "on_cuda", lambda: True)
+    config = ModelConfig.from_path(quantized_dir)
+    extra = memory.dequantized_dense_bytes(config, 4)
+    assert extra > 0 and memory.dequantized_dense_bytes(ModelConfig.from_path(model_dir), 4) == 0
+    needed = memory.check_fits(quantized_dir).total
+    available = needed + (2 * extra if room == "both" else extra // 2)
+    monkeypatch.setattr(memory, "available_memory", lambda: (available, "test memory"))
+    asked = []
+    real_load = cli.load
+    monkeypatch.setattr(cli, "load", lambda path, **kwargs: asked.append(kwargs) or real_load(path, **kwargs))
+    notes = []
+    monkeypatch.setattr(cli, "_status", notes.append)  # shown only on a terminal
+    code, out, _ = run_main(capsys, "generate", "--model", str(quantized_dir), *FAST, "hi")
+    assert code == 0 and out.strip()
+    assert asked == [{"dense_weights": "auto" if room == "both" else "quantized"}]
+    assert any("keeping the dense layers quantized" in note for note in notes) == (room == "only quantized")
+
+
+def test_dequantized_dense_bytes_is_what_loading_adds(quantized_dir):
+    import gc
+
+    from mlx_dgemma.loader import load_model, place_dense_layers
+
+    model = load_model(quantized_dir, dense_weights="quantized")
+    gc.collect()  # other tests' arrays freed now, not while we measure
+    mx.synchronize()
+    mx.clear_cache()
+    before = mx.get_active_memory()
+    place_dense_layers(model, "dequantized")
+    gc.collect()
+    mx.synchronize()
+    added = mx.get_active_memory() - before
+    expected = memory.dequantized_dense_bytes(ModelConfig.from_path(quantized_dir), 4)
+    # Within 10%: the allocator rounds buffer sizes, and reuses cached buffers of other sizes.
+    assert abs(added - expected) < 0.1 * expected
 
 
 def test_a_model_too_big_for_the_machine_is_refused_before_loading(model_dir, capsys, monkeypatch):
