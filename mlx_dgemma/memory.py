@@ -223,11 +223,28 @@ def config_weight_bytes(config: ModelConfig, value_bytes: int = 2) -> int:
 DEQUANTIZED_GROUPS = ("attention", "dense_mlp", "router", "self_conditioning")
 
 
-def dequantized_dense_bytes(config: ModelConfig, value_bytes: int = 2) -> int:
-    """What dequantizing the quantized dense layers at load adds to the weights (0 for a float checkpoint)."""
+def dequantized_dense_bytes(path_or_config: str | Path | ModelConfig) -> int:
+    """What dequantizing the quantized dense layers at load adds to the weights (0 for a float checkpoint).
+
+    For a checkpoint directory its safetensors headers say what is stored; for a config alone, its
+    quantization block does (every matrix it does not exempt counts as quantized: an upper bound).
+    """
+    if isinstance(path_or_config, ModelConfig):
+        config, headers = path_or_config, None
+    else:
+        config = ModelConfig.from_path(path_or_config)
+        headers = _text_tensor_headers(Path(path_or_config))
+    value_bytes = _activation_bytes_per_value(config, headers)
     extra = 0.0
     for tensor in _tensors(config):
-        quantized = _quantized_as(config, tensor) if tensor.group in DEQUANTIZED_GROUPS else None
+        if tensor.group not in DEQUANTIZED_GROUPS or not tensor.matrix:
+            continue
+        if headers is not None:
+            parts = [headers.get(f"{tensor.module}.{name}") for name in ("weight", "scales", "biases")]
+            if parts[1] is not None:  # quantized as stored
+                extra += tensor.numel * value_bytes - sum(_tensor_bytes(info) for info in parts if info)
+            continue
+        quantized = _quantized_as(config, tensor)
         if quantized is not None:
             bits, group = quantized
             extra += tensor.numel * value_bytes - (tensor.numel * bits / 8 + 2 * tensor.numel / group * value_bytes)
@@ -339,8 +356,7 @@ def dense_weights_that_fit(path: str | Path, estimate: MemoryEstimate) -> str:
 
     if dense_weights_here("auto") != "dequantized":
         return "auto"
-    config = ModelConfig.from_path(path)
-    extra = dequantized_dense_bytes(config, _activation_bytes_per_value(config, _text_tensor_headers(Path(path))))
+    extra = dequantized_dense_bytes(path)
     return "auto" if estimate.total + extra <= available_memory()[0] else "quantized"
 
 
