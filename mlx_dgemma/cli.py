@@ -35,7 +35,7 @@ from .constrained import edit as rewrite_span
 from .constrained import infill as fill_in
 from .files import offset_of, read_text, span_of_lines, write_in_place
 from .generate import Chat, Commit, Done, Draft, GenerationResult, stream_generate
-from .loader import LoadError, load, resolve_model_path
+from .loader import LoadError, dense_weights_here, load, resolve_model_path
 from .memory import (
     DEFAULT_CONTEXT,
     InsufficientMemoryError,
@@ -44,6 +44,7 @@ from .memory import (
     checkpoint_dtype,
     count_parameters,
     dense_weights_that_fit,
+    dequantized_dense_bytes,
     estimate_memory,
     format_bytes,
     format_count,
@@ -690,6 +691,10 @@ def _info(path: Path, context: int | None) -> dict[str, Any]:
     counts = count_parameters(config)
     estimate = estimate_memory(path, context)
     available, source = available_memory()
+    # As loading will do: under CUDA the dense layers dequantized, when that fits.
+    fits_stored = estimate.total <= available
+    dense = dense_weights_here(dense_weights_that_fit(path, estimate) if fits_stored else "quantized")
+    extra = dequantized_dense_bytes(path) if dense == "dequantized" else 0
     sliding = [shape for shape in text.layers if shape.is_sliding]
     full = [shape for shape in text.layers if not shape.is_sliding]
     return {
@@ -724,10 +729,12 @@ def _info(path: Path, context: int | None) -> dict[str, Any]:
             "weights": estimate.weights,
             "kv_cache": estimate.kv_cache,
             "activations": estimate.activations,
-            "total": estimate.total,
+            "dense_layers": dense,
+            "dequantized_dense": extra,
+            "total": estimate.total + extra,
             "available": available,
             "available_source": source,
-            "fits": estimate.total <= available,
+            "fits": fits_stored,
         },
     }
 
@@ -779,8 +786,13 @@ def _format_info(info: dict[str, Any]) -> str:
         (
             "peak memory",
             f"about {format_bytes(memory['total'])} at {memory['context']:,} tokens: weights "
-            f"{format_bytes(memory['weights'])} + KV cache {format_bytes(memory['kv_cache'])} + activations "
-            f"{format_bytes(memory['activations'])}",
+            f"{format_bytes(memory['weights'])}"
+            + (
+                f" + dense layers dequantized on this GPU {format_bytes(memory['dequantized_dense'])}"
+                if memory["dequantized_dense"]
+                else ""
+            )
+            + f" + KV cache {format_bytes(memory['kv_cache'])} + activations {format_bytes(memory['activations'])}",
         ),
         ("this machine", f"{format_bytes(memory['available'])} ({memory['available_source']}): {verdict}"),
     ]

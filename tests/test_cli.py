@@ -375,8 +375,22 @@ def test_info(model_dir, quantized_dir, capsys):
         * 4
     )
     assert facts["memory"]["kv_cache"] == kv
+    assert facts["memory"]["dense_layers"] == "quantized" and facts["memory"]["dequantized_dense"] == 0  # the CPU
     assert facts["memory"]["total"] == facts["memory"]["weights"] + kv + facts["memory"]["activations"]
     assert facts["memory"]["weights"] < facts["disk_bytes"]  # the vision tower is not counted
+
+
+def test_info_counts_the_dense_layers_cuda_dequantizes(quantized_dir, capsys, monkeypatch):
+    from mlx_dgemma import loader
+
+    monkeypatch.setattr(loader, "on_cuda", lambda: True)
+    code, out, _ = run_main(capsys, "info", "--json", str(quantized_dir))
+    facts = json.loads(out)["memory"]
+    assert code == 0 and facts["dense_layers"] == "dequantized"
+    assert facts["dequantized_dense"] == memory.dequantized_dense_bytes(quantized_dir) > 0
+    assert facts["total"] == facts["weights"] + facts["dequantized_dense"] + facts["kv_cache"] + facts["activations"]
+    code, out, _ = run_main(capsys, "info", str(quantized_dir))
+    assert code == 0 and "dense layers dequantized on this GPU" in out
 
 
 def test_info_says_when_a_model_does_not_fit(model_dir, capsys, monkeypatch):
