@@ -79,7 +79,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="MODULE.NAME=VALUE",
-        help="set a module attribute of mlx_dgemma in our runtime (e.g. model.HEAD_PRODUCT=dequantized:8)",
+        help="set a module attribute of mlx_dgemma in our runtime (e.g. moe.ROUTER_KERNEL=0), or an environment "
+        "variable of our worker (e.g. env.MLX_MAX_OPS_PER_BUFFER=20)",
     )
     parser.add_argument("--moe-compare", action="store_true", help="also time our MoE block under every dispatch")
     parser.add_argument("--no-breakdown", action="store_true", help="skip the per-component breakdown of our step")

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=[],
         metavar="MODULE.NAME=A,B",
-        help="also vary a setting of mlx_dgemma (e.g. model.HEAD_PRODUCT=quantized,dequantized:8); repeatable",
+        help="also vary a setting of mlx_dgemma (e.g. moe.ROUTER_KERNEL=0,1); repeatable",
     )
     parser.add_argument("--steps", type=int, default=16, help="fixed steps per canvas")
     parser.add_argument("--rounds", type=int, default=4, help="rounds after the warm-up round")
