@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from .record import summary, time_repeated
+from .shapes import our_settings
 
 # Modules whose calls are parts of a step; containers hold parts and are timed whole.
 PART_CLASSES = {
@@ -264,13 +265,10 @@ class StepBreakdown:
         import mlx_dgemma.model as model_module
 
         # The parts are timed one by one, which a layer's compiled graphs would hide (and patched calls traced
-        # into them would stay there): the breakdown's step runs them uncompiled.
-        compiled = getattr(model_module, "COMPILE_LAYERS", False)
-        model_module.COMPILE_LAYERS = False
-        try:
+        # into them would stay there): the breakdown's step runs them uncompiled (a tree without them, as it is).
+        uncompiled = {"model.COMPILE_LAYERS": False} if hasattr(model_module, "COMPILE_LAYERS") else {}
+        with our_settings(uncompiled):
             return self._run()
-        finally:
-            model_module.COMPILE_LAYERS = compiled
 
     def _run(self) -> dict[str, Any]:
         from mlx_dgemma import moe

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .record import summary
+from .record import mlx_environment, summary
 
 HEADS, HEAD_DIM, CACHED = 16, 256, 768
 
@@ -106,12 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hidden", type=int, default=2816, help="hidden width (released: 2816)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args(argv)
-    import os
 
     import mlx.core as mx
 
     rows: list[dict[str, Any]] = []
-    environment = {k: v for k, v in os.environ.items() if k.startswith("MLX_")}
+    environment = mlx_environment()
     results = {"device": str(mx.default_device()), "mlx": mx.__version__, "ops": args.ops, "rows": rows}
     print(f"device={results['device']}  mlx={results['mlx']}  ops={args.ops}  {environment}")
     print(f"{'op':<32} {'build µs':>9} {'queue µs':>9} {'whole µs':>9}   (per op)")

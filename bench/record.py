@@ -19,6 +19,11 @@ class Skip(Exception):
     """This runtime cannot run this configuration (or is not installed); not a failure."""
 
 
+def mlx_environment() -> dict[str, str]:
+    """MLX's environment variables in this process (MLX reads them once, at its first launch)."""
+    return {name: value for name, value in os.environ.items() if name.startswith("MLX_")}
+
+
 def median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -29,7 +28,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .record import summary
+from .record import mlx_environment, summary
 from .shapes import RunSpec, Settings, our_settings, parse_setting, parse_shape
 from .worker import make_prompt
 
@@ -110,7 +109,6 @@ def _variants(dispatches: str, compiled: str, dense: str, vary: list[str]) -> li
 
 def run(args: argparse.Namespace, variants: list[Variant]) -> dict[str, Any]:
 
-    from mlx_dgemma import model as model_module
     from mlx_dgemma import moe
     from mlx_dgemma.loader import dense_weights_here, dequantized_dense_layers, swap_modules
 
@@ -141,7 +139,6 @@ def run(args: argparse.Namespace, variants: list[Variant]) -> dict[str, Any]:
     if any(v.dense == "dequantized" for v in variants):
         dense_layers["dequantized"] = dequantized_dense_layers(driver.model)
     prompt = make_prompt(driver.vocab, settings.prompt_tokens, settings.seed)
-    compiled_default = model_module.COMPILE_LAYERS
     rows = {
         variant: {**variant.to_json(), "steps_s": [], "build_s": [], "encode_s": [], "errors": []}
         for variant in variants
@@ -150,7 +147,7 @@ def run(args: argparse.Namespace, variants: list[Variant]) -> dict[str, Any]:
         "shape": shape.name,
         "device": env["device"],
         "mlx": env["mlx"],
-        "mlx_environment": {name: value for name, value in os.environ.items() if name.startswith("MLX_")},
+        "mlx_environment": mlx_environment(),
         "steps": args.steps,
         "variants": list(rows.values()),
     }
@@ -164,16 +161,15 @@ def run(args: argparse.Namespace, variants: list[Variant]) -> dict[str, Any]:
                 dense_layers[in_place] = replaced
                 in_place = variant.dense
             moe.set_moe_dispatch(None if variant.dispatch == "auto" else variant.dispatch)
-            model_module.COMPILE_LAYERS = variant.compiled
+            settings = {"model.COMPILE_LAYERS": variant.compiled, **dict(variant.settings)}
             try:
-                with our_settings(dict(variant.settings)), launch_timer() as launches:
+                with our_settings(settings), launch_timer() as launches:
                     generation = driver.generate(prompt, args.steps, adaptive=False, seed=args.seed, per_step=True)
             except Exception as error:
                 row["errors"].append(f"{type(error).__name__}: {error}"[:300])
                 continue
             finally:
                 moe.set_moe_dispatch(None)
-                model_module.COMPILE_LAYERS = compiled_default
             if round_index == 0:
                 row["dispatch_used"] = variant.dispatch if variant.dispatch != "auto" else moe.moe_dispatch()
                 continue

@@ -44,7 +44,6 @@ from .memory import (
     checkpoint_dtype,
     count_parameters,
     dense_weights_that_fit,
-    dequantized_dense_bytes,
     estimate_memory,
     format_bytes,
     format_count,
@@ -207,7 +206,7 @@ def _load_model(name: str, params: dict[str, int | float], context: int = DEFAUL
     except ValueError as error:
         raise _settings_error(error) from None
     estimate = check_fits(path, context)
-    dense_weights = dense_weights_that_fit(path, estimate)
+    dense_weights, _ = dense_weights_that_fit(path, estimate)
     if dense_weights == "quantized":
         _status("keeping the dense layers quantized: dequantized (this GPU's faster path) they would not fit")
     _status(f"loading {path} ({format_bytes(estimate.weights)})")
@@ -693,8 +692,8 @@ def _info(path: Path, context: int | None) -> dict[str, Any]:
     available, source = available_memory()
     # As loading will do: under CUDA the dense layers dequantized, when that fits.
     fits_stored = estimate.total <= available
-    dense = dense_weights_here(dense_weights_that_fit(path, estimate) if fits_stored else "quantized")
-    extra = dequantized_dense_bytes(path) if dense == "dequantized" else 0
+    dense, extra = dense_weights_that_fit(path, estimate) if fits_stored else ("quantized", 0)
+    dense = dense_weights_here(dense)
     sliding = [shape for shape in text.layers if shape.is_sliding]
     full = [shape for shape in text.layers if not shape.is_sliding]
     return {

@@ -210,12 +210,13 @@ def config_weight_bytes(config: ModelConfig, value_bytes: int = 2) -> int:
     total = 0.0
     for tensor in _tensors(config):
         quantized = _quantized_as(config, tensor)
-        if quantized is None:
-            total += tensor.numel * value_bytes
-        else:
-            bits, group = quantized
-            total += tensor.numel * bits / 8 + 2 * tensor.numel / group * value_bytes
+        total += tensor.numel * value_bytes if quantized is None else _packed_bytes(tensor, *quantized, value_bytes)
     return int(total)
+
+
+def _packed_bytes(tensor: _Tensor, bits: int, group: int, value_bytes: int) -> float:
+    """A quantized matrix's bytes: its codes plus a scale and a bias per group."""
+    return tensor.numel * bits / 8 + 2 * tensor.numel / group * value_bytes
 
 
 # What loading dequantizes under CUDA (mlx_dgemma.loader.DENSE_WEIGHTS): every quantized linear but the experts and
@@ -246,8 +247,7 @@ def dequantized_dense_bytes(path_or_config: str | Path | ModelConfig) -> int:
             continue
         quantized = _quantized_as(config, tensor)
         if quantized is not None:
-            bits, group = quantized
-            extra += tensor.numel * value_bytes - (tensor.numel * bits / 8 + 2 * tensor.numel / group * value_bytes)
+            extra += tensor.numel * value_bytes - _packed_bytes(tensor, *quantized, value_bytes)
     return int(extra)
 
 
@@ -349,15 +349,16 @@ def check_fits(path: str | Path, context: int = DEFAULT_CONTEXT) -> MemoryEstima
     return estimate
 
 
-def dense_weights_that_fit(path: str | Path, estimate: MemoryEstimate) -> str:
-    """`load_model`'s dense_weights for a checkpoint that fits as stored (`estimate`): "auto", unless this
-    device dequantizes the dense layers (CUDA) and the extra bytes would not fit, then "quantized"."""
+def dense_weights_that_fit(path: str | Path, estimate: MemoryEstimate) -> tuple[str, int]:
+    """`load_model`'s dense_weights for a checkpoint that fits as stored (`estimate`), and the bytes loading so
+    adds: "auto", unless this device dequantizes the dense layers (CUDA) and the extra bytes would not fit,
+    then "quantized" (adding none)."""
     from .loader import dense_weights_here
 
     if dense_weights_here("auto") != "dequantized":
-        return "auto"
+        return "auto", 0
     extra = dequantized_dense_bytes(path)
-    return "auto" if estimate.total + extra <= available_memory()[0] else "quantized"
+    return ("auto", extra) if estimate.total + extra <= available_memory()[0] else ("quantized", 0)
 
 
 # ----------------------------------------------------------------- descriptions
