@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import mlx.core as mx
+import numpy as np
 
+from . import host_vocab
 from .cache import EncoderCache
 from .cpu import RowBlocks, exp, on_cpu
 from .model import Model
@@ -126,25 +128,42 @@ class Noise(Protocol):
     def gumbel(self, canvas: int, step: int, shape: tuple[int, ...]) -> mx.array: ...
 
 
-def _mix32(x: mx.array) -> mx.array:
-    """murmur3's 32-bit finaliser: a bijection that scatters every input bit."""
+def _mix32(x, word: Callable[[int], Any]):
+    """murmur3's 32-bit finaliser: a bijection that scatters every input bit (x: MLX or numpy uint32,
+    `word` makes a uint32 scalar of the same library)."""
     x = x ^ (x >> 16)
-    x = x * mx.array(0x85EBCA6B, dtype=mx.uint32)
+    x = x * word(0x85EBCA6B)
     x = x ^ (x >> 13)
-    x = x * mx.array(0xC2B2AE35, dtype=mx.uint32)
+    x = x * word(0xC2B2AE35)
     return x ^ (x >> 16)
+
+
+def _mlx_word(value: int) -> mx.array:
+    return mx.array(value, dtype=mx.uint32)
 
 
 @mx.compile
 def _hashed_bits(counter: mx.array, key: mx.array) -> mx.array:
     # Two keyed rounds over the element counter: streams for different keys
     # are unrelated, and the whole draw is one fused elementwise pass.
-    return _mix32(_mix32(counter + key[0]) ^ key[1])
+    return _mix32(_mix32(counter + key[0], _mlx_word) ^ key[1], _mlx_word)
+
+
+def _host_hashed_bits(counter: np.ndarray, key: tuple[int, int]) -> np.ndarray:
+    """`_hashed_bits` in numpy: the same integers."""
+    return _mix32(_mix32(counter + np.uint32(key[0]), np.uint32) ^ np.uint32(key[1]), np.uint32)
+
+
+# Uniforms from the top 23 bits, ((bits >> 9) + 0.5) / 2^23: exact in float32 and strictly inside (0, 1), so the
+# Gumbel noise is finite. (With 24 bits the largest, 2^24 - 0.5, rounded to 2^24: u = 1 and +inf noise, a token
+# forced whatever the logits.)
+UNIFORM_SHIFT = 9
+UNIFORM_SCALE = 1.0 / (1 << (32 - UNIFORM_SHIFT))
 
 
 @mx.compile
 def _gumbel_from_bits(bits: mx.array) -> mx.array:
-    uniform = ((bits >> 8).astype(mx.float32) + 0.5) * (1.0 / (1 << 24))  # strictly inside (0, 1)
+    uniform = ((bits >> UNIFORM_SHIFT).astype(mx.float32) + 0.5) * UNIFORM_SCALE
     return -mx.log(-mx.log(uniform))
 
 
@@ -157,15 +176,18 @@ class SeededNoise:
     def __init__(self, seed: int = 0):
         self.seed = seed
 
-    def _bits(
-        self, canvas: int, step: int, kind: int, shape: tuple[int, ...], positions: mx.array | None = None
-    ) -> mx.array:
+    def _keys(self, canvas: int, step: int, kind: int) -> tuple[int, int]:
         words = [self.seed & 0xFFFFFFFF, (self.seed >> 32) & 0xFFFFFFFF, canvas, step, kind]
         key = 0x9E3779B9
         for word in words:  # fold the words into two 32-bit keys (splitmix-style)
             key = (key ^ word) * 0x2545F491 & 0xFFFFFFFF
             key ^= key >> 15
-        keys = mx.array([key, (key * 0x9E3779B9 + 0x7F4A7C15) & 0xFFFFFFFF], dtype=mx.uint32)
+        return key, (key * 0x9E3779B9 + 0x7F4A7C15) & 0xFFFFFFFF
+
+    def _bits(
+        self, canvas: int, step: int, kind: int, shape: tuple[int, ...], positions: mx.array | None = None
+    ) -> mx.array:
+        keys = mx.array(self._keys(canvas, step, kind), dtype=mx.uint32)
         if positions is None:
             counter = mx.arange(math.prod(shape), dtype=mx.uint32).reshape(shape)
         else:  # rows `positions` of the whole draw seen as (batch · length, vocab): the same numbers, those rows only
@@ -173,14 +195,34 @@ class SeededNoise:
             counter = positions.astype(mx.uint32)[:, None] * width + mx.arange(width, dtype=mx.uint32)
         return _hashed_bits(counter, keys)
 
+    def _host_gumbel(self, canvas: int, step: int, width: int, positions: np.ndarray) -> np.ndarray:
+        """Rows `positions` of the Gumbel draw seen as (batch · length, width), computed by numpy on the host's
+        cores (the CPU's path: numpy's log is several times MLX's there, see host_vocab)."""
+        key = self._keys(canvas, step, 1)
+        rows = np.asarray(positions, dtype=np.uint32)
+        columns = np.arange(width, dtype=np.uint32)
+        gumbel = np.empty((len(rows), width), dtype=np.float32)
+
+        def fill(chunk: slice) -> None:
+            counter = rows[chunk, None] * np.uint32(width) + columns
+            gumbel[chunk] = host_vocab.gumbel_from_bits(_host_hashed_bits(counter, key), UNIFORM_SHIFT)
+
+        host_vocab.in_parallel(fill, host_vocab.row_chunks(len(rows)))
+        return gumbel
+
     def tokens(self, canvas: int, step: int, shape: tuple[int, ...], vocab: int) -> mx.array:
         return (self._bits(canvas, step, 0, shape) % vocab).astype(mx.int32)
 
     def gumbel(self, canvas: int, step: int, shape: tuple[int, ...]) -> mx.array:
+        if on_cpu():
+            rows = np.arange(math.prod(shape[:-1]))
+            return mx.array(self._host_gumbel(canvas, step, shape[-1], rows)).reshape(shape)
         return _gumbel_from_bits(self._bits(canvas, step, 1, shape))
 
     def gumbel_at(self, canvas: int, step: int, shape: tuple[int, ...], positions: mx.array) -> mx.array:
         """`gumbel(canvas, step, shape).reshape(-1, shape[-1])[positions]`, drawing only those rows."""
+        if on_cpu():
+            return mx.array(self._host_gumbel(canvas, step, shape[-1], np.array(positions)))
         return _gumbel_from_bits(self._bits(canvas, step, 1, shape, positions))
 
 
@@ -250,7 +292,7 @@ class StepResult:
 class VocabPass:
     """What a step needs from a row block's logits; everything but `processed` and `conditioning` is per position."""
 
-    processed: mx.array  # logits / temperature
+    processed: mx.array | np.ndarray  # logits / temperature; on the CPU in numpy, (batch · positions, vocab)
     drawn: mx.array | None  # argmax(processed + gumbel), the sampled token; None until drawn (CPU)
     argmax: mx.array  # argmax(processed): the draft
     entropy: mx.array  # entropy of softmax(processed)
@@ -259,23 +301,20 @@ class VocabPass:
 
 def vocab_pass(
     processed: mx.array,
-    gumbel: mx.array | None,
+    gumbel: mx.array,
     finished: mx.array,
     previous_conditioning: mx.array | None,
     conditioning_dtype: mx.Dtype | None = None,
 ) -> VocabPass:
-    """All the vocabulary-wide math of one step for a block of positions, from the logits / temperature.
+    """All the vocabulary-wide math of one step for a block of positions, from the logits / temperature, fused
+    (a GPU's path; the CPU's is `host_vocab`).
 
-    With `gumbel` None the draw is left to the caller (the CPU draws only the
-    positions it accepts). The next step is conditioned on softmax(processed)
-    itself when `conditioning_dtype` is None (a float32 model: the same numbers,
-    one exponential pass fewer), else on the processed logits cast to that
-    dtype, exactly as the reference rounds them for a bf16 model. Rows that
-    stopped earlier keep their previous conditioning (None: no row has).
+    The next step is conditioned on softmax(processed) itself when
+    `conditioning_dtype` is None (a float32 model: the same numbers, one
+    exponential pass fewer), else on the processed logits cast to that dtype,
+    exactly as the reference rounds them for a bf16 model. Rows that stopped
+    earlier keep their previous conditioning (None: no row has).
     """
-    if gumbel is None:
-        distribution = _distribution(processed, finished, previous_conditioning, conditioning_dtype)
-        return VocabPass(processed, None, *distribution)
     drawn, *distribution = _vocab_math_for(conditioning_dtype)(processed, gumbel, finished, previous_conditioning)
     return VocabPass(processed, drawn, *distribution)
 
@@ -518,29 +557,59 @@ class BlockSampler:
         pins: Pins | None,
         conditioning_dtype: mx.Dtype | None,
     ) -> tuple[StepResult, mx.array | None]:
-        """Per row block, on its stream: the head, soft-cap and vocabulary math. Then the draws and the decisions."""
+        """Per row block: the head, soft-cap and vocabulary math. Then the draws and the decisions."""
         heat = temperature(self.settings.steps + 1 - step_index, self.settings)
         draw_shape = (*shape, self.vocab)
-        cpu = on_cpu()
-        # A GPU draws every position inside the fused vocabulary pass; the CPU only those it accepts.
-        gumbel = [None] * len(blocks)
-        if not cpu:
-            gumbel = blocks.split(self.noise.gumbel(canvas_index, step_index, draw_shape))
-        previous = state.conditioning or [None] * len(blocks)
-        if cpu and not any(state.finished.tolist()):
-            previous = [None] * len(blocks)  # no row to hold back: one pass over the vocabulary fewer
-
-        def block_pass(hidden: mx.array, gumbel: mx.array | None, previous: mx.array | None) -> VocabPass:
-            processed = self.model.logits(hidden, heat)
-            return vocab_pass(processed, gumbel, state.finished, previous, conditioning_dtype)
-
-        passes = blocks.map(block_pass, hidden, gumbel, previous)
-        if cpu:
+        if on_cpu():
+            passes = self._host_vocab_passes(hidden, heat, state, blocks, conditioning_dtype)
             drawn = self._draw_accepted(passes, blocks, state, pins, canvas_index, step_index, draw_shape)
         else:
+            # A GPU draws every position inside one fused vocabulary pass, each block on its stream.
+            gumbel = blocks.split(self.noise.gumbel(canvas_index, step_index, draw_shape))
+
+            def block_pass(hidden: mx.array, gumbel: mx.array, previous: mx.array | None) -> VocabPass:
+                processed = self.model.logits(hidden, heat)
+                return vocab_pass(processed, gumbel, state.finished, previous, conditioning_dtype)
+
+            passes = blocks.map(block_pass, hidden, gumbel, state.conditioning or [None] * len(blocks))
             drawn = RowBlocks.join([block.drawn for block in passes])
         noise_tokens = self.noise.tokens(canvas_index, step_index, shape, self.vocab)
         return denoising_step(passes, drawn, state, history, self.settings, noise_tokens, pins)
+
+    def _host_vocab_passes(
+        self,
+        hidden: list[mx.array],
+        heat: mx.array,
+        state: StepResult,
+        blocks: RowBlocks,
+        conditioning_dtype: mx.Dtype | None,
+    ) -> list[VocabPass]:
+        """The CPU's vocabulary math: MLX computes each row block's logits on its stream, numpy the rest
+        (host_vocab), one thread per block. `processed` stays in numpy for the draw."""
+        logits = blocks.map(self.model.head, hidden)
+        mx.eval(logits)
+        cap = self.model.text_config.final_logit_softcapping
+        with_probs = conditioning_dtype is None
+
+        heat_value = heat.item()  # MLX is called from this thread only: its streams are per thread
+
+        def block_math(block_logits: np.ndarray) -> host_vocab.RowsVocab:
+            return host_vocab.vocab_math(block_logits.reshape(-1, self.vocab), cap, heat_value, with_probs)
+
+        hold_back = any(state.finished.tolist())  # rows that stopped keep their conditioning
+        passes = []
+        results = host_vocab.in_parallel(block_math, [np.asarray(block) for block in logits])
+        for rows, block_logits, previous in zip(results, logits, state.conditioning or [None] * len(blocks)):
+            batch, size, vocab = block_logits.shape
+            if with_probs:
+                conditioning = mx.array(rows.probs).reshape(batch, size, vocab)
+            else:  # cast as the reference rounds a bf16 model's processed logits
+                conditioning = mx.array(rows.processed).reshape(batch, size, vocab).astype(conditioning_dtype)
+            if hold_back and previous is not None:
+                conditioning = mx.where(state.finished[:, None, None], previous, conditioning)
+            argmax, entropy = (mx.array(values).reshape(batch, size) for values in (rows.argmax, rows.entropy))
+            passes.append(VocabPass(rows.processed, None, argmax, entropy, conditioning))
+        return passes
 
     def _draw_accepted(
         self,
@@ -560,28 +629,25 @@ class BlockSampler:
         accepted positions are read back (one host read) and only their rows are
         drawn: argmax(processed + gumbel) there, the same numbers as drawing all.
         """
-        batch, length, vocab = draw_shape
+        batch, length, _ = draw_shape
         pinned = None if pins is None else pins.pinned
         entropy = RowBlocks.join([block.entropy for block in passes])
         accepted = accepted_positions(entropy, self.settings.entropy_bound, pinned) & ~state.finished[:, None]
         if pinned is not None:
             accepted = accepted & ~pinned  # held to their pins whatever is drawn
         flags = accepted.tolist()
-        positions, picked = [], []
-        for rows, block in zip(blocks.rows, passes):
+        positions, block_rows = [], []
+        for rows in blocks.rows:
             chosen = [(row, p) for row in range(batch) for p in range(rows.start, rows.stop) if flags[row][p]]
-            if chosen:
-                positions += [row * length + p for row, p in chosen]
-                size = rows.stop - rows.start
-                local = mx.array([row * size + p - rows.start for row, p in chosen])
-                picked.append(block.processed.reshape(-1, vocab)[local])
-        drawn = mx.zeros((batch * length,), dtype=mx.uint32)
-        if not positions:
-            return drawn.reshape(batch, length)
-        index = mx.array(positions)
-        gumbel = self._gumbel_at(canvas_index, step_index, draw_shape, index)
-        tokens = mx.argmax(RowBlocks.join(picked, axis=0) + gumbel, axis=-1)
-        return drawn.at[index].add(tokens).reshape(batch, length)
+            positions += [row * length + p for row, p in chosen]
+            # A block's processed logits are its (batch, positions) rows flattened.
+            size = rows.stop - rows.start
+            block_rows.append([row * size + p - rows.start for row, p in chosen])
+        drawn = np.zeros(batch * length, dtype=np.uint32)
+        if positions:
+            gumbel = np.asarray(self._gumbel_at(canvas_index, step_index, draw_shape, mx.array(positions)))
+            drawn[positions] = host_vocab.drawn_tokens([block.processed for block in passes], block_rows, gumbel)
+        return mx.array(drawn.reshape(batch, length))
 
     def _gumbel_at(
         self, canvas_index: int, step_index: int, shape: tuple[int, int, int], positions: mx.array
