@@ -162,6 +162,8 @@ def block_count(length: int) -> int:
 LOG2_E = math.log2(math.e)
 # Arguments are floored here (e^-inf included): e^-87 ≈ 1.6e-38, nothing a sum notices.
 _EXP_FLOOR = -87.0
+# The largest argument whose 2^n the exponent bits still hold (e^88 ≈ 1.65e38).
+_EXP_CEILING = 88.0
 # Adding and subtracting 1.5 · 2^23 rounds a float32 to the nearest integer.
 _ROUNDER = 12582912.0
 # 2^f on [-0.5, 0.5]: a degree-5 least-squares fit through 2^0 = 1 (so e^0 is exactly 1), relative error 2e-7.
@@ -175,8 +177,8 @@ _EXP2_COEFFICIENTS = (
 )
 
 
-def exp(x: mx.array) -> mx.array:
-    """e^x for x up to 88 (softmax arguments: shifted by their maximum).
+def exp(x: mx.array, saturate: bool = False) -> mx.array:
+    """e^x for x up to 88 (softmax arguments: shifted by their maximum); with `saturate`, e^88 above that.
 
     On the CPU, for float32: MLX's CPU `exp` runs about 12 ns an element there
     (`power(2, ·)` 4.4 ns), while a fused kernel of plain arithmetic runs near
@@ -186,7 +188,7 @@ def exp(x: mx.array) -> mx.array:
     """
     if not on_cpu() or x.dtype != mx.float32:
         return mx.exp(x)
-    return _exp_kernel(mx.maximum(x, _EXP_FLOOR))
+    return _exp_kernel(mx.clip(x, _EXP_FLOOR, _EXP_CEILING) if saturate else mx.maximum(x, _EXP_FLOOR))
 
 
 @mx.compile

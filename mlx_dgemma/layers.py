@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -12,20 +13,44 @@ from .config import LayerShape, RopeConfig, TextConfig
 from .cpu import LOG2_E, RowBlocks, exp, on_cpu
 from .kernels import on_cuda
 
-# gelu's tanh approximation as a logistic: 0.5·(1 + tanh(z)) = 1 / (1 + e^(-2z)).
-_GELU_TANH_SCALE = 2 * math.sqrt(2 / math.pi) * LOG2_E
+# gelu's tanh approximation as a logistic: 0.5·(1 + tanh(z)) = 1 / (1 + e^(-2z)), z = √(2/π)·(x + 0.044715x³).
+_GELU_TANH_SCALE = -2 * math.sqrt(2 / math.pi)
 
 
 def gelu_tanh(x: mx.array) -> mx.array:
-    """gelu's tanh approximation (PyTorch's "tanh" gelu).
+    """gelu's tanh approximation (PyTorch's "tanh" gelu), for inputs of a fixed shape (see `gelu_tanh_any_shape`).
 
-    In float32 on the CPU it is written as x / (1 + 2^(-c·(x + 0.044715x³))):
-    MLX's CPU `tanh` is its slowest elementwise op, and this form is 5× faster
-    there, to float32 rounding. (In bf16 every step of it would round.)
+    In float32 on the CPU it is written as x / (1 + e^(−2z)) with the CPU's
+    fast `exp` (its argument held within float32's range), three fused
+    kernels: MLX's CPU `tanh` is its slowest elementwise op, and this form is 5×
+    faster there than `nn.gelu_approx`, to float32 rounding. (In bf16 every step
+    of it would round.)
     """
     if not on_cpu() or x.dtype != mx.float32:
         return nn.gelu_approx(x)
-    return x / (1 + mx.power(2.0, -_GELU_TANH_SCALE * (x + 0.044715 * x * x * x)))
+    return _over_one_plus(x, exp(_minus_two_z(x), saturate=True))
+
+
+def gelu_tanh_any_shape(x: mx.array) -> mx.array:
+    """`gelu_tanh` for inputs whose shape changes from call to call (the experts' stacks follow the routing).
+
+    The fused `exp` kernel is traced once per shape, and MLX's lookup of a
+    trace slows down as the shapes pile up (about 0.03 ms a call for each shape
+    seen); here the same logistic with MLX's `power` instead, plain ops.
+    """
+    if not on_cpu() or x.dtype != mx.float32:
+        return nn.gelu_approx(x)
+    return x / (1 + mx.power(2.0, LOG2_E * _GELU_TANH_SCALE * (x + 0.044715 * x * x * x)))
+
+
+@partial(mx.compile, shapeless=True)
+def _minus_two_z(x: mx.array) -> mx.array:
+    return x * (1 + 0.044715 * x * x) * _GELU_TANH_SCALE
+
+
+@partial(mx.compile, shapeless=True)
+def _over_one_plus(x: mx.array, e: mx.array) -> mx.array:
+    return x / (1 + e)
 
 
 def soft_cap(x: mx.array, cap: float, divisor: mx.array | None = None) -> mx.array:
@@ -61,6 +86,8 @@ ACTIVATIONS = {
     "silu": nn.silu,
     "relu": nn.relu,
 }
+# For inputs whose shape changes from call to call.
+ACTIVATIONS_ANY_SHAPE = {**ACTIVATIONS, "gelu_pytorch_tanh": gelu_tanh_any_shape, "gelu_new": gelu_tanh_any_shape}
 
 
 class RMSNorm(nn.Module):

@@ -11,8 +11,9 @@ How tokens reach their experts is chosen per backend (`moe_dispatch`):
   gate/up on the tensor cores reading the token rows in place with the GLU in
   its epilogue, down, combine), for 4-bit experts (others take "tiled"):
   CUDA's default;
-- "grouped": tokens sorted by expert into a (experts, rows, hidden) stack,
-  every expert padded to the largest group, then one batched matmul. MLX's
+- "grouped": tokens sorted by expert into (experts, rows, hidden) stacks, one
+  per CPU stream's share of the experts, each expert padded to the share's
+  largest group, then one batched matmul per share. MLX's
   CPU `gather_mm` is about a thousand times slower than a dense matmul and
   refuses bf16, so this is the CPU's default; one batched call beats a matmul
   per expert there even with the padding (measured: 18 vs 24 ms a layer at 32
@@ -31,7 +32,7 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 from . import kernels
 from .config import TextConfig
 from .cpu import RowBlocks, on_cpu
-from .layers import ACTIVATIONS, rms_normalize
+from .layers import ACTIVATIONS_ANY_SHAPE, rms_normalize
 
 DISPATCHES = ("gather", "tiled", "grouped", "fused")
 CUDA_ONLY = ("fused",)
@@ -113,7 +114,7 @@ class Experts(nn.Module):
         self.down_proj = SwitchLinear(inner, hidden, count, bias=False)
         self.inner = inner
         self.activation = config.hidden_activation
-        self.act = ACTIVATIONS[config.hidden_activation]
+        self.act = ACTIVATIONS_ANY_SHAPE[config.hidden_activation]  # the stacks' shapes follow the routing
 
     def __call__(
         self, blocks: RowBlocks, xs: list[mx.array], indices: list[mx.array], weights: list[mx.array]
@@ -159,27 +160,34 @@ class Experts(nn.Module):
     def _grouped(
         self, blocks: RowBlocks, xs: list[mx.array], indices: list[mx.array], weights: list[mx.array]
     ) -> list[mx.array]:
-        """Every block's tokens sorted by expert into one stack; each block's stream multiplies a share of the
-        experts, then gathers its own tokens' results."""
+        """Every block's tokens sorted by expert; each block's stream multiplies a share of the experts as one
+        stack padded to that share's largest group, then each block gathers its own tokens' results."""
         x, flat = blocks.join(xs, axis=0), blocks.join(indices, axis=0).flatten()
         k, experts = indices[0].shape[-1], self.gate_up_proj.num_experts
         order = mx.argsort(flat)
         counts = mx.zeros((experts,), dtype=mx.int32).at[flat].add(1)
         starts = mx.cumsum(counts) - counts
-        # One host read per MoE block: the largest group sets the padded width.
-        width = int(counts.max().item())
-        slots = mx.arange(width)
-        # Row `slot` of expert e is sorted entry starts[e] + slot; padding rows repeat entry 0 and are dropped.
-        sorted_entry = mx.where(slots < counts[:, None], starts[:, None] + slots, 0)
-        rows = x[(order // k)[sorted_entry]]  # (experts, width, hidden)
+        # One host read per MoE block: each share's largest group sets its padded width.
+        sizes = counts.tolist()
         shares = min(len(blocks), experts)
         edges = [experts * i // shares for i in range(shares + 1)]
-        outs = blocks.map(
-            lambda first, last: self._expert_range(rows[first:last], slice(first, last)), edges[:-1], edges[1:]
-        )
-        stacked = blocks.join(outs, axis=0).reshape(experts * width, -1)
-        # Entry j (token j // k, its (j % k)-th expert) sits at slot (its sorted position - starts[expert]).
-        position = (flat * width + mx.argsort(order) - starts[flat]).reshape(-1, k)
+        widths = [max(1, *sizes[first:last]) for first, last in zip(edges[:-1], edges[1:])]
+        sources = order // k
+
+        def share(first: int, last: int, width: int) -> mx.array:
+            # Row `slot` of expert e is sorted entry starts[e] + slot; padding rows repeat entry 0 and are dropped.
+            slots = mx.arange(width)
+            sorted_entry = mx.where(slots < counts[first:last, None], starts[first:last, None] + slots, 0)
+            rows = x[sources[sorted_entry]]  # (experts of the share, width, hidden)
+            return self._expert_range(rows, slice(first, last)).reshape(-1, x.shape[-1])
+
+        stacked = blocks.join(blocks.map(share, edges[:-1], edges[1:], widths), axis=0)
+        # Entry j (token j // k, its (j % k)-th expert e) sits at its expert's first row plus its rank there.
+        first_rows, row = [], 0
+        for first, last, width in zip(edges[:-1], edges[1:], widths):
+            first_rows += [row + width * i for i in range(last - first)]
+            row += width * (last - first)
+        position = (mx.array(first_rows)[flat] + mx.argsort(order) - starts[flat]).reshape(-1, k)
         token_edges = [0]
         for block in xs:
             token_edges.append(token_edges[-1] + block.shape[0])

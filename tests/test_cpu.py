@@ -20,11 +20,33 @@ def spread() -> mx.array:
     return mx.array(np.concatenate([magnitudes, -magnitudes]).astype(np.float32))
 
 
-def test_gelu_without_tanh_matches_the_tanh_form():
+@pytest.mark.parametrize("gelu", [layers.gelu_tanh, layers.gelu_tanh_any_shape])
+def test_gelu_without_tanh_matches_the_tanh_form(gelu):
     x = spread()
-    ours, plain = np.array(layers.gelu_tanh(x)), np.array(nn.gelu_approx(x))
+    ours, plain = np.array(gelu(x)), np.array(nn.gelu_approx(x))
     assert np.isfinite(ours).all()
     np.testing.assert_allclose(ours, plain, rtol=2e-6, atol=1e-6)
+
+
+def test_gelu_of_fixed_shapes_is_the_logistic_to_float32_rounding():
+    """x / (1 + e^(−2z)) from float64 math: the fused kernels keep the far negative tail (no 1 − tanh cancellation)."""
+    x = np.concatenate([np.linspace(-12, 12, 20001), [-40.0, -1e4, 1e4]]).astype(np.float32)
+    ours = np.array(layers.gelu_tanh(mx.array(x))).astype(np.float64)
+    z = np.sqrt(2 / np.pi) * (x.astype(np.float64) + 0.044715 * x.astype(np.float64) ** 3)
+    exact = x / (1 + np.exp(np.minimum(-2 * z, 700)))
+    visible = np.abs(exact) > 1e-30
+    assert np.isfinite(ours).all()
+    relative = np.abs(ours[visible] / exact[visible] - 1)
+    assert relative[np.abs(x[visible]) < 4].max() < 2e-6  # z rounded to float32 adds ~1e-7·|z|
+    assert relative.max() < 2e-5
+
+
+def test_saturating_exp_holds_at_e88():
+    x = mx.array(np.array([87.0, 88.0, 89.0, 1e4, np.inf], dtype=np.float32))
+    ours = np.array(cpu.exp(x, saturate=True)).astype(np.float64)
+    assert np.isfinite(ours).all()
+    np.testing.assert_allclose(ours[:2], np.exp([87.0, 88.0]), rtol=8e-8 * 88)  # x·log2(e) rounded to float32
+    assert (ours[2:] == ours[1]).all()
 
 
 def test_soft_cap_without_tanh_matches_the_tanh_form():

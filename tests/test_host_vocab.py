@@ -1,0 +1,111 @@
+"""The CPU's vocabulary-wide step math in numpy (host_vocab) against plain float64 math and MLX's ops."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_dgemma import host_vocab, sampler
+from mlx_dgemma.sampler import SeededNoise
+
+
+def logits(rows: int, vocab: int, seed: int = 0, scale: float = 20.0) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal((rows, vocab)) * scale).astype(np.float32)
+
+
+def expected_math(x: np.ndarray, cap: float | None, heat: float):
+    """The same quantities in float64, from the reference's formulas (entropy as −Σ p log p)."""
+    processed = np.tanh(x.astype(np.float64) / cap) * cap / heat if cap else x.astype(np.float64) / heat
+    shifted = processed - processed.max(axis=-1, keepdims=True)
+    probs = np.exp(shifted) / np.exp(shifted).sum(axis=-1, keepdims=True)
+    entropy = -(probs * np.log(np.where(probs > 0, probs, 1.0))).sum(axis=-1)
+    return processed, probs, entropy
+
+
+# 19 rows: two whole passes of CHUNK_ROWS and a short one.
+@pytest.mark.parametrize("cap", [30.0, None])
+def test_vocab_math_matches_float64(cap):
+    x, heat = logits(19, 3000), 0.55
+    ours = host_vocab.vocab_math(x, cap, heat, with_probs=True)
+    processed, probs, entropy = expected_math(x, cap, heat)
+    np.testing.assert_allclose(ours.processed, processed, rtol=1e-6, atol=1e-5)
+    np.testing.assert_array_equal(ours.argmax, processed.argmax(axis=-1))
+    assert ours.argmax.dtype == np.uint32 and ours.entropy.dtype == np.float32
+    np.testing.assert_allclose(ours.entropy, entropy, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ours.probs, probs, rtol=1e-4, atol=1e-9)
+    np.testing.assert_allclose(ours.probs.sum(axis=-1), 1.0, rtol=1e-5)
+
+
+def test_vocab_math_rounds_the_soft_cap_as_float32_ops_do():
+    """cap · tanh(x / cap) / t, each step rounded in float32: what the reference's torch ops compute."""
+    x, heat = logits(5, 4000, seed=3), np.float32(0.7)
+    cap = np.float32(30.0)
+    ours = host_vocab.vocab_math(x, 30.0, float(heat), with_probs=False)
+    np.testing.assert_array_equal(ours.processed, np.tanh(x / cap) * cap / heat)
+    assert ours.probs is None
+
+
+def test_vocab_math_without_probs_gives_the_same_entropy_and_argmax():
+    x = logits(11, 2048, seed=1)
+    full, bare = (host_vocab.vocab_math(x, 30.0, 0.4, with_probs=flag) for flag in (True, False))
+    np.testing.assert_array_equal(full.entropy, bare.entropy)
+    np.testing.assert_array_equal(full.argmax, bare.argmax)
+
+
+def test_entropy_of_a_near_certain_row_stays_accurate():
+    """A confident row's entropy is tiny; it decides acceptance, so it must not drown in rounding."""
+    x = np.zeros((2, 1000), dtype=np.float32)
+    x[:, 7] = 25.0  # processed gap of 25 / 0.4 ≈ 62: p(other) ≈ 1e-27
+    x[1, 9] = 23.0
+    ours = host_vocab.vocab_math(x, None, 0.4, with_probs=False)
+    _, _, entropy = expected_math(x, None, 0.4)
+    # Row 0: about 4e-23 nats, far below what a cancellation (Σe·x − max·Σe) would leave (~1e-6).
+    assert 0 <= ours.entropy[0] < 1e-20
+    np.testing.assert_allclose(ours.entropy[1], entropy[1], rtol=1e-5)
+
+
+def test_drawn_tokens_are_argmax_of_processed_plus_gumbel():
+    blocks = [logits(24, 500, seed=4), logits(24, 500, seed=5)]
+    rows = [np.array([0, 3, 23, 9, 10, 11, 12, 13, 14, 15]), np.array([], dtype=np.int64), np.array([2])]
+    blocks.append(logits(4, 500, seed=6))
+    picked = np.concatenate([block[r] for block, r in zip(blocks, rows)])
+    gumbel = np.random.default_rng(7).gumbel(size=picked.shape).astype(np.float32)
+    tokens = host_vocab.drawn_tokens(blocks, rows, gumbel)
+    np.testing.assert_array_equal(tokens, np.argmax(picked + gumbel, axis=-1))
+    assert tokens.dtype == np.uint32
+
+
+def test_in_parallel_keeps_the_order_of_the_tasks():
+    assert host_vocab.in_parallel(lambda a, b: a * b, range(50), range(50)) == [i * i for i in range(50)]
+    assert host_vocab.in_parallel(lambda a: a + 1, [41]) == [42]
+    assert host_vocab.in_parallel(lambda a: a, []) == []
+
+
+def test_host_hash_is_mlx_hash():
+    counter = np.concatenate([np.arange(5000, dtype=np.uint32), np.array([2**32 - 1, 2**31], dtype=np.uint32)])
+    key = (0xDEADBEEF, 0x12345678)
+    ours = sampler._host_hashed_bits(counter, key)
+    mlx = np.array(sampler._hashed_bits(mx.array(counter), mx.array(key, dtype=mx.uint32)))
+    assert ours.dtype == np.uint32
+    np.testing.assert_array_equal(ours, mlx)
+
+
+def test_host_gumbel_is_mlx_gumbel_to_float32_rounding(monkeypatch):
+    noise, shape = SeededNoise(5), (2, 40, 777)
+    host = np.array(noise.gumbel(3, 2, shape))
+    monkeypatch.setattr(sampler, "on_cpu", lambda: False)  # MLX's ops, as a GPU computes it
+    device = np.array(noise.gumbel(3, 2, shape))
+    np.testing.assert_allclose(host, device, rtol=2e-6, atol=2e-6)
+    # Standard Gumbel: mean γ, standard deviation π/√6.
+    assert abs(host.mean() - 0.5772) < 0.01 and abs(host.std() - 1.2825) < 0.01
+
+
+@pytest.mark.parametrize("bits", [0, 2**32 - 1])
+def test_gumbel_noise_is_finite_at_the_extreme_bits(bits):
+    """The largest uniform stays below 1 (with 24 bits it rounded to 1: infinite noise, a forced token)."""
+    word = np.array([bits], dtype=np.uint32)
+    host = host_vocab.gumbel_from_bits(word, sampler.UNIFORM_SHIFT)
+    device = np.array(sampler._gumbel_from_bits(mx.array(word)))
+    assert np.isfinite(host).all() and np.isfinite(device).all()
+    np.testing.assert_allclose(host, device, rtol=1e-6)
