@@ -34,9 +34,10 @@ def gelu_tanh(x: mx.array) -> mx.array:
 def gelu_tanh_any_shape(x: mx.array) -> mx.array:
     """`gelu_tanh` for inputs whose shape changes from call to call (the experts' stacks follow the routing).
 
-    The fused `exp` kernel is traced once per shape, and MLX's lookup of a
-    trace slows down as the shapes pile up (about 0.03 ms a call for each shape
-    seen); here the same logistic with MLX's `power` instead, plain ops.
+    The fused `exp` kernel is traced once per shape, and a compiled function
+    called with many shapes in turn costs MLX far more per call than its work
+    (measured: 0.9 ms a call cycling through 30 shapes, 0.2 ms through 3); here
+    the same logistic with MLX's `power` instead, plain ops.
     """
     if not on_cpu() or x.dtype != mx.float32:
         return nn.gelu_approx(x)
