@@ -169,9 +169,10 @@ def _gumbel_from_bits(bits: mx.array) -> mx.array:
 
 class SeededNoise:
     """Counter-based noise: element i of the draw for (seed, canvas, step, kind) is a
-    hash of i under that key. Reproducible on every backend, and far cheaper
-    on a CPU than MLX's threefry RNG (the Gumbel draw covers the whole vocabulary
-    at every position, every step)."""
+    hash of i under that key. Reproducible on every backend (the same integers;
+    the Gumbel values to float32 rounding of `log`, which the CPU takes from
+    numpy), and far cheaper on a CPU than MLX's threefry RNG (the Gumbel draw
+    covers the whole vocabulary at every position, every step)."""
 
     def __init__(self, seed: int = 0):
         self.seed = seed

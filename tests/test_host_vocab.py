@@ -109,3 +109,41 @@ def test_gumbel_noise_is_finite_at_the_extreme_bits(bits):
     device = np.array(sampler._gumbel_from_bits(mx.array(word)))
     assert np.isfinite(host).all() and np.isfinite(device).all()
     np.testing.assert_allclose(host, device, rtol=1e-6)
+
+
+class _HeadOnly:
+    """The two things the CPU's vocabulary pass asks of a model: its head and its soft-cap."""
+
+    def __init__(self, logits: list[mx.array], cap: float):
+        self._logits = iter(logits)
+        self.text_config = type("TextConfig", (), {"vocab_size": logits[0].shape[-1], "final_logit_softcapping": cap})
+        self.config = type("Config", (), {"canvas_length": 8})
+
+    def head(self, hidden: mx.array) -> mx.array:
+        return next(self._logits)
+
+
+def test_host_passes_match_the_fused_device_pass_and_hold_finished_rows():
+    """Per row block: the argmax, entropy and conditioning the GPU's fused MLX pass gives, rows that stopped
+    keeping their previous conditioning."""
+    from mlx_dgemma.cpu import RowBlocks
+    from mlx_dgemma.sampler import BlockSampler, SamplerSettings, StepResult, vocab_pass
+
+    generator = np.random.default_rng(2)
+    blocks = RowBlocks(8, count=2)
+    logits = [mx.array(generator.normal(size=(2, 4, 300)).astype(np.float32) * 15) for _ in blocks.rows]
+    previous = [mx.array(generator.random(size=(2, 4, 300)).astype(np.float32)) for _ in blocks.rows]
+    finished = mx.array([False, True])
+    state = StepResult(mx.zeros((2, 8), dtype=mx.int32), mx.zeros((2, 8), dtype=mx.int32), previous, finished)
+    heat = mx.array(0.5, dtype=mx.float32)
+    ours = BlockSampler(_HeadOnly(logits, 30.0), SamplerSettings())._host_vocab_passes(
+        [None] * len(blocks), heat, state, blocks, None
+    )
+    for block, block_logits, block_previous in zip(ours, logits, previous):
+        processed = mx.tanh(block_logits / 30.0) * 30.0 / heat
+        device = vocab_pass(processed, mx.zeros_like(processed), finished, block_previous)
+        np.testing.assert_array_equal(np.array(block.argmax), np.array(device.argmax))
+        np.testing.assert_allclose(np.array(block.entropy), np.array(device.entropy), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.array(block.conditioning), np.array(device.conditioning), rtol=1e-4, atol=1e-9)
+        np.testing.assert_array_equal(np.array(block.conditioning[1]), np.array(block_previous[1]))
+        assert not np.allclose(np.array(block.conditioning[0]), np.array(block_previous[0]))
