@@ -15,6 +15,7 @@ MLX on two CPU streams.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,6 +29,16 @@ from .cpu import cpu_cores
 CHUNK_ROWS = 8
 
 _pool: ThreadPoolExecutor | None = None
+
+
+def _forget_pool() -> None:
+    # A forked child has none of the parent's threads: it makes a pool of its own on first use.
+    global _pool
+    _pool = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
 
 
 def in_parallel(function: Callable[..., Any], *per_task: Sequence) -> list:

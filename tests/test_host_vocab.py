@@ -147,3 +147,22 @@ def test_host_passes_match_the_fused_device_pass_and_hold_finished_rows():
         np.testing.assert_allclose(np.array(block.conditioning), np.array(device.conditioning), rtol=1e-4, atol=1e-9)
         np.testing.assert_array_equal(np.array(block.conditioning[1]), np.array(block_previous[1]))
         assert not np.allclose(np.array(block.conditioning[0]), np.array(block_previous[0]))
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_a_forked_child_gets_a_pool_of_its_own():
+    import os
+    import signal
+    import time
+
+    host_vocab.in_parallel(lambda a: time.sleep(0.05), range(8))  # the parent's pool, every worker started
+    pid = os.fork()
+    if pid == 0:  # the child: the parent's threads are gone; a working pool must replace them
+        signal.signal(signal.SIGALRM, lambda *_: os._exit(3))  # a pool of dead threads would wait forever
+        signal.alarm(20)
+        try:
+            os._exit(0 if host_vocab.in_parallel(lambda a: a * 2, [1, 2, 3]) == [2, 4, 6] else 1)
+        except BaseException:
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
