@@ -107,15 +107,18 @@ def vocab_math(logits: np.ndarray, cap: float | None, temperature: float, with_p
     return RowsVocab(processed, argmax, entropy, probs)
 
 
-def drawn_tokens(processed: Sequence[np.ndarray], rows: Sequence[np.ndarray], gumbel: np.ndarray) -> np.ndarray:
+def drawn_tokens(
+    processed: Sequence[np.ndarray], rows: Sequence[Sequence[int]], gumbel_rows: Callable[[slice], np.ndarray]
+) -> np.ndarray:
     """argmax(processed + gumbel) of the picked rows: rows[i] of processed[i], every block's in turn, against
-    the rows of `gumbel` in the same order."""
-    picks = [(block, int(row)) for block, block_rows in enumerate(rows) for row in block_rows]
+    gumbel_rows(chunk), the noise of the picks in `chunk` of that order, made a chunk at a time in the threads."""
+    picks = [(block, row) for block, block_rows in enumerate(rows) for row in block_rows]
     tokens = np.empty(len(picks), dtype=np.uint32)
 
     def draw(chunk: slice) -> None:
-        for offset, (block, row) in enumerate(picks[chunk], start=chunk.start):
-            tokens[offset] = np.argmax(processed[block][row] + gumbel[offset])
+        scores = np.stack([processed[block][row] for block, row in picks[chunk]])
+        scores += gumbel_rows(chunk)
+        tokens[chunk] = scores.argmax(axis=-1)
 
     in_parallel(draw, row_chunks(len(picks)))
     return tokens

@@ -120,7 +120,11 @@ class Noise(Protocol):
     to `gumbel(canvas, step, shape)` flattened to (batch · length, vocab) and
     indexed by `positions`: on the CPU the sampler then draws only the
     positions it accepts (see BlockSampler._draw_accepted) instead of asking
-    for the whole draw.
+    for the whole draw. Better still on the CPU, `gumbel_rows(canvas, step,
+    width, positions)`: a function that, given a slice of `positions` (a numpy
+    array), returns those rows of the draw as a numpy array, and that any
+    thread may call: the sampler then makes and uses the noise a few rows at a
+    time (SeededNoise offers both).
     """
 
     def tokens(self, canvas: int, step: int, shape: tuple[int, ...], vocab: int) -> mx.array: ...
@@ -196,19 +200,28 @@ class SeededNoise:
             counter = positions.astype(mx.uint32)[:, None] * width + mx.arange(width, dtype=mx.uint32)
         return _hashed_bits(counter, keys)
 
-    def _host_gumbel(self, canvas: int, step: int, width: int, positions: np.ndarray) -> np.ndarray:
-        """Rows `positions` of the Gumbel draw seen as (batch · length, width), computed by numpy on the host's
-        cores (the CPU's path: numpy's log is several times MLX's there, see host_vocab)."""
+    def gumbel_rows(self, canvas: int, step: int, width: int, positions: np.ndarray) -> Callable[[slice], np.ndarray]:
+        """Rows positions[chunk] of the Gumbel draw seen as (batch · length, width), made by numpy when asked, from
+        any thread (the CPU's path: numpy's log is several times MLX's there, see host_vocab)."""
         key = self._keys(canvas, step, 1)
         rows = np.asarray(positions, dtype=np.uint32)
         columns = np.arange(width, dtype=np.uint32)
-        gumbel = np.empty((len(rows), width), dtype=np.float32)
+
+        def chunk_rows(chunk: slice) -> np.ndarray:
+            counter = rows[chunk, None] * np.uint32(width) + columns
+            return host_vocab.gumbel_from_bits(_host_hashed_bits(counter, key), UNIFORM_SHIFT)
+
+        return chunk_rows
+
+    def _host_gumbel(self, canvas: int, step: int, width: int, positions: np.ndarray) -> np.ndarray:
+        """`gumbel_rows` for every row of `positions` at once, spread over the host's cores."""
+        chunk_rows = self.gumbel_rows(canvas, step, width, positions)
+        gumbel = np.empty((len(positions), width), dtype=np.float32)
 
         def fill(chunk: slice) -> None:
-            counter = rows[chunk, None] * np.uint32(width) + columns
-            gumbel[chunk] = host_vocab.gumbel_from_bits(_host_hashed_bits(counter, key), UNIFORM_SHIFT)
+            gumbel[chunk] = chunk_rows(chunk)
 
-        host_vocab.in_parallel(fill, host_vocab.row_chunks(len(rows)))
+        host_vocab.in_parallel(fill, host_vocab.row_chunks(len(positions)))
         return gumbel
 
     def tokens(self, canvas: int, step: int, shape: tuple[int, ...], vocab: int) -> mx.array:
@@ -646,17 +659,24 @@ class BlockSampler:
             block_rows.append([row * size + p - rows.start for row, p in chosen])
         drawn = np.zeros(batch * length, dtype=np.uint32)
         if positions:
-            gumbel = np.asarray(self._gumbel_at(canvas_index, step_index, draw_shape, mx.array(positions)))
+            gumbel = self._gumbel_rows(canvas_index, step_index, draw_shape, positions)
             drawn[positions] = host_vocab.drawn_tokens([block.processed for block in passes], block_rows, gumbel)
         return mx.array(drawn.reshape(batch, length))
 
-    def _gumbel_at(
-        self, canvas_index: int, step_index: int, shape: tuple[int, int, int], positions: mx.array
-    ) -> mx.array:
-        """Gumbel noise for rows `positions` of the (batch · length, vocab) draw."""
+    def _gumbel_rows(
+        self, canvas_index: int, step_index: int, shape: tuple[int, int, int], positions: list[int]
+    ) -> Callable[[slice], np.ndarray]:
+        """Gumbel noise for rows positions[chunk] of the (batch · length, vocab) draw, as numpy, from any thread."""
+        if hasattr(self.noise, "gumbel_rows"):
+            return self.noise.gumbel_rows(canvas_index, step_index, shape[-1], np.array(positions))
+        # MLX is called from this thread only: the rows are made here, whole.
+        index = mx.array(positions)
         if hasattr(self.noise, "gumbel_at"):
-            return self.noise.gumbel_at(canvas_index, step_index, shape, positions)
-        return self.noise.gumbel(canvas_index, step_index, shape).reshape(-1, shape[-1])[positions]
+            rows = self.noise.gumbel_at(canvas_index, step_index, shape, index)
+        else:
+            rows = self.noise.gumbel(canvas_index, step_index, shape).reshape(-1, shape[-1])[index]
+        gumbel = np.array(rows)
+        return lambda chunk: gumbel[chunk]
 
     def pinned_canvases(
         self, cache: EncoderCache, layouts: list[Pins], drafts: bool = False

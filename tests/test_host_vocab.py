@@ -71,7 +71,7 @@ def test_drawn_tokens_are_argmax_of_processed_plus_gumbel():
     blocks.append(logits(4, 500, seed=6))
     picked = np.concatenate([block[r] for block, r in zip(blocks, rows)])
     gumbel = np.random.default_rng(7).gumbel(size=picked.shape).astype(np.float32)
-    tokens = host_vocab.drawn_tokens(blocks, rows, gumbel)
+    tokens = host_vocab.drawn_tokens(blocks, rows, lambda chunk: gumbel[chunk])
     np.testing.assert_array_equal(tokens, np.argmax(picked + gumbel, axis=-1))
     assert tokens.dtype == np.uint32
 
@@ -166,3 +166,12 @@ def test_a_forked_child_gets_a_pool_of_its_own():
             os._exit(2)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_gumbel_rows_are_rows_of_the_whole_draw():
+    noise, shape = SeededNoise(4), (2, 30, 500)
+    whole = np.array(noise.gumbel(2, 3, shape)).reshape(-1, 500)
+    positions = np.array([59, 0, 31, 7, 8, 9, 10, 11, 12, 13, 14])
+    chunk_rows = noise.gumbel_rows(2, 3, 500, positions)
+    for chunk in (slice(0, 1), slice(1, 9), slice(9, 11), slice(0, 11)):
+        np.testing.assert_array_equal(chunk_rows(chunk), whole[positions[chunk]])

@@ -172,6 +172,23 @@ def test_noise_without_gumbel_at_is_asked_once_per_step(pair):
     assert plain.gumbel_calls == [(0, step) for step in range(1, 6)]
 
 
+class RowsAtNoise(ProtocolOnlyNoise):
+    """A noise source with `gumbel_at` but not `gumbel_rows`: the CPU draws its rows whole, on the main thread."""
+
+    def gumbel_at(self, canvas, step, shape, positions):
+        return self.inner.gumbel_at(canvas, step, shape, positions)
+
+
+def test_noise_with_gumbel_at_only_draws_the_same_tokens(pair):
+    _, ours = pair
+    settings = SamplerSettings(steps=5, max_new_tokens=16, stability_threshold=0)
+    ids, rows_at = prompt(4, batch=2), RowsAtNoise(4)
+    tokens, _, _ = run_ours(ours, ids, None, rows_at, settings)
+    expected, _, _ = run_ours(ours, ids, None, SeededNoise(4), settings)
+    np.testing.assert_array_equal(tokens, expected)
+    assert not hasattr(rows_at, "gumbel_rows")  # the premise: the whole-rows path ran
+
+
 def test_drawn_rows_are_rows_of_the_whole_draw():
     noise, shape = SeededNoise(9), (2, 20, 33)
     whole = np.array(noise.gumbel(1, 4, shape)).reshape(-1, 33)
