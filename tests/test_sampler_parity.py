@@ -161,32 +161,27 @@ class ProtocolOnlyNoise:
         return self.inner.gumbel(canvas, step, shape)
 
 
-def test_noise_without_gumbel_at_is_asked_once_per_step(pair):
-    _, ours = pair
-    settings = SamplerSettings(steps=5, max_new_tokens=16, stability_threshold=0)
-    ids, plain = prompt(4, batch=2), ProtocolOnlyNoise(4)
-    tokens, _, _ = run_ours(ours, ids, None, plain, settings)
-    expected, _, _ = run_ours(ours, ids, None, SeededNoise(4), settings)
-    np.testing.assert_array_equal(tokens, expected)
-    # One whole draw per step (the last step's speculative successor is never launched).
-    assert plain.gumbel_calls == [(0, step) for step in range(1, 6)]
-
-
 class RowsAtNoise(ProtocolOnlyNoise):
-    """A noise source with `gumbel_at` but not `gumbel_rows`: the CPU draws its rows whole, on the main thread."""
+    """A noise source with `gumbel_at` too, but not `gumbel_rows`."""
 
     def gumbel_at(self, canvas, step, shape, positions):
         return self.inner.gumbel_at(canvas, step, shape, positions)
 
 
-def test_noise_with_gumbel_at_only_draws_the_same_tokens(pair):
+@pytest.mark.parametrize("source", [ProtocolOnlyNoise, RowsAtNoise])
+def test_noise_without_gumbel_rows_draws_the_same_tokens(pair, source):
+    """A user's noise source draws what SeededNoise's chunked path does: with the protocol's two methods one whole
+    draw is asked per step; with `gumbel_at` the CPU asks for the accepted rows only (made whole on the main
+    thread), while a GPU still draws every position."""
     _, ours = pair
     settings = SamplerSettings(steps=5, max_new_tokens=16, stability_threshold=0)
-    ids, rows_at = prompt(4, batch=2), RowsAtNoise(4)
-    tokens, _, _ = run_ours(ours, ids, None, rows_at, settings)
+    ids, noise = prompt(4, batch=2), source(4)
+    tokens, _, _ = run_ours(ours, ids, None, noise, settings)
     expected, _, _ = run_ours(ours, ids, None, SeededNoise(4), settings)
     np.testing.assert_array_equal(tokens, expected)
-    assert not hasattr(rows_at, "gumbel_rows")  # the premise: the whole-rows path ran
+    # One whole draw per step where one is asked for (the last step's speculative successor is never launched).
+    whole_draws = source is ProtocolOnlyNoise or not sampler.on_cpu()
+    assert noise.gumbel_calls == ([(0, step) for step in range(1, 6)] if whole_draws else [])
 
 
 def test_drawn_rows_are_rows_of_the_whole_draw():
