@@ -67,21 +67,30 @@ class RowsVocab:
     probs: np.ndarray | None  # (rows, vocab): softmax(processed), when asked for
 
 
-def vocab_math(logits: np.ndarray, cap: float | None, temperature: float, with_probs: bool) -> RowsVocab:
-    """cap · tanh(logits / cap) / temperature and its argmax, entropy and (with `with_probs`) softmax, per row.
+def vocab_math(
+    logits: np.ndarray,
+    cap: float | None,
+    temperature: float,
+    probs: np.ndarray | None = None,
+    processed: np.ndarray | None = None,
+) -> RowsVocab:
+    """cap · tanh(logits / cap) / temperature and its argmax, entropy and (into `probs`, when given) softmax,
+    per row. `processed` (rows, vocab), when given, receives the processed logits; else a new array does.
 
-    The soft-cap and the division round as the reference's do. The entropy is
-    log Σe − Σ(e·s)/Σe with s = x − max x and e = exp(s): −Σ p log p from one
-    pass of exponentials, the maximum read at the argmax.
+    The caller may pass arrays it keeps from step to step (probs in memory MLX
+    owns, so the next step reads them without a copy). The soft-cap and the
+    division round as the reference's do. The entropy is log Σe − Σ(e·s)/Σe
+    with s = x − max x and e = exp(s): −Σ p log p from one pass of
+    exponentials, the maximum read at the argmax.
     """
     rows, vocab = logits.shape
-    processed = np.empty_like(logits, dtype=np.float32)
-    probs = np.empty_like(processed) if with_probs else None
+    if processed is None:
+        processed = np.empty_like(logits, dtype=np.float32)
     argmax = np.empty(rows, dtype=np.uint32)
     entropy = np.empty(rows, dtype=np.float32)
     width = min(CHUNK_ROWS, rows)
     shifted_buffer = np.empty((width, vocab), dtype=np.float32)
-    exps_buffer = None if with_probs else np.empty((width, vocab), dtype=np.float32)
+    exps_buffer = None if probs is not None else np.empty((width, vocab), dtype=np.float32)
     heat = np.float32(temperature)
     for chunk in row_chunks(rows):
         x, p = logits[chunk], processed[chunk]

@@ -313,6 +313,38 @@ class VocabPass:
     conditioning: mx.array  # the next step's self-conditioning for these positions
 
 
+class HostBuffers:
+    """The arrays the CPU's vocabulary math writes each step, kept for a canvas (see host_vocab).
+
+    The probabilities go into arrays MLX owns, through numpy views of their
+    memory, so the next step's self-conditioning reads them without a copy
+    (2 × 16 MB a step at the bench's shape). Two sets serve in turn: rows that
+    stopped keep the previous step's probabilities, copied out of the other set
+    (evaluated at once) before that set is written again.
+    """
+
+    def __init__(self) -> None:
+        self._probs: list[list[mx.array]] = []
+        self._processed: list[np.ndarray] = []
+        self._turn = 0
+
+    def probs(self, shapes: list[tuple[int, ...]]) -> list[mx.array]:
+        """This step's probability arrays, one per row block of the given shapes."""
+        if len(self._probs) < 2:
+            arrays = [mx.zeros(shape, dtype=mx.float32) for shape in shapes]
+            mx.eval(arrays)
+            self._probs.append(arrays)
+        arrays = self._probs[self._turn % 2]
+        self._turn += 1
+        return arrays
+
+    def processed(self, shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
+        """The processed logits' arrays, (batch · positions, vocab) per row block; read within the step only."""
+        if not self._processed:
+            self._processed = [np.empty((math.prod(shape[:-1]), shape[-1]), dtype=np.float32) for shape in shapes]
+        return self._processed
+
+
 def vocab_pass(
     processed: mx.array,
     gumbel: mx.array,
@@ -518,11 +550,12 @@ class BlockSampler:
         conditioning_dtype = None if embed_dtype == mx.float32 else embed_dtype
 
         blocks = RowBlocks(length)
+        buffers = HostBuffers() if on_cpu() else None
 
         def launch(state: StepResult, history: mx.array | None, step_index: int):
             """Build step `step_index` on `state` and start computing it."""
             hidden = self._decode(cache, state, conditioning_dtype)
-            step = (canvas_index, step_index, shape, blocks, pins, conditioning_dtype)
+            step = (canvas_index, step_index, shape, blocks, pins, conditioning_dtype, buffers)
             result = self._sample(hidden, state, history, *step)
             mx.async_eval(result[0].canvas, result[0].argmax, result[0].finished, result[0].conditioning)
             return result
@@ -570,12 +603,13 @@ class BlockSampler:
         blocks: RowBlocks,
         pins: Pins | None,
         conditioning_dtype: mx.Dtype | None,
+        buffers: HostBuffers | None,
     ) -> tuple[StepResult, mx.array | None]:
         """Per row block: the head, soft-cap and vocabulary math. Then the draws and the decisions."""
         heat = temperature(self.settings.steps + 1 - step_index, self.settings)
         draw_shape = (*shape, self.vocab)
         if on_cpu():
-            passes = self._host_vocab_passes(hidden, heat, state, blocks, conditioning_dtype)
+            passes = self._host_vocab_passes(hidden, heat, state, blocks, conditioning_dtype, buffers)
             drawn = self._draw_accepted(passes, blocks, state, pins, canvas_index, step_index, draw_shape)
         else:
             # A GPU draws every position inside one fused vocabulary pass, each block on its stream.
@@ -597,30 +631,38 @@ class BlockSampler:
         state: StepResult,
         blocks: RowBlocks,
         conditioning_dtype: mx.Dtype | None,
+        buffers: HostBuffers,
     ) -> list[VocabPass]:
         """The CPU's vocabulary math: MLX computes each row block's logits on its stream, numpy the rest
-        (host_vocab), one thread per block. `processed` stays in numpy for the draw."""
+        (host_vocab), one thread per block, writing into `buffers`. `processed` stays in numpy for the draw."""
         logits = blocks.map(self.model.head, hidden)
         mx.eval(logits)
         cap = self.model.text_config.final_logit_softcapping
         with_probs = conditioning_dtype is None
-
         heat_value = heat.item()  # MLX is called from this thread only: its streams are per thread
+        shapes = [block.shape for block in logits]
+        probs = buffers.probs(shapes) if with_probs else [None] * len(blocks)
+        processed = buffers.processed(shapes)
 
-        def block_math(block_logits: np.ndarray) -> host_vocab.RowsVocab:
-            return host_vocab.vocab_math(block_logits.reshape(-1, self.vocab), cap, heat_value, with_probs)
+        def block_math(block_logits: np.ndarray, probs: mx.array | None, processed: np.ndarray):
+            rows = processed.shape[0]
+            into = None if probs is None else np.array(probs, copy=False).reshape(rows, self.vocab)
+            return host_vocab.vocab_math(block_logits.reshape(rows, self.vocab), cap, heat_value, into, processed)
 
         hold_back = any(state.finished.tolist())  # rows that stopped keep their conditioning
         passes = []
-        results = host_vocab.in_parallel(block_math, [np.asarray(block) for block in logits])
-        for rows, block_logits, previous in zip(results, logits, state.conditioning or [None] * len(blocks)):
-            batch, size, vocab = block_logits.shape
+        results = host_vocab.in_parallel(block_math, [np.asarray(block) for block in logits], probs, processed)
+        previous_conditioning = state.conditioning or [None] * len(blocks)
+        for rows, block_probs, shape, previous in zip(results, probs, shapes, previous_conditioning):
+            batch, size, _ = shape
             if with_probs:
-                conditioning = mx.array(rows.probs).reshape(batch, size, vocab)
+                conditioning = block_probs
             else:  # cast as the reference rounds a bf16 model's processed logits
-                conditioning = mx.array(rows.processed).reshape(batch, size, vocab).astype(conditioning_dtype)
+                conditioning = mx.array(rows.processed).reshape(shape).astype(conditioning_dtype)
             if hold_back and previous is not None:
+                # Now, while `previous` still holds the last step's numbers (its buffer is written next step).
                 conditioning = mx.where(state.finished[:, None, None], previous, conditioning)
+                mx.eval(conditioning)
             argmax, entropy = (mx.array(values).reshape(batch, size) for values in (rows.argmax, rows.entropy))
             passes.append(VocabPass(rows.processed, None, argmax, entropy, conditioning))
         return passes

@@ -27,7 +27,7 @@ def expected_math(x: np.ndarray, cap: float | None, heat: float):
 @pytest.mark.parametrize("cap", [30.0, None])
 def test_vocab_math_matches_float64(cap):
     x, heat = logits(19, 3000), 0.55
-    ours = host_vocab.vocab_math(x, cap, heat, with_probs=True)
+    ours = host_vocab.vocab_math(x, cap, heat, probs=np.empty_like(x))
     processed, probs, entropy = expected_math(x, cap, heat)
     np.testing.assert_allclose(ours.processed, processed, rtol=1e-6, atol=1e-5)
     np.testing.assert_array_equal(ours.argmax, processed.argmax(axis=-1))
@@ -41,14 +41,14 @@ def test_vocab_math_rounds_the_soft_cap_as_float32_ops_do():
     """cap · tanh(x / cap) / t, each step rounded in float32: what the reference's torch ops compute."""
     x, heat = logits(5, 4000, seed=3), np.float32(0.7)
     cap = np.float32(30.0)
-    ours = host_vocab.vocab_math(x, 30.0, float(heat), with_probs=False)
+    ours = host_vocab.vocab_math(x, 30.0, float(heat))
     np.testing.assert_array_equal(ours.processed, np.tanh(x / cap) * cap / heat)
     assert ours.probs is None
 
 
 def test_vocab_math_without_probs_gives_the_same_entropy_and_argmax():
     x = logits(11, 2048, seed=1)
-    full, bare = (host_vocab.vocab_math(x, 30.0, 0.4, with_probs=flag) for flag in (True, False))
+    full, bare = host_vocab.vocab_math(x, 30.0, 0.4, probs=np.empty_like(x)), host_vocab.vocab_math(x, 30.0, 0.4)
     np.testing.assert_array_equal(full.entropy, bare.entropy)
     np.testing.assert_array_equal(full.argmax, bare.argmax)
 
@@ -58,7 +58,7 @@ def test_entropy_of_a_near_certain_row_stays_accurate():
     x = np.zeros((2, 1000), dtype=np.float32)
     x[:, 7] = 25.0  # processed gap of 25 / 0.4 ≈ 62: p(other) ≈ 1e-27
     x[1, 9] = 23.0
-    ours = host_vocab.vocab_math(x, None, 0.4, with_probs=False)
+    ours = host_vocab.vocab_math(x, None, 0.4)
     _, _, entropy = expected_math(x, None, 0.4)
     # Row 0: about 4e-23 nats, far below what a cancellation (Σe·x − max·Σe) would leave (~1e-6).
     assert 0 <= ours.entropy[0] < 1e-20
@@ -127,7 +127,7 @@ def test_host_passes_match_the_fused_device_pass_and_hold_finished_rows():
     """Per row block: the argmax, entropy and conditioning the GPU's fused MLX pass gives, rows that stopped
     keeping their previous conditioning."""
     from mlx_dgemma.cpu import RowBlocks
-    from mlx_dgemma.sampler import BlockSampler, SamplerSettings, StepResult, vocab_pass
+    from mlx_dgemma.sampler import BlockSampler, HostBuffers, SamplerSettings, StepResult, vocab_pass
 
     generator = np.random.default_rng(2)
     blocks = RowBlocks(8, count=2)
@@ -137,7 +137,7 @@ def test_host_passes_match_the_fused_device_pass_and_hold_finished_rows():
     state = StepResult(mx.zeros((2, 8), dtype=mx.int32), mx.zeros((2, 8), dtype=mx.int32), previous, finished)
     heat = mx.array(0.5, dtype=mx.float32)
     ours = BlockSampler(_HeadOnly(logits, 30.0), SamplerSettings())._host_vocab_passes(
-        [None] * len(blocks), heat, state, blocks, None
+        [None] * len(blocks), heat, state, blocks, None, HostBuffers()
     )
     for block, block_logits, block_previous in zip(ours, logits, previous):
         processed = mx.tanh(block_logits / 30.0) * 30.0 / heat
@@ -175,3 +175,30 @@ def test_gumbel_rows_are_rows_of_the_whole_draw():
     chunk_rows = noise.gumbel_rows(2, 3, 500, positions)
     for chunk in (slice(0, 1), slice(1, 9), slice(9, 11), slice(0, 11)):
         np.testing.assert_array_equal(chunk_rows(chunk), whole[positions[chunk]])
+
+
+def test_host_buffers_keep_a_stopped_rows_probabilities_while_the_next_steps_are_written():
+    """Step 2 holds a stopped row to step 1's probabilities, which live in a reused buffer: steps 2 and 3 write
+    theirs elsewhere, so the held row still reads step 1's numbers after both."""
+    from mlx_dgemma.cpu import RowBlocks
+    from mlx_dgemma.sampler import BlockSampler, HostBuffers, SamplerSettings, StepResult
+
+    generator = np.random.default_rng(3)
+    blocks = RowBlocks(8, count=2)
+    steps = [
+        [mx.array(generator.normal(size=(2, 4, 300)).astype(np.float32) * 15) for _ in blocks.rows] for _ in range(3)
+    ]
+    sampler = BlockSampler(_HeadOnly([block for step in steps for block in step], 30.0), SamplerSettings())
+    buffers, heat = HostBuffers(), mx.array(0.5, dtype=mx.float32)
+    canvas = mx.zeros((2, 8), dtype=mx.int32)
+    running = StepResult(canvas, canvas, None, mx.array([False, False]))
+    first = sampler._host_vocab_passes([None] * 2, heat, running, blocks, None, buffers)
+    expected = [np.array(block.conditioning) for block in first]  # a copy of step 1's probabilities
+    stopped = StepResult(canvas, canvas, [block.conditioning for block in first], mx.array([False, True]))
+    second = sampler._host_vocab_passes([None] * 2, heat, stopped, blocks, None, buffers)
+    third = sampler._host_vocab_passes([None] * 2, heat, running, blocks, None, buffers)
+    mx.eval([block.conditioning for block in second + third])
+    for held, fresh, step_one in zip(second, third, expected):
+        np.testing.assert_array_equal(np.array(held.conditioning)[1], step_one[1])
+        assert not np.allclose(np.array(held.conditioning)[0], step_one[0])
+        assert not np.allclose(np.array(fresh.conditioning), np.array(held.conditioning))
