@@ -316,18 +316,11 @@ class Model(nn.Module):
         elif self_conditioning_probs is not None:
             soft = self._soft_embeddings(blocks, self_conditioning_probs, from_logits=False)
         hs = blocks.map(self.model.decoder.self_conditioning, embeddings, soft)
-        # Several row blocks (the CPU): each layer starts computing as soon as it is built, so the cores work
-        # while Python builds the next one (a layer's graph only runs at its MoE's host read otherwise).
-        started = len(blocks) > 1
-        if started:
-            mx.async_eval(hs)
         # Layers keeping the same number of cached positions share one mask; it spans every query.
         masks = {cached: self._decoder_mask(cache, cached, length) for cached in {lc.length for lc in cache.layers}}
         for layer, layer_cache in zip(self.layers, cache.layers):
             block_masks = [masks[layer_cache.length]] * len(blocks)
             hs = layer(blocks, hs, layer_cache, offset, block_masks, False, layer.layer_scalar)
-            if started:
-                mx.async_eval(hs)
         return blocks.map(self.model.decoder.norm, hs)
 
     def logits(self, hidden: mx.array, temperature: mx.array | None = None) -> mx.array:
