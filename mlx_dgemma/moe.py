@@ -32,7 +32,7 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 from . import kernels
 from .config import TextConfig
 from .cpu import RowBlocks, on_cpu
-from .layers import ACTIVATIONS_ANY_SHAPE, rms_normalize
+from .layers import ACTIVATIONS, rms_normalize
 
 DISPATCHES = ("gather", "tiled", "grouped", "fused")
 CUDA_ONLY = ("fused",)
@@ -114,7 +114,7 @@ class Experts(nn.Module):
         self.down_proj = SwitchLinear(inner, hidden, count, bias=False)
         self.inner = inner
         self.activation = config.hidden_activation
-        self.act = ACTIVATIONS_ANY_SHAPE[config.hidden_activation]  # the stacks' shapes follow the routing
+        self.act = ACTIVATIONS[config.hidden_activation]
 
     def __call__(
         self, blocks: RowBlocks, xs: list[mx.array], indices: list[mx.array], weights: list[mx.array]
