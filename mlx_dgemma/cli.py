@@ -13,12 +13,10 @@ import json
 import os
 import re
 import shutil
-import signal
 import sys
-import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -456,31 +454,6 @@ def _history_file() -> Path:
 
 
 @contextmanager
-def remembered_interrupts() -> Iterator[Callable[[], bool]]:
-    """Ctrl-C raises KeyboardInterrupt as usual, and is also remembered for the caller to check.
-
-    CPython drops an exception raised while a finalizer runs (it prints
-    "Exception ignored"), and a Ctrl-C can land there: a reply also checks
-    between its events whether one came, so no Ctrl-C is lost. Outside the
-    main thread, where signals are not handled, nothing changes.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield lambda: False
-        return
-    received: list[int] = []
-
-    def on_interrupt(number: int, frame: Any) -> None:
-        received.append(number)
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGINT, on_interrupt)
-    try:
-        yield lambda: bool(received)
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-@contextmanager
 def _line_editing() -> Iterator[Any]:
     """readline with a persistent history, when the platform has it; otherwise plain input()."""
     try:
@@ -573,13 +546,15 @@ class ChatRepl:
         view = _LiveReply(self.out) if self.live else _PlainReply(self.out, style=self.out.isatty())
         events = None
         try:
-            with remembered_interrupts() as interrupted:
-                events = self.chat.stream(text, drafts=self.live)
-                view.start()
-                for event in events:
-                    if interrupted():
-                        raise KeyboardInterrupt
-                    self._show(view, event)
+            events = self.chat.stream(text, drafts=self.live)
+            view.start()
+            for event in events:
+                if isinstance(event, Draft):
+                    view.draft(event.text)
+                elif isinstance(event, Commit):
+                    view.commit(event.text, event.thinking)
+                elif isinstance(event, Done):
+                    self.last = event.result
             view.finish()
             if self.last is not None:
                 self.say(stats_line(self.last), "dim")
@@ -596,14 +571,6 @@ class ChatRepl:
         finally:
             if events is not None:
                 events.close()
-
-    def _show(self, view: Any, event: Any) -> None:
-        if isinstance(event, Draft):
-            view.draft(event.text)
-        elif isinstance(event, Commit):
-            view.commit(event.text, event.thinking)
-        elif isinstance(event, Done):
-            self.last = event.result
 
     # --- slash commands; each returns False to leave the loop
 

@@ -719,26 +719,3 @@ def test_bad_positions_and_spans(args, fragment, model_dir, tmp_path, capsys):
     code, _, err = run_main(capsys, *filled, "-m", str(model_dir))
     assert_one_line_error(code, err, fragment)
     assert path.read_text() == SOURCE
-
-
-def test_a_ctrl_c_lost_in_a_finalizer_is_still_seen():
-    """CPython drops a KeyboardInterrupt raised while a finalizer runs; the reply loop's check still sees it."""
-    import gc
-
-    from mlx_dgemma.cli import remembered_interrupts
-
-    class InterruptedWhileCollected:
-        def __del__(self):
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.05)  # the handler runs here, inside the finalizer
-
-    before = signal.getsignal(signal.SIGINT)
-    with remembered_interrupts() as interrupted:
-        assert not interrupted()
-        InterruptedWhileCollected()  # collected at once: its KeyboardInterrupt is reported, then dropped
-        gc.collect()
-        assert interrupted()
-    assert signal.getsignal(signal.SIGINT) is before
-    with remembered_interrupts() as interrupted, pytest.raises(KeyboardInterrupt):
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.05)
