@@ -97,6 +97,17 @@ def assert_one_line_error(code: int, err: str, fragment: str) -> None:
 # ---------------------------------------------------------------- a terminal for chat
 
 
+def _take_the_terminal() -> None:
+    """In the child: the pseudo-terminal becomes its controlling terminal, and SIGINT gets its default action.
+
+    A test runner started in the background by a shell without job control
+    hands SIGINT down ignored (POSIX shells do so), and Python keeps an
+    ignored SIGINT as it is: every ^C would do nothing.
+    """
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Terminal:
     """A child process on a pseudo-terminal that is its controlling terminal, so ^C is SIGINT."""
 
@@ -110,7 +121,7 @@ class Terminal:
             stderr=slave,
             env={**env, "COLUMNS": str(cols), "LINES": str(rows)},
             start_new_session=True,
-            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
+            preexec_fn=_take_the_terminal,
         )
         os.close(slave)
         self.fd = master
