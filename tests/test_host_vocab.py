@@ -178,8 +178,8 @@ def test_gumbel_rows_are_rows_of_the_whole_draw():
 
 
 def test_host_buffers_keep_a_stopped_rows_probabilities_while_the_next_steps_are_written():
-    """Step 2 holds a stopped row to step 1's probabilities, which live in a reused buffer: steps 2 and 3 write
-    theirs elsewhere, so the held row still reads step 1's numbers after both."""
+    """Step 2 holds a stopped row to step 1's probabilities; step 3 writes into step 1's buffer set again, so the
+    held row keeps step 1's numbers only because the hold-back was evaluated when step 2 made it."""
     from mlx_dgemma.cpu import RowBlocks
     from mlx_dgemma.sampler import BlockSampler, HostBuffers, SamplerSettings, StepResult
 
