@@ -124,7 +124,9 @@ class Noise(Protocol):
     width, positions)`: a function that, given a slice of `positions` (a numpy
     array), returns those rows of the draw as a numpy array, and that any
     thread may call: the sampler then makes and uses the noise a few rows at a
-    time (SeededNoise offers both).
+    time. Best, `gumbel_cells(canvas, step, width, positions)`: the same for
+    any cells of those rows, so that only the columns that can still win are
+    drawn; its noise must not exceed GUMBEL_MAX (SeededNoise offers all three).
     """
 
     def tokens(self, canvas: int, step: int, shape: tuple[int, ...], vocab: int) -> mx.array: ...
@@ -165,6 +167,15 @@ UNIFORM_SHIFT = 9
 UNIFORM_SCALE = 1.0 / (1 << (32 - UNIFORM_SHIFT))
 
 
+# The largest noise the draw can make: the top uniform's (the largest over the top 4096, in case float32's log
+# does not rise strictly up there). The CPU's draw skips the columns this much below a score already reached.
+GUMBEL_MAX = float(
+    host_vocab.gumbel_from_bits(
+        np.arange(2**32 - 4096 * 2**UNIFORM_SHIFT, 2**32, 2**UNIFORM_SHIFT, dtype=np.uint32), UNIFORM_SHIFT
+    ).max()
+)
+
+
 @mx.compile
 def _gumbel_from_bits(bits: mx.array) -> mx.array:
     uniform = ((bits >> UNIFORM_SHIFT).astype(mx.float32) + 0.5) * UNIFORM_SCALE
@@ -203,15 +214,24 @@ class SeededNoise:
     def gumbel_rows(self, canvas: int, step: int, width: int, positions: np.ndarray) -> Callable[[slice], np.ndarray]:
         """Rows positions[chunk] of the Gumbel draw seen as (batch · length, width), made by numpy when asked, from
         any thread (the CPU's path: numpy's log is several times MLX's there, see host_vocab)."""
+        cells = self.gumbel_cells(canvas, step, width, positions)
+        picks = np.arange(len(positions))[:, None]
+        columns = np.arange(width, dtype=np.uint32)
+        return lambda chunk: cells(picks[chunk], columns)
+
+    def gumbel_cells(
+        self, canvas: int, step: int, width: int, positions: np.ndarray
+    ) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+        """Cells of the same draw: given picks (indices into `positions`) and columns, broadcast together, the
+        noise of row positions[pick] at each column, the numbers `gumbel_rows` makes there (any thread)."""
         key = self._keys(canvas, step, 1)
         rows = np.asarray(positions, dtype=np.uint32)
-        columns = np.arange(width, dtype=np.uint32)
 
-        def chunk_rows(chunk: slice) -> np.ndarray:
-            counter = rows[chunk, None] * np.uint32(width) + columns
+        def cells(picks: np.ndarray, columns: np.ndarray) -> np.ndarray:
+            counter = rows[picks] * np.uint32(width) + columns.astype(np.uint32)
             return host_vocab.gumbel_from_bits(_host_hashed_bits(counter, key), UNIFORM_SHIFT)
 
-        return chunk_rows
+        return cells
 
     def _host_gumbel(self, canvas: int, step: int, width: int, positions: np.ndarray) -> np.ndarray:
         """`gumbel_rows` for every row of `positions` at once, spread over the host's cores."""
@@ -701,8 +721,13 @@ class BlockSampler:
             block_rows.append([row * size + p - rows.start for row, p in chosen])
         drawn = np.zeros(batch * length, dtype=np.uint32)
         if positions:
-            gumbel = self._gumbel_rows(canvas_index, step_index, draw_shape, positions)
-            drawn[positions] = host_vocab.drawn_tokens([block.processed for block in passes], block_rows, gumbel)
+            processed = [block.processed for block in passes]
+            if hasattr(self.noise, "gumbel_cells"):
+                cells = self.noise.gumbel_cells(canvas_index, step_index, draw_shape[-1], np.array(positions))
+                drawn[positions] = host_vocab.drawn_tokens_where_they_can_win(processed, block_rows, cells, GUMBEL_MAX)
+            else:
+                gumbel = self._gumbel_rows(canvas_index, step_index, draw_shape, positions)
+                drawn[positions] = host_vocab.drawn_tokens(processed, block_rows, gumbel)
         return mx.array(drawn.reshape(batch, length))
 
     def _gumbel_rows(

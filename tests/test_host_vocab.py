@@ -76,6 +76,49 @@ def test_drawn_tokens_are_argmax_of_processed_plus_gumbel():
     assert tokens.dtype == np.uint32
 
 
+@pytest.mark.parametrize("scale", [0.05, 3.0, 40.0])
+def test_drawing_only_the_columns_that_can_win_draws_what_every_column_does(scale):
+    """From nearly flat rows (every column a candidate) to sharp ones (a handful), against SeededNoise's own cells."""
+    blocks = [logits(30, 4000, seed=8, scale=scale), logits(21, 4000, seed=9, scale=scale)]
+    rows = [np.arange(30)[::-1], np.array([20, 0, 7, 13, 14, 15, 16, 17, 18, 19, 1])]
+    positions = np.concatenate([rows[0], 30 + rows[1]])  # where each pick sits in the whole (51, 4000) draw
+    noise = SeededNoise(11)
+    cells = noise.gumbel_cells(2, 5, 4000, positions)
+    whole = noise.gumbel_rows(2, 5, 4000, positions)(slice(None))
+    picked = np.concatenate([block[r] for block, r in zip(blocks, rows)])
+    tokens = host_vocab.drawn_tokens_where_they_can_win(blocks, rows, cells, sampler.GUMBEL_MAX)
+    np.testing.assert_array_equal(tokens, np.argmax(picked + whole, axis=-1))
+    assert tokens.dtype == np.uint32
+    if scale == 40.0:  # sharp rows: the winner is often not the argmax, so the noise really decided
+        assert (tokens != picked.argmax(axis=-1)).any()
+
+
+def test_drawing_only_the_columns_that_can_win_keeps_argmax_tie_breaking():
+    """Equal best scores: the lowest column wins, as numpy's argmax over the whole row picks, even past the argmax
+    of the logits; a column just out of reach never wins."""
+    processed = np.zeros((3, 50), dtype=np.float32)
+    gumbel = np.zeros((3, 50), dtype=np.float32)
+    processed[0, [9, 30]] = 5.0  # row 0: argmax 9; column 4 ties it with the largest noise
+    gumbel[0, 4], processed[0, 4] = 2.0, 3.0
+    gumbel[0, 9] = 0.0
+    processed[1, 40], gumbel[1, 40] = 1.0, 2.0  # row 1: the noise lifts column 40 over the argmax, column 3
+    processed[1, 3] = 2.5
+    processed[2, 7] = 10.0  # row 2: nothing within reach of column 7
+    processed[2, 8], gumbel[2, 8] = 10.0 - 2.0 - 1e-3, 2.0
+    tokens = host_vocab.drawn_tokens_where_they_can_win(
+        [processed], [np.arange(3)], lambda picks, columns: gumbel[picks, columns], 2.0
+    )
+    np.testing.assert_array_equal(tokens, np.argmax(processed + gumbel, axis=-1))
+    np.testing.assert_array_equal(tokens, [4, 40, 7])
+
+
+def test_gumbel_max_bounds_every_noise_value():
+    bits = np.random.default_rng(1).integers(0, 2**32, size=1 << 20, dtype=np.uint32)
+    assert host_vocab.gumbel_from_bits(bits, sampler.UNIFORM_SHIFT).max() <= sampler.GUMBEL_MAX
+    top = host_vocab.gumbel_from_bits(np.array([2**32 - 1], dtype=np.uint32), sampler.UNIFORM_SHIFT)[0]
+    assert top == sampler.GUMBEL_MAX
+
+
 def test_in_parallel_keeps_the_order_of_the_tasks():
     assert host_vocab.in_parallel(lambda a, b: a * b, range(50), range(50)) == [i * i for i in range(50)]
     assert host_vocab.in_parallel(lambda a: a + 1, [41]) == [42]
