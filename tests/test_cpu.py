@@ -66,14 +66,32 @@ def test_bf16_keeps_the_tanh_form():
     )
 
 
-def test_cpu_attention_matches_the_fused_kernel():
+@pytest.mark.parametrize("mask_shape", [(2, 1, 5, 9), (1, 1, 5, 9), (2, 1, 1, 9), None])
+def test_cpu_attention_matches_the_fused_kernel(mask_shape):
+    """Keys-major scores under every mask shape the model makes: per row and query, shared, per row only, none."""
     generator = np.random.default_rng(0)
     queries = mx.array(generator.normal(size=(2, 6, 5, 8)).astype(np.float32))
     keys, values = (mx.array(generator.normal(size=(2, 3, 9, 8)).astype(np.float32)) for _ in range(2))
-    mask = mx.array(generator.random((2, 1, 5, 9)) < 0.7) | mx.eye(5, 9, dtype=mx.bool_)
+    mask = None
+    if mask_shape is not None:
+        allowed = generator.random(mask_shape) < 0.6
+        allowed[..., 0] = True  # every query sees at least one key
+        mask = mx.array(allowed)
     ours = layers.attend(queries, keys, values, mask)
     fused = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=1.0, mask=mask)
     np.testing.assert_allclose(np.array(ours), np.array(fused), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("width", [64, 96, 512])
+@pytest.mark.parametrize("weighted", [True, False])
+def test_cpu_rms_norm_is_mlx_rms_norm(width, weighted):
+    generator = np.random.default_rng(width)
+    x = mx.array(
+        (generator.normal(size=(3, 17, width)) * generator.uniform(0.01, 30, size=(3, 17, 1))).astype(np.float32)
+    )
+    weight = mx.array(generator.normal(size=(width,)).astype(np.float32)) if weighted else None
+    ours = layers.rms_norm(x, weight, 1e-6)
+    np.testing.assert_allclose(np.array(ours), np.array(mx.fast.rms_norm(x, weight, 1e-6)), rtol=2e-6, atol=2e-6)
 
 
 def _policy_in_subprocess(env: dict[str, str]) -> str:
