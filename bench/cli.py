@@ -31,7 +31,7 @@ RUNTIMES = ("us", "mlx-vlm", "reference")
 MLX_RUNTIMES = ("us", "mlx-vlm")
 
 # mlx_dgemma.moe.DISPATCHES, plus "auto" (the per-backend default); not imported, to keep --help fast.
-MOE_DISPATCHES = ("auto", "gather", "tiled", "grouped", "fused")
+MOE_DISPATCHES = ("auto", "gather", "tiled", "grouped", "fused", "host")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

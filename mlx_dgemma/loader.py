@@ -17,9 +17,10 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import ConfigError, ModelConfig
-from .cpu import one_blas_thread, reuse_freed_memory
+from .cpu import on_cpu, one_blas_thread, reuse_freed_memory
 from .kernels import on_cuda
 from .model import Model
+from .moe import Experts
 from .sampler import SamplerSettings
 
 # Tensors a text runtime does not use: the vision tower and its projection, the
@@ -128,6 +129,7 @@ def load_model(path: str | Path, revision: str | None = None, dense_weights: str
         raise LoadError(f"{path}: generation_config.json: {error}") from None
     mx.eval(model.parameters())
     place_dense_layers(model, dense_weights)
+    place_experts(model)
     model.eval()
     return model
 
@@ -158,6 +160,14 @@ def place_dense_layers(model: nn.Module, dense_weights: str = "auto") -> None:
     if dense_weights_here(dense_weights) == "dequantized":
         for twins in _dequantized_by_owner(model):
             swap_modules(model, twins)
+
+
+def place_experts(model: nn.Module) -> int:
+    """On the CPU, hold the float32 experts packed for the "host" MoE dispatch (moe.py); returns how many
+    layers' experts were packed."""
+    if not on_cpu():
+        return 0
+    return sum(module.pack_for_host() for module in model.modules() if isinstance(module, Experts))
 
 
 # Projections that read the same input, merged into one matmul among the float twins: (the parts, the merged name).

@@ -15,9 +15,12 @@ How tokens reach their experts is chosen per backend (`moe_dispatch`):
   per CPU stream's share of the experts, each expert padded to the share's
   largest group, then one batched matmul per share. MLX's
   CPU `gather_mm` is about a thousand times slower than a dense matmul and
-  refuses bf16, so this is the CPU's default; one batched call beats a matmul
-  per expert there even with the padding (measured: 18 vs 24 ms a layer at 32
-  experts, top-4, 256 tokens).
+  refuses bf16; one batched call beats a matmul per expert there even with
+  the padding (measured: 18 vs 24 ms a layer at 32 experts, top-4, 256
+  tokens). The CPU's default for experts that "host" cannot run;
+- "host": the whole block in C on the CPU's cores (`host_experts.py`), its
+  weights packed once at load: float32 experts, the CPU's default where a C
+  compiler is found.
 Measured for one layer of the released shape (4-bit, 256 tokens) on an H200:
 gather 5.5 ms, tiled 1.3 ms, fused 0.55 ms (bench/RESULTS.md). All compute the
 same thing; tests hold them to float tolerance (fused on a GPU only).
@@ -27,15 +30,18 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
-from . import kernels
+from . import host_experts, kernels
 from .config import TextConfig
-from .cpu import RowBlocks, on_cpu
-from .layers import ACTIVATIONS, rms_normalize
+from .cpu import RowBlocks, cpu_cores, on_cpu
+from .host_experts import PackedSwitchLinear
+from .layers import ACTIVATIONS, gelu_tanh, rms_normalize
 
-DISPATCHES = ("gather", "tiled", "grouped", "fused")
+DISPATCHES = ("gather", "tiled", "grouped", "fused", "host")
 CUDA_ONLY = ("fused",)
+CPU_ONLY = ("host",)
 # Rows per tile: of the "tiled" dispatch, and of our CUDA kernels' ("fused").
 TILE_ROWS = 16
 KERNEL_TILE_ROWS = 16
@@ -50,7 +56,7 @@ def moe_dispatch() -> str:
     if _forced_dispatch is not None:
         return _forced_dispatch
     if on_cpu():
-        return "grouped"
+        return "host" if host_experts.library() is not None else "grouped"
     if kernels.available():
         return "fused"
     return "gather"
@@ -62,8 +68,10 @@ def dispatch_settings() -> tuple:
 
 
 def available_dispatches() -> tuple[str, ...]:
-    """The dispatches that can run on the current default device (our kernels need CUDA)."""
-    return DISPATCHES if kernels.available() else tuple(d for d in DISPATCHES if d not in CUDA_ONLY)
+    """The dispatches that can run on the current default device (our kernels need CUDA; "host", the CPU and a
+    C compiler)."""
+    cuda, host = kernels.available(), on_cpu() and host_experts.library() is not None
+    return tuple(d for d in DISPATCHES if (cuda or d not in CUDA_ONLY) and (host or d not in CPU_ONLY))
 
 
 def set_moe_dispatch(dispatch: str | None) -> None:
@@ -121,7 +129,9 @@ class Experts(nn.Module):
     ) -> list[mx.array]:
         """Per row block: xs (tokens, hidden), indices and weights (tokens, k). Returns (tokens, hidden) per block."""
         dispatch = moe_dispatch()
-        if dispatch == "grouped":
+        if dispatch == "host" and self.runs_on_host(xs[0].dtype):
+            return self._on_host(blocks, xs, indices, weights)
+        if dispatch in ("grouped", "host"):
             return self._grouped(blocks, xs, indices, weights)
         if dispatch == "fused" and kernels.fused_supports(
             self.gate_up_proj, self.down_proj, xs[0].dtype, self.activation
@@ -130,6 +140,40 @@ class Experts(nn.Module):
         if dispatch in ("tiled", "fused"):
             return blocks.map(self._tiled, xs, indices, weights)
         return blocks.map(self._gathered, xs, indices, weights)
+
+    def runs_on_host(self, dtype: mx.Dtype) -> bool:
+        """Whether the "host" dispatch runs these experts: packed at load (`pack_for_host`), float32 inputs, gelu."""
+        packed = all(isinstance(layer, PackedSwitchLinear) for layer in (self.gate_up_proj, self.down_proj))
+        return packed and dtype == mx.float32 and self.act is gelu_tanh
+
+    def pack_for_host(self) -> bool:
+        """Hold the expert stacks packed for the "host" dispatch, if it can run them; returns whether it did."""
+        lib = host_experts.library()
+        if lib is None or self.act is not gelu_tanh:
+            return False
+        width = lib.panel_width()
+        if not all(host_experts.packable(layer, width) for layer in (self.gate_up_proj, self.down_proj)):
+            return False
+        for name in ("gate_up_proj", "down_proj"):
+            setattr(self, name, PackedSwitchLinear(getattr(self, name), width))
+            mx.eval(getattr(self, name).packed)  # the unpacked stack is freed here, one at a time
+        return True
+
+    def _on_host(
+        self, blocks: RowBlocks, xs: list[mx.array], indices: list[mx.array], weights: list[mx.array]
+    ) -> list[mx.array]:
+        x, index, weight = (blocks.join(part, axis=0) for part in (xs, indices, weights))
+        mx.eval(x, index, weight)  # the block's one host read: the tokens and their routes
+        out = host_experts.forward(
+            np.asarray(x),
+            np.asarray(index),
+            np.asarray(weight),
+            np.asarray(self.gate_up_proj.packed),
+            np.asarray(self.down_proj.packed),
+            threads=cpu_cores(),
+        )
+        edges = np.cumsum([0, *(block.shape[0] for block in xs)])
+        return [mx.array(out[a:b]) for a, b in zip(edges[:-1], edges[1:])]
 
     def _glu(self, gate_up: mx.array) -> mx.array:
         return self.act(gate_up[..., : self.inner]) * gate_up[..., self.inner :]

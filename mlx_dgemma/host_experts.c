@@ -1,0 +1,130 @@
+/* The experts' feed-forward blocks on the CPU, for host_experts.py (which compiles this file at first use).
+
+   A BLAS packs both operands of every call into its own layout. An expert's matrix meets only the few dozen
+   tokens routed to it, so that packing, a pass over its whole weight per call, cost more than the arithmetic.
+   Here the weights are packed once, at load, into panels of PANEL output columns, each panel's rows (one per
+   input) contiguous. A tile of up to TILE_ROWS tokens keeps its TILE_ROWS x PANEL sums in vector registers
+   and reads the panel once, in order; the tokens are read in place, by index, with no gather.
+
+   Written with GCC/Clang vector extensions: AVX-512, AVX2 or NEON, whatever -march=native gives. */
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#define PANEL 32
+#define TILE_ROWS 8
+
+typedef float vec16 __attribute__((vector_size(64)));
+typedef float vec16_unaligned __attribute__((vector_size(64), aligned(4)));
+
+int panel_width(void) { return PANEL; }
+
+/* y[r, 0:PANEL] = x[r] . panel, for `rows` (<= TILE_ROWS, a constant once inlined) rows. */
+static inline __attribute__((always_inline)) void tile_product(const int rows, const float *const *x, int in,
+                                                                const float *panel, float *y, size_t y_stride) {
+    vec16 low[TILE_ROWS], high[TILE_ROWS];
+    for (int r = 0; r < rows; r++) low[r] = high[r] = (vec16){0};
+    for (int i = 0; i < in; i++) {
+        const vec16 w_low = *(const vec16_unaligned *)(panel + (size_t)i * PANEL);
+        const vec16 w_high = *(const vec16_unaligned *)(panel + (size_t)i * PANEL + 16);
+        for (int r = 0; r < rows; r++) {
+            const float s = x[r][i];
+            low[r] += s * w_low;
+            high[r] += s * w_high;
+        }
+    }
+    for (int r = 0; r < rows; r++) {
+        *(vec16_unaligned *)(y + r * y_stride) = low[r];
+        *(vec16_unaligned *)(y + r * y_stride + 16) = high[r];
+    }
+}
+
+/* y (rows, out; row stride y_stride) = x (rows given by pointers, in each) @ W.T, W packed as (out / PANEL, in,
+   PANEL). Panel by panel, so each panel is read from memory once and from cache for the later tiles. */
+static void packed_product(const float *const *x, int rows, int in, const float *packed, int out, float *y,
+                           size_t y_stride) {
+    for (int p = 0; p < out / PANEL; p++) {
+        const float *panel = packed + (size_t)p * in * PANEL;
+        for (int r = 0; r < rows; r += TILE_ROWS) {
+            const float *const *xs = x + r;
+            float *ys = y + (size_t)r * y_stride + (size_t)p * PANEL;
+            switch (rows - r < TILE_ROWS ? rows - r : TILE_ROWS) {
+            case 8: tile_product(8, xs, in, panel, ys, y_stride); break;
+            case 7: tile_product(7, xs, in, panel, ys, y_stride); break;
+            case 6: tile_product(6, xs, in, panel, ys, y_stride); break;
+            case 5: tile_product(5, xs, in, panel, ys, y_stride); break;
+            case 4: tile_product(4, xs, in, panel, ys, y_stride); break;
+            case 3: tile_product(3, xs, in, panel, ys, y_stride); break;
+            case 2: tile_product(2, xs, in, panel, ys, y_stride); break;
+            default: tile_product(1, xs, in, panel, ys, y_stride); break;
+            }
+        }
+    }
+}
+
+/* e^x as layers.gelu_tanh computes it on the CPU (cpu.exp): x held to [-87, 88], 2^n from the exponent bits
+   times a degree-5 polynomial for 2^f, f in [-0.5, 0.5]. Plain arithmetic, so the loop below vectorises. */
+static inline float fast_exp(float x) {
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    const float y = x * 1.4426950408889634f;
+    const float n = (y + 12582912.0f) - 12582912.0f;
+    const float f = y - n, f2 = f * f;
+    const float fraction = (1.0f + 0.6931468559416913f * f) +
+                           f2 * ((0.2402223800274111f + 0.05550892952451219f * f) +
+                                 f2 * (0.009671697938398751f + 0.0013218672481612153f * f));
+    const int32_t bits = ((int32_t)n + 127) << 23;
+    float whole;
+    memcpy(&whole, &bits, sizeof whole);
+    return fraction * whole;
+}
+
+/* h[c] = gelu_tanh(gate[c]) * up[c] for c < inner, gelu as x / (1 + e^(-2z)), z = sqrt(2/pi) (x + 0.044715 x^3). */
+static void gated_gelu(const float *gate, const float *up, int inner, float *h) {
+    for (int c = 0; c < inner; c++) {
+        const float x = gate[c];
+        const float minus_two_z = x * (1.0f + 0.044715f * x * x) * -1.5957691216057308f;
+        h[c] = x / (1.0f + fast_exp(minus_two_z)) * up[c];
+    }
+}
+
+/* Experts first..last-1 of one layer, for the tokens routed to them. Expert e's tokens are sorted entries
+   starts[e] .. starts[e+1]-1, token tokens[j] of x (tokens, hidden); entry j's output goes to row j of out
+   (entries, hidden). gate_up packed (experts, 2 inner / PANEL, hidden, PANEL), its first `inner` columns the
+   gate; down packed (experts, hidden / PANEL, inner, PANEL). scratch: 3 * inner floats per row of the share's
+   largest expert. */
+void experts_forward(const float *x, int hidden, const int32_t *tokens, const int32_t *starts, int first, int last,
+                     const float *gate_up, int inner, const float *down, float *scratch, float *out) {
+    for (int e = first; e < last; e++) {
+        const int start = starts[e], rows = starts[e + 1] - start;
+        if (rows == 0) continue;
+        const float *inputs[rows];
+        for (int r = 0; r < rows; r++) inputs[r] = x + (size_t)tokens[start + r] * hidden;
+        float *gate_up_out = scratch, *h = scratch + (size_t)rows * 2 * inner;
+        packed_product(inputs, rows, hidden, gate_up + (size_t)e * 2 * inner * hidden, 2 * inner, gate_up_out,
+                       2 * (size_t)inner);
+        for (int r = 0; r < rows; r++) {
+            const float *row = gate_up_out + (size_t)r * 2 * inner;
+            gated_gelu(row, row + inner, inner, h + (size_t)r * inner);
+            inputs[r] = h + (size_t)r * inner;
+        }
+        packed_product(inputs, rows, inner, down + (size_t)e * hidden * inner, hidden, out + (size_t)start * hidden,
+                       (size_t)hidden);
+    }
+}
+
+/* y[t] = sum over j < k of weights[t, j] * out[slots[t, j]], for tokens first..last-1, j in order. */
+void combine(const float *out, const int32_t *slots, const float *weights, int first, int last, int k, int hidden,
+             float *y) {
+    for (int t = first; t < last; t++) {
+        float *row = y + (size_t)t * hidden;
+        const float *source = out + (size_t)slots[(size_t)t * k] * hidden;
+        const float w = weights[(size_t)t * k];
+        for (int c = 0; c < hidden; c++) row[c] = source[c] * w;
+        for (int j = 1; j < k; j++) {
+            source = out + (size_t)slots[(size_t)t * k + j] * hidden;
+            const float wj = weights[(size_t)t * k + j];
+            for (int c = 0; c < hidden; c++) row[c] += source[c] * wj;
+        }
+    }
+}
