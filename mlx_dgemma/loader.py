@@ -115,10 +115,8 @@ def load_model(path: str | Path, revision: str | None = None, dense_weights: str
         raise LoadError(str(error)) from None
     weights = sanitize(read_weights(path))
     model = Model(config)
-    nn.quantize(
-        model,
-        class_predicate=lambda p, m: _quantization_params(config, p) if f"{p}.scales" in weights else False,
-    )
+    quantized = {key.removesuffix(".scales") for key in weights if key.endswith(".scales")}
+    nn.quantize(model, class_predicate=lambda p, m: _quantization_params(config, p) if p in quantized else False)
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as error:
@@ -128,6 +126,7 @@ def load_model(path: str | Path, revision: str | None = None, dense_weights: str
     except ValueError as error:
         raise LoadError(f"{path}: generation_config.json: {error}") from None
     mx.eval(model.parameters())
+    del weights  # the model holds them now: what replaces a layer's weights below frees them
     place_dense_layers(model, dense_weights)
     place_experts(model)
     model.eval()
@@ -167,7 +166,9 @@ def place_experts(model: nn.Module) -> int:
     layers' experts were packed."""
     if not on_cpu():
         return 0
-    return sum(module.pack_for_host() for module in model.modules() if isinstance(module, Experts))
+    # Only the Experts are kept in hand (model.modules() lists their stacks too, which would outlive the packing).
+    experts = [module for module in model.modules() if isinstance(module, Experts)]
+    return sum(module.pack_for_host() for module in experts)
 
 
 # Projections that read the same input, merged into one matmul among the float twins: (the parts, the merged name).

@@ -13,8 +13,9 @@ from checkpoints import build_reference_model, save_reference_checkpoint
 from transformers.cache_utils import DynamicCache
 
 import mlx_dgemma
-from mlx_dgemma import cpu, set_moe_dispatch
+from mlx_dgemma import cpu, moe, set_moe_dispatch
 from mlx_dgemma import model as model_module
+from mlx_dgemma.host_experts import PackedSwitchLinear
 
 TOLERANCE = 1e-4
 
@@ -171,8 +172,10 @@ def test_moe_dispatches_agree(small):
     prompt, canvas = random_ids(generator, vocab, 2, 20), random_ids(generator, vocab, 2, canvas_length)
     results = {}
     try:
-        # The fused dispatch (our CUDA kernels) takes the tiled path off CUDA.
-        for dispatch in ("grouped", "gather", "tiled", "fused"):
+        # The fused dispatch (our CUDA kernels) takes the tiled path off CUDA; "host" (the CPU's experts in C) runs
+        # the experts load_model packed, the others read them unpacked.
+        assert moe.moe_dispatch() == "host" and isinstance(ours.layers[0].experts.down_proj, PackedSwitchLinear)
+        for dispatch in ("grouped", "gather", "tiled", "fused", "host"):
             set_moe_dispatch(dispatch)
             cache = ours.make_cache()
             ours.encode(to_mx(prompt), cache)
@@ -180,7 +183,7 @@ def test_moe_dispatches_agree(small):
     finally:
         set_moe_dispatch(None)
     assert np.abs(results["grouped"] - results["gather"]).max() < 1e-5
-    for dispatch in ("tiled", "fused"):
+    for dispatch in ("tiled", "fused", "host"):
         assert np.abs(results[dispatch] - results["gather"]).max() < 1e-5
 
 

@@ -1,0 +1,146 @@
+"""The CPU's experts in C (mlx_dgemma/host_experts.c): building the library, packing, and the block's numbers."""
+
+from __future__ import annotations
+
+import os
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.models.switch_layers import SwitchLinear
+
+from mlx_dgemma import host_experts, moe
+from mlx_dgemma.config import ModelConfig
+from mlx_dgemma.cpu import RowBlocks
+
+
+@pytest.fixture(scope="module")
+def width() -> int:
+    if host_experts.library() is None:
+        # Every machine CI runs on has a C compiler: there the kernels must build.
+        assert not os.environ.get("CI"), host_experts.unavailable_reason()
+        pytest.skip(f"no CPU experts' kernels: {host_experts.unavailable_reason()}")
+    return host_experts.panel_width()
+
+
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+
+
+def expected_block(x, indices, weights, gate_up, down) -> np.ndarray:
+    """The experts' block in float64, one token and one of its experts at a time."""
+    inner = down.shape[2]
+    out = np.zeros((x.shape[0], down.shape[1]))
+    for token, (experts, token_weights) in enumerate(zip(indices, weights)):
+        for expert, weight in zip(experts, token_weights):
+            gate_and_up = gate_up[expert] @ x[token]
+            hidden = gelu_tanh(gate_and_up[:inner]) * gate_and_up[inner:]
+            out[token] += weight * (down[expert] @ hidden)
+    return out
+
+
+def random_block(rng, tokens, experts, k, hidden, inner, skew=0.0):
+    x = rng.standard_normal((tokens, hidden)).astype(np.float32)
+    gate_up = (rng.standard_normal((experts, 2 * inner, hidden)) / np.sqrt(hidden)).astype(np.float32)
+    down = (rng.standard_normal((experts, hidden, inner)) / np.sqrt(inner)).astype(np.float32)
+    # A skewed router sends many tokens to a few experts and none to others.
+    scores = rng.standard_normal((tokens, experts)) + skew * np.arange(experts)
+    indices = np.argsort(-scores, axis=1)[:, :k].astype(np.uint32)
+    weights = rng.random((tokens, k)).astype(np.float32)
+    return x, indices, weights, gate_up, down
+
+
+def test_pack_and_unpack_are_inverses(width):
+    weight = mx.array(np.arange(3 * 2 * width * 5, dtype=np.float32).reshape(3, 2 * width, 5))
+    packed = host_experts.pack(weight, width)
+    assert packed.shape == (3, 2, 5, width)
+    # Panel p, input i holds outputs p * width .. (p + 1) * width - 1 of input i, in order.
+    assert np.array_equal(np.array(packed[1, 1, 2]), np.array(weight[1, width : 2 * width, 2]))
+    assert mx.array_equal(host_experts.unpack(packed), weight)
+
+
+@pytest.mark.parametrize(
+    "tokens, experts, k, skew, threads",
+    [(37, 8, 2, 0.0, 2), (256, 32, 4, 0.0, 2), (200, 16, 4, 0.6, 3), (5, 8, 1, 0.0, 2), (64, 4, 4, 0.0, 1)],
+)
+def test_block_matches_float64(width, tokens, experts, k, skew, threads):
+    """Any number of tokens per expert (none, fewer than a tile, many tiles with a remainder), any top-k and
+    thread count: the block to float32 rounding."""
+    rng = np.random.default_rng(tokens + experts)
+    hidden, inner = 2 * width, 3 * width
+    x, indices, weights, gate_up, down = random_block(rng, tokens, experts, k, hidden, inner, skew)
+    packed = [np.asarray(host_experts.pack(mx.array(w), width)) for w in (gate_up, down)]
+    ours = host_experts.forward(x, indices, weights, *packed, threads=threads)
+    expected = expected_block(*(a.astype(np.float64) for a in (x, indices, weights, gate_up, down)))
+    assert np.abs(ours - expected).max() < 2e-6 * np.abs(expected).max()
+
+
+def test_shares_cut_the_experts_evenly():
+    counts = np.array([0, 40, 3, 3, 0, 60, 1, 1, 30, 2])
+    for threads in (1, 2, 3, 4):
+        edges = host_experts._shares(counts, threads)
+        assert len(edges) == threads + 1 and edges[0] == 0 and edges[-1] == len(counts)
+        assert all(a <= b for a, b in zip(edges, edges[1:]))
+        cost = counts + np.where(counts > 0, host_experts._EXPERT_COST_ROWS, 0)
+        shares = [cost[a:b].sum() for a, b in zip(edges, edges[1:])]
+        # No share is heavier than an even share plus the one expert that straddles the cut.
+        assert max(shares) <= cost.sum() / threads + cost.max()
+
+
+def test_experts_module_packs_and_dispatches(width):
+    """The "host" dispatch of Experts against MLX's gathered one on the same weights, and packing's fallbacks."""
+    config = ModelConfig.from_dict(
+        {"text_config": {"hidden_size": 2 * width, "moe_intermediate_size": width, "num_experts": 8}}
+    ).text
+    experts = moe.Experts(config)
+    rng = np.random.default_rng(3)
+    x, indices, weights, *_ = random_block(rng, 40, 8, config.top_k_experts, 2 * width, width)
+    blocks = RowBlocks(40, count=2)
+    xs, index_blocks, weight_blocks = (blocks.split(mx.array(a), axis=0) for a in (x, indices, weights))
+
+    def run(dispatch: str) -> np.ndarray:
+        moe.set_moe_dispatch(dispatch)
+        try:
+            return np.array(mx.concatenate(experts(blocks, xs, index_blocks, weight_blocks), axis=0))
+        finally:
+            moe.set_moe_dispatch(None)
+
+    gathered = run("gather")
+    assert not experts.runs_on_host(mx.float32)
+    assert np.array_equal(run("host"), run("grouped"))  # unpacked experts: "host" takes the grouped path
+    assert experts.pack_for_host()
+    assert all(isinstance(experts[name], host_experts.PackedSwitchLinear) for name in ("gate_up_proj", "down_proj"))
+    assert experts.runs_on_host(mx.float32) and not experts.runs_on_host(mx.bfloat16)
+    assert np.abs(run("host") - gathered).max() < 1e-5 * np.abs(gathered).max()
+    # The packed stacks still serve MLX's dispatches, unpacked on use.
+    assert np.abs(run("gather") - gathered).max() < 1e-6 * np.abs(gathered).max()
+    assert moe.moe_dispatch() == "host" and "host" in moe.available_dispatches()
+    # A stack that is not float32, or whose outputs do not fill whole panels, stays as it is.
+    assert not host_experts.packable(SwitchLinear(width, width + 1, 4, bias=False), width)
+    half = SwitchLinear(width, width, 4, bias=False)
+    half.weight = half.weight.astype(mx.bfloat16)
+    assert not host_experts.packable(half, width)
+
+
+def test_without_a_compiler_the_cpu_keeps_the_grouped_dispatch(monkeypatch, tmp_path):
+    monkeypatch.setattr(host_experts, "_library", None)
+    monkeypatch.setattr(host_experts, "_failure", None)
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert host_experts.library() is None
+    assert "no-such-compiler" in host_experts.unavailable_reason()
+    assert moe.moe_dispatch() == "grouped" and "host" not in moe.available_dispatches()
+    config = ModelConfig.from_dict({"text_config": {"hidden_size": 64, "moe_intermediate_size": 32}}).text
+    assert not moe.Experts(config).pack_for_host()
+
+
+def test_the_library_is_built_once_into_the_cache(width, monkeypatch, tmp_path):
+    monkeypatch.setattr(host_experts, "_library", None)
+    monkeypatch.setattr(host_experts, "_failure", None)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    built = host_experts._built_library()
+    assert built.parent == tmp_path / "mlx-dgemma" and built.is_file()
+    assert [p.name for p in built.parent.iterdir()] == [built.name]  # no half-written file left beside it
+    stamp = built.stat().st_mtime_ns
+    assert host_experts._built_library() == built and built.stat().st_mtime_ns == stamp
+    assert host_experts.library() is not None and host_experts.panel_width() == width
