@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import mlx.core as mx
 import numpy as np
@@ -10,7 +11,6 @@ import pytest
 from mlx_lm.models.switch_layers import SwitchLinear
 
 from mlx_dgemma import host_experts, moe
-from mlx_dgemma.config import ModelConfig
 from mlx_dgemma.cpu import RowBlocks
 
 
@@ -37,6 +37,14 @@ def expected_block(x, indices, weights, gate_up, down) -> np.ndarray:
             hidden = gelu_tanh(gate_and_up[:inner]) * gate_and_up[inner:]
             out[token] += weight * (down[expert] @ hidden)
     return out
+
+
+def experts_config(hidden: int, inner: int) -> SimpleNamespace:
+    """What an Experts block reads of a TextConfig."""
+    return SimpleNamespace(
+        hidden_size=hidden, moe_intermediate_size=inner, num_experts=8, top_k_experts=4,
+        hidden_activation="gelu_pytorch_tanh",
+    )  # fmt: skip
 
 
 def random_block(rng, tokens, experts, k, hidden, inner, skew=0.0):
@@ -71,7 +79,8 @@ def test_block_matches_float64(width, tokens, experts, k, skew, threads):
     x, indices, weights, gate_up, down = random_block(rng, tokens, experts, k, hidden, inner, skew)
     packed = [np.asarray(host_experts.pack(mx.array(w), width)) for w in (gate_up, down)]
     ours = host_experts.forward(x, indices, weights, *packed, threads=threads)
-    expected = expected_block(*(a.astype(np.float64) for a in (x, indices, weights, gate_up, down)))
+    x64, weights64, gate_up64, down64 = (a.astype(np.float64) for a in (x, weights, gate_up, down))
+    expected = expected_block(x64, indices, weights64, gate_up64, down64)
     assert np.abs(ours - expected).max() < 2e-6 * np.abs(expected).max()
 
 
@@ -89,9 +98,7 @@ def test_shares_cut_the_experts_evenly():
 
 def test_experts_module_packs_and_dispatches(width):
     """The "host" dispatch of Experts against MLX's gathered one on the same weights, and packing's fallbacks."""
-    config = ModelConfig.from_dict(
-        {"text_config": {"hidden_size": 2 * width, "moe_intermediate_size": width, "num_experts": 8}}
-    ).text
+    config = experts_config(hidden=2 * width, inner=width)
     experts = moe.Experts(config)
     rng = np.random.default_rng(3)
     x, indices, weights, *_ = random_block(rng, 40, 8, config.top_k_experts, 2 * width, width)
@@ -130,7 +137,7 @@ def test_without_a_compiler_the_cpu_keeps_the_grouped_dispatch(monkeypatch, tmp_
     assert host_experts.library() is None
     assert "no-such-compiler" in host_experts.unavailable_reason()
     assert moe.moe_dispatch() == "grouped" and "host" not in moe.available_dispatches()
-    config = ModelConfig.from_dict({"text_config": {"hidden_size": 64, "moe_intermediate_size": 32}}).text
+    config = experts_config(hidden=64, inner=32)
     assert not moe.Experts(config).pack_for_host()
 
 
