@@ -36,8 +36,9 @@ COMPILE_LAYERS: bool | None = None
 def compiles_layers(blocks: RowBlocks) -> bool:
     """Whether the decoder layers take their compiled graphs for these row blocks."""
     wanted = COMPILE_LAYERS if COMPILE_LAYERS is not None else kernels.on_cuda()
-    # The grouped dispatch reads its padded width back to the host, which a compiled graph cannot.
-    return bool(wanted) and len(blocks) == 1 and moe.moe_dispatch() != "grouped"
+    # The CPU's dispatches read back to the host (the grouped one its padded width, "host" the tokens and their
+    # routes), which a compiled graph cannot.
+    return bool(wanted) and len(blocks) == 1 and moe.moe_dispatch() not in moe.HOST_READING
 
 
 class CompiledGraphs:

@@ -42,6 +42,8 @@ from .layers import ACTIVATIONS, gelu_tanh, rms_normalize
 DISPATCHES = ("gather", "tiled", "grouped", "fused", "host")
 CUDA_ONLY = ("fused",)
 CPU_ONLY = ("host",)
+# Dispatches that read back to the host mid-graph (no `mx.compile` around them).
+HOST_READING = ("grouped", "host")
 # Rows per tile: of the "tiled" dispatch, and of our CUDA kernels' ("fused").
 TILE_ROWS = 16
 KERNEL_TILE_ROWS = 16
