@@ -22,7 +22,8 @@ How tokens reach their experts is chosen per backend (`moe_dispatch`):
   weights packed once at load: float32 experts, the CPU's default where a C
   compiler is found.
 Measured for one layer of the released shape (4-bit, 256 tokens) on an H200:
-gather 5.5 ms, tiled 1.3 ms, fused 0.55 ms (bench/RESULTS.md). All compute the
+gather 5.5 ms, tiled 1.3 ms, fused 0.55 ms; of the bench shape (float32) on a
+2-core CPU: grouped 15.2 ms, host 5.6 ms (bench/RESULTS.md). All compute the
 same thing; tests hold them to float tolerance (fused on a GPU only).
 """
 
