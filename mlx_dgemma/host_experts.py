@@ -92,7 +92,8 @@ def _built_library() -> Path:
                 os.replace(partial, target)
                 return target
             partial.unlink(missing_ok=True)
-            errors.append(f"{' '.join(command[:3])}: {result.stderr.strip().splitlines()[-1:]}")
+            last_line = (result.stderr.strip().splitlines() or ["no message"])[-1]
+            errors.append(f"{' '.join(command[:3])}: {last_line}")
             break  # the directory was fine; the flags were not
     raise RuntimeError(f"cannot compile {SOURCE.name}: {'; '.join(errors) or 'no writable cache directory'}")
 
