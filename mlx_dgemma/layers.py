@@ -8,9 +8,11 @@ from functools import partial
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import host_kernels
 from .cache import LayerCache
 from .config import LayerShape, RopeConfig, TextConfig
 from .cpu import RowBlocks, exp, on_cpu
+from .host_kernels import PackedLinear
 from .kernels import on_cuda
 
 # gelu's tanh approximation as a logistic: 0.5·(1 + tanh(z)) = 1 / (1 + e^(-2z)), z = √(2/π)·(x + 0.044715x³).
@@ -320,6 +322,21 @@ class GatedMLP(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         gate, up = gate_and_up(self, x)
         return self.down_proj(self.act(gate) * up)
+
+    def runs_on_host(self, dtype: mx.Dtype) -> bool:
+        """Whether the CPU's C kernels run this MLP: packed at load (`pack_for_host`), float32 inputs, gelu."""
+        packed = all(isinstance(self.get(name), PackedLinear) for name in ("gate_proj", "up_proj", "down_proj"))
+        return packed and dtype == mx.float32 and self.act is gelu_tanh
+
+    def pack_for_host(self) -> bool:
+        """Hold the weights packed for the CPU's C kernels (host_kernels), if they can run them; returns whether
+        it did. MLX's matmuls still run it (`PackedLinear` unpacks on use)."""
+        if host_kernels.library() is None or self.act is not gelu_tanh:
+            return False
+        if not host_kernels.packed_in_place(self, ("gate_proj", "up_proj", "down_proj"), PackedLinear):
+            return False
+        self.pop("fused_gate_up", None)  # dequantized at load, merged for MLX's matmuls: the kernels read the parts
+        return True
 
 
 def gate_and_up(mlp: nn.Module, x: mx.array) -> tuple[mx.array, mx.array]:

@@ -19,6 +19,7 @@ import mlx.nn as nn
 from .config import ConfigError, ModelConfig
 from .cpu import on_cpu, one_blas_thread, reuse_freed_memory
 from .kernels import on_cuda
+from .layers import GatedMLP
 from .model import Model
 from .moe import Experts
 from .sampler import SamplerSettings
@@ -128,7 +129,7 @@ def load_model(path: str | Path, revision: str | None = None, dense_weights: str
     mx.eval(model.parameters())
     del weights  # the model holds them now: what replaces a layer's weights below frees them
     place_dense_layers(model, dense_weights)
-    place_experts(model)
+    place_feed_forwards(model)
     model.eval()
     return model
 
@@ -161,14 +162,14 @@ def place_dense_layers(model: nn.Module, dense_weights: str = "auto") -> None:
             swap_modules(model, twins)
 
 
-def place_experts(model: nn.Module) -> int:
-    """On the CPU, hold the float32 experts packed for the "host" MoE dispatch (moe.py); returns how many
-    layers' experts were packed."""
+def place_feed_forwards(model: nn.Module) -> int:
+    """On the CPU, hold the float32 experts and dense MLPs packed for the C kernels (the "host" MoE dispatch,
+    moe.py); returns how many blocks were packed."""
     if not on_cpu():
         return 0
-    # Only the Experts are kept in hand (model.modules() lists their stacks too, which would outlive the packing).
-    experts = [module for module in model.modules() if isinstance(module, Experts)]
-    return sum(module.pack_for_host() for module in experts)
+    # Only the blocks are kept in hand (model.modules() lists their weights too, which would outlive the packing).
+    blocks = [module for module in model.modules() if isinstance(module, (Experts, GatedMLP))]
+    return sum(module.pack_for_host() for module in blocks)
 
 
 # Projections that read the same input, merged into one matmul among the float twins: (the parts, the merged name).

@@ -108,8 +108,7 @@ class TransformerLayer(nn.Module):
         return self._output_graphs.get(key)(h, attend(queries, keys, values, mask), layer_scalar)
 
     def _dense_layers(self) -> tuple[nn.Module, ...]:
-        attention, mlp = self.self_attn, self.mlp
-        return attention.q_proj, attention.k_proj, attention.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj
+        return tuple(child for owner in (self.self_attn, self.mlp) for child in owner.children().values())
 
     def _attention_inputs(self, h: mx.array, offset: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         return self.self_attn.projected(self.input_layernorm(h), offset)
@@ -123,19 +122,35 @@ class TransformerLayer(nn.Module):
     ) -> list[mx.array]:
         """The residual stream plus attention's output, then the dense MLP and the experts side by side."""
         hs = blocks.map(lambda h, a: h + self.post_attention_layernorm(a), hs, attended)
-        dense = blocks.map(lambda h: self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(h))), hs)
-        experts = self._moe(blocks, hs)
-        return blocks.map(
-            lambda h, d, m: (h + self.post_feedforward_layernorm(d + m)) * layer_scalar, hs, dense, experts
-        )
-
-    def _moe(self, blocks: RowBlocks, hs: list[mx.array]) -> list[mx.array]:
+        dense_inputs = blocks.map(self.pre_feedforward_layernorm, hs)
         # The router reads the residual stream itself; the experts its normed copy.
         flat = blocks.map(lambda h: h.reshape(-1, h.shape[-1]), hs)
         routes = blocks.map(self.router, flat)
         normed = blocks.map(self.pre_feedforward_layernorm_2, flat)
-        out = self.experts(blocks, normed, [i for i, _ in routes], [w for _, w in routes])
-        return blocks.map(lambda o, h: self.post_feedforward_layernorm_2(o.reshape(h.shape)), out, hs)
+        indices, weights = [i for i, _ in routes], [w for _, w in routes]
+        if self._feed_forwards_on_host(hs[0].dtype):
+            # Both blocks in C in one pass, at the experts' host read (moe.Experts.on_host).
+            experts, dense = self.experts.on_host(blocks, normed, indices, weights, (self.mlp, dense_inputs))
+        else:
+            dense = blocks.map(self.mlp, dense_inputs)
+            experts = self.experts(blocks, normed, indices, weights)
+        return blocks.map(
+            lambda h, d, m: (
+                (
+                    h
+                    + self.post_feedforward_layernorm(
+                        self.post_feedforward_layernorm_1(d) + self.post_feedforward_layernorm_2(m.reshape(h.shape))
+                    )
+                )
+                * layer_scalar
+            ),
+            hs,
+            dense,
+            experts,
+        )
+
+    def _feed_forwards_on_host(self, dtype: mx.Dtype) -> bool:
+        return moe.moe_dispatch() == "host" and self.experts.runs_on_host(dtype) and self.mlp.runs_on_host(dtype)
 
 
 class Decoder(nn.Module):

@@ -18,7 +18,7 @@ How tokens reach their experts is chosen per backend (`moe_dispatch`):
   refuses bf16; one batched call beats a matmul per expert there even with
   the padding (measured: 18 vs 24 ms a layer at 32 experts, top-4, 256
   tokens). The CPU's default for experts that "host" cannot run;
-- "host": the whole block in C on the CPU's cores (`host_experts.py`), its
+- "host": the whole block in C on the CPU's cores (`host_kernels.py`), its
   weights packed once at load: float32 experts, the CPU's default where a C
   compiler is found.
 Measured for one layer of the released shape (4-bit, 256 tokens) on an H200:
@@ -34,11 +34,11 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
-from . import host_experts, kernels
+from . import host_kernels, kernels
 from .config import TextConfig
 from .cpu import RowBlocks, cpu_cores, on_cpu
-from .host_experts import PackedSwitchLinear
-from .layers import ACTIVATIONS, gelu_tanh, rms_normalize
+from .host_kernels import PackedSwitchLinear
+from .layers import ACTIVATIONS, GatedMLP, gelu_tanh, rms_normalize
 
 DISPATCHES = ("gather", "tiled", "grouped", "fused", "host")
 CUDA_ONLY = ("fused",)
@@ -59,7 +59,7 @@ def moe_dispatch() -> str:
     if _forced_dispatch is not None:
         return _forced_dispatch
     if on_cpu():
-        return "host" if host_experts.library() is not None else "grouped"
+        return "host" if host_kernels.library() is not None else "grouped"
     if kernels.available():
         return "fused"
     return "gather"
@@ -73,7 +73,7 @@ def dispatch_settings() -> tuple:
 def available_dispatches() -> tuple[str, ...]:
     """The dispatches that can run on the current default device (our kernels need CUDA; "host", the CPU and a
     C compiler)."""
-    cuda, host = kernels.available(), on_cpu() and host_experts.library() is not None
+    cuda, host = kernels.available(), on_cpu() and host_kernels.library() is not None
     return tuple(d for d in DISPATCHES if (cuda or d not in CUDA_ONLY) and (host or d not in CPU_ONLY))
 
 
@@ -133,7 +133,7 @@ class Experts(nn.Module):
         """Per row block: xs (tokens, hidden), indices and weights (tokens, k). Returns (tokens, hidden) per block."""
         dispatch = moe_dispatch()
         if dispatch == "host" and self.runs_on_host(xs[0].dtype):
-            return self._on_host(blocks, xs, indices, weights)
+            return self.on_host(blocks, xs, indices, weights)[0]
         if dispatch in ("grouped", "host"):
             return self._grouped(blocks, xs, indices, weights)
         if dispatch == "fused" and kernels.fused_supports(
@@ -151,32 +151,44 @@ class Experts(nn.Module):
 
     def pack_for_host(self) -> bool:
         """Hold the expert stacks packed for the "host" dispatch, if it can run them; returns whether it did."""
-        lib = host_experts.library()
-        if lib is None or self.act is not gelu_tanh:
+        if host_kernels.library() is None or self.act is not gelu_tanh:
             return False
-        width = lib.panel_width()
-        if not all(host_experts.packable(layer, width) for layer in (self.gate_up_proj, self.down_proj)):
-            return False
-        for name in ("gate_up_proj", "down_proj"):
-            setattr(self, name, PackedSwitchLinear(getattr(self, name), width))
-            mx.eval(getattr(self, name).packed)  # the unpacked stack is freed here, one at a time
-        return True
+        return host_kernels.packed_in_place(self, ("gate_up_proj", "down_proj"), PackedSwitchLinear)
 
-    def _on_host(
-        self, blocks: RowBlocks, xs: list[mx.array], indices: list[mx.array], weights: list[mx.array]
-    ) -> list[mx.array]:
+    def on_host(
+        self,
+        blocks: RowBlocks,
+        xs: list[mx.array],
+        indices: list[mx.array],
+        weights: list[mx.array],
+        dense: tuple[GatedMLP, list[mx.array]] | None = None,
+    ) -> tuple[list[mx.array], list[mx.array] | None]:
+        """The "host" dispatch, per row block: (the experts' outputs, (tokens, hidden) each; with `dense`, a
+        packed MLP and its inputs per block, (batch, block, hidden) each, run in the same pass, its outputs)."""
         x, index, weight = (blocks.join(part, axis=0) for part in (xs, indices, weights))
-        mx.eval(x, index, weight)  # the block's one host read: the tokens and their routes
-        out = host_experts.forward(
+        dense_x = None
+        if dense is not None:
+            mlp, inputs = dense
+            dense_x = blocks.join([block.reshape(-1, block.shape[-1]) for block in inputs], axis=0)
+        mx.eval(x, index, weight, dense_x)  # the block's one host read: the tokens and their routes
+        packed_dense = None
+        if dense is not None:
+            layers = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+            packed_dense = host_kernels.DenseMLP(np.asarray(dense_x), *(np.asarray(layer.packed) for layer in layers))
+        out, dense_out = host_kernels.feed_forward(
             np.asarray(x),
             np.asarray(index),
             np.asarray(weight),
             np.asarray(self.gate_up_proj.packed),
             np.asarray(self.down_proj.packed),
-            threads=cpu_cores(),
+            cpu_cores(),
+            packed_dense,
         )
         edges = np.cumsum([0, *(block.shape[0] for block in xs)])
-        return [mx.array(out[a:b]) for a, b in zip(edges[:-1], edges[1:])]
+        experts = [mx.array(out[a:b]) for a, b in zip(edges[:-1], edges[1:])]
+        if dense is None:
+            return experts, None
+        return experts, [mx.array(dense_out[a:b]).reshape(block.shape) for a, b, block in zip(edges, edges[1:], inputs)]
 
     def _glu(self, gate_up: mx.array) -> mx.array:
         return self.act(gate_up[..., : self.inner]) * gate_up[..., self.inner :]

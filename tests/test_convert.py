@@ -23,6 +23,7 @@ from convert import ConversionError, convert_checkpoint
 from convert.cli import convert_command
 from convert.layout import expected_text_shapes
 from convert.safetensors_header import read_header
+from mlx_dgemma import host_kernels
 from mlx_dgemma.config import ModelConfig
 
 # Dimensions divisible by 32/64 so that most linears quantize; experts.down_proj
@@ -622,7 +623,10 @@ def test_dense_layers_dequantized_give_the_quantized_logits(source, tmp_path, mo
     assert mx.array_equal(model.denoise(canvas, cache), quantized)
     # Loading says which: "auto" keeps them quantized off CUDA.
     assert type(load_model(converted).layers[0].mlp.up_proj).__name__ == "QuantizedLinear"
-    assert type(load_model(converted, dense_weights="dequantized").layers[0].mlp.up_proj).__name__ == "Linear"
+    dequantized_mlp = load_model(converted, dense_weights="dequantized").layers[0].mlp
+    # On the CPU the float MLPs are then packed for the C kernels, their merged projection dropped.
+    assert type(dequantized_mlp.up_proj).__name__ == ("PackedLinear" if host_kernels.library() else "Linear")
+    assert "fused_gate_up" not in dequantized_mlp or not host_kernels.library()
     with pytest.raises(ValueError, match="choose from auto, quantized, dequantized"):
         load_model(converted, dense_weights="bf16")
 

@@ -1,4 +1,5 @@
-"""The CPU's experts in C (mlx_dgemma/host_experts.c): building the library, packing, and the block's numbers."""
+"""The CPU's feed-forward blocks in C (mlx_dgemma/host_kernels.c): building the library, packing, the experts' and
+the dense MLP's numbers."""
 
 from __future__ import annotations
 
@@ -6,21 +7,23 @@ import os
 from types import SimpleNamespace
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx_lm.models.switch_layers import SwitchLinear
 
-from mlx_dgemma import host_experts, moe
+from mlx_dgemma import host_kernels, moe
 from mlx_dgemma.cpu import RowBlocks
+from mlx_dgemma.layers import GatedMLP
 
 
 @pytest.fixture(scope="module")
 def width() -> int:
-    if host_experts.library() is None:
+    if host_kernels.library() is None:
         # Every machine CI runs on has a C compiler: there the kernels must build.
-        assert not os.environ.get("CI"), host_experts.unavailable_reason()
-        pytest.skip(f"no CPU experts' kernels: {host_experts.unavailable_reason()}")
-    return host_experts.panel_width()
+        assert not os.environ.get("CI"), host_kernels.unavailable_reason()
+        pytest.skip(f"no CPU experts' kernels: {host_kernels.unavailable_reason()}")
+    return host_kernels.panel_width()
 
 
 def gelu_tanh(x: np.ndarray) -> np.ndarray:
@@ -60,11 +63,11 @@ def random_block(rng, tokens, experts, k, hidden, inner, skew=0.0):
 
 def test_pack_and_unpack_are_inverses(width):
     weight = mx.array(np.arange(3 * 2 * width * 5, dtype=np.float32).reshape(3, 2 * width, 5))
-    packed = host_experts.pack(weight, width)
+    packed = host_kernels.pack(weight, width)
     assert packed.shape == (3, 2, 5, width)
     # Panel p, input i holds outputs p * width .. (p + 1) * width - 1 of input i, in order.
     assert np.array_equal(np.array(packed[1, 1, 2]), np.array(weight[1, width : 2 * width, 2]))
-    assert mx.array_equal(host_experts.unpack(packed), weight)
+    assert mx.array_equal(host_kernels.unpack(packed), weight)
 
 
 @pytest.mark.parametrize(
@@ -77,20 +80,58 @@ def test_block_matches_float64(width, tokens, experts, k, skew, threads):
     rng = np.random.default_rng(tokens + experts)
     hidden, inner = 2 * width, 3 * width
     x, indices, weights, gate_up, down = random_block(rng, tokens, experts, k, hidden, inner, skew)
-    packed = [np.asarray(host_experts.pack(mx.array(w), width)) for w in (gate_up, down)]
-    ours = host_experts.forward(x, indices, weights, *packed, threads=threads)
+    packed = [np.asarray(host_kernels.pack(mx.array(w), width)) for w in (gate_up, down)]
+    ours = host_kernels.forward(x, indices, weights, *packed, threads=threads)
     x64, weights64, gate_up64, down64 = (a.astype(np.float64) for a in (x, weights, gate_up, down))
     expected = expected_block(x64, indices, weights64, gate_up64, down64)
     assert np.abs(ours - expected).max() < 2e-6 * np.abs(expected).max()
 
 
+@pytest.mark.parametrize("rows, threads", [(75, 2), (256, 2), (7, 3), (40, 1)])
+def test_dense_mlp_runs_beside_the_experts(width, rows, threads):
+    """The dense MLP in the experts' pass: any row count (whole groups of rows and a remainder, fewer rows than
+    threads), to float32 rounding; the experts' output is the one they give alone."""
+    rng = np.random.default_rng(rows)
+    hidden, inner = 2 * width, 3 * width
+    x, indices, weights, gate_up, down = random_block(rng, 30, 8, 2, hidden, inner)
+    packed = [np.asarray(host_kernels.pack(mx.array(w), width)) for w in (gate_up, down)]
+    dense_x = rng.standard_normal((rows, hidden)).astype(np.float32)
+    gate, up = (rng.standard_normal((inner, hidden)) / np.sqrt(hidden) for _ in range(2))
+    dense_down = rng.standard_normal((hidden, inner)) / np.sqrt(inner)
+    dense = host_kernels.DenseMLP(
+        dense_x, *(np.asarray(host_kernels.pack(mx.array(w.astype(np.float32)), width)) for w in (gate, up, dense_down))
+    )
+    experts_out, dense_out = host_kernels.feed_forward(x, indices, weights, *packed, threads, dense)
+    assert np.array_equal(experts_out, host_kernels.forward(x, indices, weights, *packed, threads=threads))
+    x64 = dense_x.astype(np.float64)
+    expected = (gelu_tanh(x64 @ gate.T) * (x64 @ up.T)) @ dense_down.T
+    assert dense_out.shape == (rows, hidden)
+    assert np.abs(dense_out - expected).max() < 2e-6 * np.abs(expected).max()
+
+
+def test_gated_mlp_packs_for_the_host(width):
+    """A float32 gelu MLP packs; MLX still runs it from the packed weights (unpacked on use); others stay as
+    they are."""
+    mlp = GatedMLP(2 * width, 3 * width, "gelu_pytorch_tanh")
+    x = mx.random.normal((1, 5, 2 * width), key=mx.random.key(0))
+    before = np.array(mlp(x))
+    assert not mlp.runs_on_host(mx.float32)
+    assert mlp.pack_for_host()
+    assert all(isinstance(mlp[name], host_kernels.PackedLinear) for name in ("gate_proj", "up_proj", "down_proj"))
+    assert mlp.runs_on_host(mx.float32) and not mlp.runs_on_host(mx.bfloat16)
+    assert np.array_equal(np.array(mlp(x)), before)
+    assert not GatedMLP(2 * width, 3 * width, "silu").pack_for_host()  # the kernels' activation is gelu
+    uneven = GatedMLP(2 * width, 3 * width + 1, "gelu_pytorch_tanh")  # gate and up fill no whole panel
+    assert not uneven.pack_for_host() and type(uneven.gate_proj) is nn.Linear
+
+
 def test_shares_cut_the_experts_evenly():
     counts = np.array([0, 40, 3, 3, 0, 60, 1, 1, 30, 2])
     for threads in (1, 2, 3, 4):
-        edges = host_experts._shares(counts, threads)
+        edges = host_kernels._shares(counts, threads)
         assert len(edges) == threads + 1 and edges[0] == 0 and edges[-1] == len(counts)
         assert all(a <= b for a, b in zip(edges, edges[1:]))
-        cost = counts + np.where(counts > 0, host_experts._EXPERT_COST_ROWS, 0)
+        cost = counts + np.where(counts > 0, host_kernels._EXPERT_COST_ROWS, 0)
         shares = [cost[a:b].sum() for a, b in zip(edges, edges[1:])]
         # No share is heavier than an even share plus the one expert that straddles the cut.
         assert max(shares) <= cost.sum() / threads + cost.max()
@@ -116,38 +157,39 @@ def test_experts_module_packs_and_dispatches(width):
     assert not experts.runs_on_host(mx.float32)
     assert np.array_equal(run("host"), run("grouped"))  # unpacked experts: "host" takes the grouped path
     assert experts.pack_for_host()
-    assert all(isinstance(experts[name], host_experts.PackedSwitchLinear) for name in ("gate_up_proj", "down_proj"))
+    assert all(isinstance(experts[name], host_kernels.PackedSwitchLinear) for name in ("gate_up_proj", "down_proj"))
     assert experts.runs_on_host(mx.float32) and not experts.runs_on_host(mx.bfloat16)
     assert np.abs(run("host") - gathered).max() < 1e-5 * np.abs(gathered).max()
     # The packed stacks still serve MLX's dispatches, unpacked on use.
     assert np.abs(run("gather") - gathered).max() < 1e-6 * np.abs(gathered).max()
     assert moe.moe_dispatch() == "host" and "host" in moe.available_dispatches()
     # A stack that is not float32, or whose outputs do not fill whole panels, stays as it is.
-    assert not host_experts.packable(SwitchLinear(width, width + 1, 4, bias=False), width)
+    assert not host_kernels.packable(SwitchLinear(width, width + 1, 4, bias=False), width)
     half = SwitchLinear(width, width, 4, bias=False)
     half.weight = half.weight.astype(mx.bfloat16)
-    assert not host_experts.packable(half, width)
+    assert not host_kernels.packable(half, width)
 
 
 def test_without_a_compiler_the_cpu_keeps_the_grouped_dispatch(monkeypatch, tmp_path):
-    monkeypatch.setattr(host_experts, "_library", None)
-    monkeypatch.setattr(host_experts, "_failure", None)
+    monkeypatch.setattr(host_kernels, "_library", None)
+    monkeypatch.setattr(host_kernels, "_failure", None)
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    assert host_experts.library() is None
-    assert "no-such-compiler" in host_experts.unavailable_reason()
+    assert host_kernels.library() is None
+    assert "no-such-compiler" in host_kernels.unavailable_reason()
     assert moe.moe_dispatch() == "grouped" and "host" not in moe.available_dispatches()
     config = experts_config(hidden=64, inner=32)
     assert not moe.Experts(config).pack_for_host()
+    assert not GatedMLP(64, 96, "gelu_pytorch_tanh").pack_for_host()
 
 
 def test_the_library_is_built_once_into_the_cache(width, monkeypatch, tmp_path):
-    monkeypatch.setattr(host_experts, "_library", None)
-    monkeypatch.setattr(host_experts, "_failure", None)
+    monkeypatch.setattr(host_kernels, "_library", None)
+    monkeypatch.setattr(host_kernels, "_failure", None)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    built = host_experts._built_library()
+    built = host_kernels._built_library()
     assert built.parent == tmp_path / "mlx-dgemma" and built.is_file()
     assert [p.name for p in built.parent.iterdir()] == [built.name]  # no half-written file left beside it
     stamp = built.stat().st_mtime_ns
-    assert host_experts._built_library() == built and built.stat().st_mtime_ns == stamp
-    assert host_experts.library() is not None and host_experts.panel_width() == width
+    assert host_kernels._built_library() == built and built.stat().st_mtime_ns == stamp
+    assert host_kernels.library() is not None and host_kernels.panel_width() == width
