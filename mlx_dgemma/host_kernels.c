@@ -16,12 +16,17 @@
 #define PANEL 32
 #define TILE_ROWS 8
 #define MLP_ROWS 32
+/* Vocabulary panels per pass of expected_embedding: their weights (hidden x PANEL each) stay in the L2 cache. */
+#define VOCAB_PANELS 2
+#define HIDDEN_TILE 8
 
 typedef float vec16 __attribute__((vector_size(64)));
 typedef float vec16_unaligned __attribute__((vector_size(64), aligned(4)));
 
 int panel_width(void) { return PANEL; }
 int mlp_rows(void) { return MLP_ROWS; }
+int hidden_tile(void) { return HIDDEN_TILE; }
+int vocab_panels(void) { return VOCAB_PANELS; }
 
 /* y[r, 0:PANEL] = x[r] . panel, for `rows` (<= TILE_ROWS, a constant once inlined) rows. */
 static inline __attribute__((always_inline)) void tile_product(const int rows, const float *const *x, int in,
@@ -64,6 +69,70 @@ static void packed_product(const float *const *x, int rows, int in, const float 
             }
         }
     }
+}
+
+/* y (rows, out) = x (rows, in) @ W.T, W packed (out / PANEL, in, PANEL): the tied head, over the embeddings packed
+   so. */
+void linear_forward(const float *x, int rows, int in, const float *packed, int out, float *y) {
+    const float *inputs[rows];
+    for (int r = 0; r < rows; r++) inputs[r] = x + (size_t)r * in;
+    packed_product(inputs, rows, in, packed, out, y, (size_t)out);
+}
+
+/* out (rows, hidden) = probs (rows, vocab) @ E, E packed as the head reads it: (vocab / PANEL, hidden, PANEL).
+
+   The sum runs over the vocabulary, which the packing lays along the panels' lanes. So VOCAB_PANELS panels at a
+   time, the tokens' probabilities are copied out as (vocabulary, PANEL tokens) blocks, zeros past the last row;
+   a tile of HIDDEN_TILE outputs x PANEL tokens then sums in vector registers, reading the panels' weights as
+   scalars. The sums are kept per tile as (hidden, PANEL tokens) and turned back at the end. scratch:
+   token_panels * (hidden + VOCAB_PANELS * PANEL) * PANEL floats, tokens_panels = ceil(rows / PANEL); hidden a
+   multiple of HIDDEN_TILE. */
+void expected_embedding(const float *probs, int rows, int vocab, const float *packed, int hidden, float *scratch,
+                        float *out) {
+    const int token_panels = (rows + PANEL - 1) / PANEL, vocab_panels = vocab / PANEL;
+    float *sums = scratch, *blocks = scratch + (size_t)token_panels * hidden * PANEL;
+    memset(sums, 0, sizeof(float) * (size_t)token_panels * hidden * PANEL);
+    for (int first = 0; first < vocab_panels; first += VOCAB_PANELS) {
+        const int count = vocab_panels - first < VOCAB_PANELS ? vocab_panels - first : VOCAB_PANELS;
+        const int width = count * PANEL;
+        for (int t = 0; t < token_panels * PANEL; t++) {
+            float *block = blocks + (size_t)(t / PANEL) * VOCAB_PANELS * PANEL * PANEL + t % PANEL;
+            if (t < rows) {
+                const float *row = probs + (size_t)t * vocab + (size_t)first * PANEL;
+                for (int v = 0; v < width; v++) block[v * PANEL] = row[v];
+            } else {
+                for (int v = 0; v < width; v++) block[v * PANEL] = 0.0f;
+            }
+        }
+        for (int tp = 0; tp < token_panels; tp++) {
+            const float *block = blocks + (size_t)tp * VOCAB_PANELS * PANEL * PANEL;
+            for (int h = 0; h < hidden; h += HIDDEN_TILE) {
+                vec16 low[HIDDEN_TILE], high[HIDDEN_TILE];
+                for (int r = 0; r < HIDDEN_TILE; r++) low[r] = high[r] = (vec16){0};
+                for (int p = 0; p < count; p++) {
+                    const float *weights = packed + ((size_t)(first + p) * hidden + h) * PANEL;
+                    const float *tokens = block + (size_t)p * PANEL * PANEL;
+                    for (int lane = 0; lane < PANEL; lane++) {
+                        const vec16 t_low = *(const vec16_unaligned *)(tokens + lane * PANEL);
+                        const vec16 t_high = *(const vec16_unaligned *)(tokens + lane * PANEL + 16);
+                        for (int r = 0; r < HIDDEN_TILE; r++) {
+                            const float w = weights[r * PANEL + lane];
+                            low[r] += w * t_low;
+                            high[r] += w * t_high;
+                        }
+                    }
+                }
+                float *sum = sums + ((size_t)tp * hidden + h) * PANEL;
+                for (int r = 0; r < HIDDEN_TILE; r++) {
+                    *(vec16_unaligned *)(sum + r * PANEL) += low[r];
+                    *(vec16_unaligned *)(sum + r * PANEL + 16) += high[r];
+                }
+            }
+        }
+    }
+    for (int t = 0; t < rows; t++)
+        for (int h = 0; h < hidden; h++)
+            out[(size_t)t * hidden + h] = sums[((size_t)(t / PANEL) * hidden + h) * PANEL + t % PANEL];
 }
 
 /* e^x as layers.gelu_tanh computes it on the CPU (cpu.exp): x held to [-87, 88], 2^n from the exponent bits

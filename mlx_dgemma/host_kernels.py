@@ -106,6 +106,10 @@ def _load(path: Path) -> ctypes.CDLL:
     pointer, integer = ctypes.c_void_p, ctypes.c_int
     lib.panel_width.restype = integer
     lib.mlp_rows.restype = integer
+    lib.hidden_tile.restype = integer
+    lib.vocab_panels.restype = integer
+    lib.linear_forward.argtypes = [pointer, integer, integer, pointer, integer, pointer]
+    lib.expected_embedding.argtypes = [pointer, integer, integer, pointer, integer, pointer, pointer]
     lib.experts_forward.argtypes = [pointer, integer, pointer, pointer, integer, integer, pointer, integer, pointer]
     lib.experts_forward.argtypes += [pointer, pointer]
     lib.combine.argtypes = [pointer, pointer, pointer, integer, integer, integer, integer, pointer]
@@ -198,6 +202,61 @@ def packed_in_place(owner: nn.Module, names: tuple[str, ...], make: type[nn.Modu
         setattr(owner, name, make(owner[name], width))
         mx.eval(owner[name].packed)
     return True
+
+
+class PackedEmbedding(nn.Module):
+    """The tied embedding table (vocabulary, hidden) held packed as the head reads it, (vocabulary / width, hidden,
+    width), and read so by the lookup and by self-conditioning's probs @ E too: one copy of the table.
+
+    `head` and `expected_embedding` run the C kernels on the calling thread; `weight` unpacks the table on each
+    use, for MLX's matmuls (tests, other paths).
+    """
+
+    def __init__(self, embedding: nn.Embedding, width: int):
+        super().__init__()
+        self.packed = pack(embedding.weight, width)
+
+    @property
+    def weight(self) -> mx.array:
+        return unpack(self.packed)
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        # Row v is packed[v // width, :, v % width]: `hidden` values PANEL apart.
+        panels, hidden, width = self.packed.shape
+        starts = (ids // width) * (hidden * width) + ids % width
+        return mx.take(self.packed.reshape(-1), starts[..., None] + mx.arange(0, hidden * width, width))
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return x @ self.weight.T
+
+    def head(self, x: np.ndarray, out: np.ndarray) -> None:
+        """out (rows, vocabulary) = x (rows, hidden) @ Eᵀ, float32, both C-contiguous."""
+        table = np.asarray(self.packed)
+        vocab = table.shape[0] * table.shape[2]
+        library().linear_forward(x.ctypes.data, len(x), x.shape[1], table.ctypes.data, vocab, out.ctypes.data)
+
+    def expected_embedding(self, probs: np.ndarray) -> np.ndarray:
+        """probs (rows, vocabulary) @ E, float32 (rows, hidden)."""
+        lib, table = library(), np.asarray(self.packed)
+        rows, vocab = probs.shape
+        hidden, width = table.shape[1:]
+        probs = np.ascontiguousarray(probs, dtype=np.float32)
+        token_panels = -(-rows // width)
+        scratch = np.empty(token_panels * (hidden + lib.vocab_panels() * width) * width, dtype=np.float32)
+        out = np.empty((rows, hidden), dtype=np.float32)
+        lib.expected_embedding(probs.ctypes.data, rows, vocab, table.ctypes.data, hidden, scratch.ctypes.data,
+                               out.ctypes.data)  # fmt: skip
+        return out
+
+
+def embedding_packable(embedding: nn.Module, width: int) -> bool:
+    """A float32 table whose vocabulary fills whole panels and whose width the self-conditioning kernel tiles."""
+    return (
+        type(embedding) is nn.Embedding
+        and embedding.weight.dtype == mx.float32
+        and embedding.weight.shape[0] % width == 0
+        and embedding.weight.shape[1] % library().hidden_tile() == 0
+    )
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import host_kernels
 from .config import ConfigError, ModelConfig
 from .cpu import on_cpu, one_blas_thread, reuse_freed_memory
 from .kernels import on_cuda
@@ -129,7 +130,7 @@ def load_model(path: str | Path, revision: str | None = None, dense_weights: str
     mx.eval(model.parameters())
     del weights  # the model holds them now: what replaces a layer's weights below frees them
     place_dense_layers(model, dense_weights)
-    place_feed_forwards(model)
+    place_for_host_kernels(model)
     model.eval()
     return model
 
@@ -162,14 +163,20 @@ def place_dense_layers(model: nn.Module, dense_weights: str = "auto") -> None:
             swap_modules(model, twins)
 
 
-def place_feed_forwards(model: nn.Module) -> int:
-    """On the CPU, hold the float32 experts and dense MLPs packed for the C kernels (the "host" MoE dispatch,
-    moe.py); returns how many blocks were packed."""
-    if not on_cpu():
+def place_for_host_kernels(model: Model) -> int:
+    """On the CPU, hold the float32 experts, dense MLPs and embedding table packed for the C kernels
+    (host_kernels); returns how many parts were packed."""
+    if not on_cpu() or host_kernels.library() is None:
         return 0
     # Only the blocks are kept in hand (model.modules() lists their weights too, which would outlive the packing).
     blocks = [module for module in model.modules() if isinstance(module, (Experts, GatedMLP))]
-    return sum(module.pack_for_host() for module in blocks)
+    packed = sum(module.pack_for_host() for module in blocks)
+    decoder = model.model.decoder
+    if host_kernels.embedding_packable(decoder.embed_tokens, host_kernels.panel_width()):
+        decoder.embed_tokens = host_kernels.PackedEmbedding(decoder.embed_tokens, host_kernels.panel_width())
+        mx.eval(decoder.embed_tokens.packed)  # the unpacked table is freed here
+        packed += 1
+    return packed
 
 
 # Projections that read the same input, merged into one matmul among the float twins: (the parts, the merged name).

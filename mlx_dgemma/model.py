@@ -16,11 +16,14 @@ from collections.abc import Callable, Hashable
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from . import kernels, moe
 from .cache import EncoderCache, LayerCache
 from .config import LayerShape, ModelConfig, TextConfig
-from .cpu import RowBlocks, on_cpu
+from .cpu import RowBlocks, cpu_cores, on_cpu
+from .host_kernels import PackedEmbedding
+from .host_vocab import in_parallel
 from .layers import Attention, GatedMLP, RMSNorm, SelfConditioning, attend, embedding_scale, soft_cap
 from .moe import Experts, Router
 
@@ -349,7 +352,21 @@ class Model(nn.Module):
 
     def head(self, hidden: mx.array) -> mx.array:
         """The tied head's float32 logits, before the soft-cap."""
-        return self.embed_tokens.as_linear(hidden).astype(mx.float32)
+        table = self.host_embedding(hidden.dtype)
+        if table is None:
+            return self.embed_tokens.as_linear(hidden).astype(mx.float32)
+        mx.eval(hidden)
+        rows = np.asarray(hidden).reshape(-1, hidden.shape[-1])
+        logits = np.empty((len(rows), self.text_config.vocab_size), dtype=np.float32)
+        edges = [len(rows) * i // cpu_cores() for i in range(cpu_cores() + 1)]
+        in_parallel(lambda a, b: table.head(rows[a:b], logits[a:b]), edges[:-1], edges[1:])
+        return mx.array(logits).reshape(*hidden.shape[:-1], -1)
+
+    def host_embedding(self, dtype: mx.Dtype) -> PackedEmbedding | None:
+        """The embedding table packed for the CPU's C kernels, when they run the head and self-conditioning for
+        inputs of `dtype` here."""
+        table = self.embed_tokens
+        return table if isinstance(table, PackedEmbedding) and dtype == mx.float32 and on_cpu() else None
 
     def _soft_embeddings(
         self, blocks: RowBlocks, prediction: mx.array | list[mx.array], from_logits: bool
@@ -361,7 +378,16 @@ class Model(nn.Module):
             prediction = blocks.split(prediction)
         if from_logits:
             prediction = blocks.map(lambda block: mx.softmax(block.astype(mx.float32), axis=-1), prediction)
-        return blocks.map(self._expected_embedding, prediction)
+        table = self.host_embedding(prediction[0].dtype)
+        if table is None:
+            return blocks.map(self._expected_embedding, prediction)
+        # In C, a thread per block (on the CPU, the probabilities are in host memory already).
+        mx.eval(prediction)
+        scale = embedding_scale(self.text_config.hidden_size, mx.float32)
+        sums = in_parallel(
+            lambda block: table.expected_embedding(np.asarray(block).reshape(-1, block.shape[-1])), prediction
+        )
+        return [mx.array(out).reshape(*block.shape[:-1], -1) * scale for out, block in zip(sums, prediction)]
 
     def _expected_embedding(self, probs: mx.array) -> mx.array:
         """probs @ embeddings × scale: the expected embedding of the last prediction."""

@@ -653,25 +653,31 @@ class BlockSampler:
         conditioning_dtype: mx.Dtype | None,
         buffers: HostBuffers,
     ) -> list[VocabPass]:
-        """The CPU's vocabulary math: MLX computes each row block's logits on its stream, numpy the rest
-        (host_vocab), one thread per block, writing into `buffers`. `processed` stays in numpy for the draw."""
-        logits = blocks.map(self.model.head, hidden)
-        mx.eval(logits)
+        """The CPU's vocabulary math, one thread per row block: the head (in C where the embedding table is
+        packed for it, else by MLX on the block's stream), then numpy the rest (host_vocab), writing into
+        `buffers`. `processed` stays in numpy for the draw."""
+        table = self.model.host_embedding(hidden[0].dtype)
+        inputs = hidden if table is not None else blocks.map(self.model.head, hidden)
+        mx.eval(inputs)
         cap = self.model.text_config.final_logit_softcapping
         with_probs = conditioning_dtype is None
         heat_value = heat.item()  # MLX is called from this thread only: its streams are per thread
-        shapes = [block.shape for block in logits]
+        shapes = [(*block.shape[:-1], self.vocab) for block in inputs]
         probs = buffers.probs(shapes) if with_probs else [None] * len(blocks)
         processed = buffers.processed(shapes)
 
-        def block_math(block_logits: np.ndarray, probs: mx.array | None, processed: np.ndarray):
+        def block_math(block: np.ndarray, probs: mx.array | None, processed: np.ndarray):
             rows = processed.shape[0]
+            block = block.reshape(rows, -1)
+            if table is not None:  # the logits straight into `processed`, which the math then works over in place
+                table.head(np.ascontiguousarray(block), processed)
+                block = processed
             into = None if probs is None else np.array(probs, copy=False).reshape(rows, self.vocab)
-            return host_vocab.vocab_math(block_logits.reshape(rows, self.vocab), cap, heat_value, into, processed)
+            return host_vocab.vocab_math(block, cap, heat_value, into, processed)
 
         hold_back = any(state.finished.tolist())  # rows that stopped keep their conditioning
         passes = []
-        results = host_vocab.in_parallel(block_math, [np.asarray(block) for block in logits], probs, processed)
+        results = host_vocab.in_parallel(block_math, [np.asarray(block) for block in inputs], probs, processed)
         previous_conditioning = state.conditioning or [None] * len(blocks)
         for rows, block_probs, shape, previous in zip(results, probs, shapes, previous_conditioning):
             batch, size, _ = shape

@@ -125,6 +125,35 @@ def test_gated_mlp_packs_for_the_host(width):
     assert not uneven.pack_for_host() and type(uneven.gate_proj) is nn.Linear
 
 
+@pytest.mark.parametrize("rows, panels", [(1, 3), (32, 4), (75, 3), (130, 5)])
+def test_packed_embedding_reads_as_the_table(width, rows, panels):
+    """One packed copy of the table serves the lookup (exactly), the head and self-conditioning's probs @ E (to
+    float32 rounding), for any row count (token panels with a remainder) and vocabulary panel count."""
+    rng = np.random.default_rng(rows)
+    vocab, hidden = panels * width, 3 * host_kernels.library().hidden_tile()
+    embedding = nn.Embedding(vocab, hidden)
+    embedding.weight = mx.array(rng.standard_normal((vocab, hidden)).astype(np.float32))
+    table = np.array(embedding.weight).astype(np.float64)
+    assert host_kernels.embedding_packable(embedding, width)
+    packed = host_kernels.PackedEmbedding(embedding, width)
+    ids = mx.array(rng.integers(0, vocab, (2, rows)))
+    assert mx.array_equal(packed(ids), embedding(ids)) and mx.array_equal(packed.weight, embedding.weight)
+    x = rng.standard_normal((rows, hidden)).astype(np.float32)
+    logits = np.empty((rows, vocab), dtype=np.float32)
+    packed.head(x, logits)
+    expected = x.astype(np.float64) @ table.T
+    assert np.abs(logits - expected).max() < 2e-6 * np.abs(expected).max()
+    probs = rng.random((rows, vocab)).astype(np.float32)
+    expected = probs.astype(np.float64) @ table
+    assert np.abs(packed.expected_embedding(probs) - expected).max() < 2e-6 * np.abs(expected).max()
+    # What the kernels cannot read stays as it is.
+    assert not host_kernels.embedding_packable(nn.Embedding(vocab + 1, hidden), width)
+    assert not host_kernels.embedding_packable(nn.Embedding(vocab, hidden + 1), width)
+    half = nn.Embedding(vocab, hidden)
+    half.weight = half.weight.astype(mx.bfloat16)
+    assert not host_kernels.embedding_packable(half, width)
+
+
 def test_shares_cut_the_experts_evenly():
     counts = np.array([0, 40, 3, 3, 0, 60, 1, 1, 30, 2])
     for threads in (1, 2, 3, 4):

@@ -15,7 +15,7 @@ from transformers.cache_utils import DynamicCache
 import mlx_dgemma
 from mlx_dgemma import cpu, moe, set_moe_dispatch
 from mlx_dgemma import model as model_module
-from mlx_dgemma.host_kernels import PackedLinear, PackedSwitchLinear
+from mlx_dgemma.host_kernels import PackedEmbedding, PackedLinear, PackedSwitchLinear
 
 TOLERANCE = 1e-4
 
@@ -173,9 +173,10 @@ def test_moe_dispatches_agree(small):
     results = {}
     try:
         # The fused dispatch (our CUDA kernels) takes the tiled path off CUDA; "host" (the CPU's feed-forward blocks
-        # in C) runs the experts and dense MLPs load_model packed, the others read them unpacked.
+        # in C) runs the experts and dense MLPs load_model packed, the others read them unpacked. The head and
+        # self-conditioning run in C on the packed table whatever the dispatch.
         assert moe.moe_dispatch() == "host" and isinstance(ours.layers[0].experts.down_proj, PackedSwitchLinear)
-        assert isinstance(ours.layers[0].mlp.down_proj, PackedLinear)
+        assert isinstance(ours.layers[0].mlp.down_proj, PackedLinear) and isinstance(ours.embed_tokens, PackedEmbedding)
         for dispatch in ("grouped", "gather", "tiled", "fused", "host"):
             set_moe_dispatch(dispatch)
             cache = ours.make_cache()
