@@ -35,7 +35,11 @@ PART_CLASSES = {
     "Experts": ("MoE: experts", "MoE"),
     "SelfConditioning": ("self-conditioning: MLP + norm", "self-conditioning"),
 }
+# Methods other than `__call__` that are parts: on the CPU the dense MLP and the experts run in C in one pass.
+PART_METHODS = {("Experts", "on_host"): ("feed-forward in C: dense MLP + MoE experts, one pass", "feed-forward in C")}
 CONTAINER_CLASSES = {"TransformerLayer": ("layer total", "layer totals")}
+# The groups a layer's total holds besides its glue.
+LAYER_PART_GROUPS = ("attention", "dense MLP", "MoE", "feed-forward in C")
 MODEL_METHODS = {
     "_embed": ("embedding lookup", "embedding"),
     "_soft_embeddings": ("self-conditioning: probs @ embeddings", "self-conditioning"),
@@ -50,6 +54,7 @@ ABLATIONS = {
     "dense MLPs (layers and self-conditioning)": (("GatedMLP", "__call__"),),
     "MoE (router + experts)": (("Router", "__call__"), ("Experts", "__call__")),
     "MoE router": (("Router", "__call__"),),
+    "feed-forward in C (dense MLPs + experts)": (("Experts", "on_host"),),
     "self-conditioning: probs @ embeddings": (("Model", "_soft_embeddings"),),
 }
 # Parts timed only for scale, not in the sum: they overlap the parts that are.
@@ -206,6 +211,10 @@ class StepBreakdown:
                     break
         for method in MODEL_METHODS:
             targets.append((type(model), method, recorder("Model", method)))
+        for cls_name, method in PART_METHODS:
+            cls = getattr(moe_module, cls_name, None)
+            if isinstance(cls, type) and method in cls.__dict__:
+                targets.append((cls, method, recorder(cls_name, method)))
         self.classes = {cls.__name__: cls for cls, _, _ in targets}
         with contextlib.ExitStack() as patches:
             for cls, attr, make in targets:
@@ -314,13 +323,16 @@ class StepBreakdown:
                 name, group = "final norm", "head"
             elif cls_name == "Model":
                 name, group = MODEL_METHODS[attr]
+            elif (cls_name, attr) in PART_METHODS:
+                name, group = PART_METHODS[(cls_name, attr)]
             else:
                 name, group = {**PART_CLASSES, **CONTAINER_CLASSES}[cls_name]
                 if cls_name == "Attention" and layer in kinds:
                     name = f"attention ({kinds[layer]})"
             self.time(name, group, lambda calls=calls: self._replay(calls), layer)
             if cls_name == "Experts" and layer == 0:
-                experts_layer0 = (module, args, kwargs)
+                # The dispatches compared below take the experts alone (on_host's first four arguments).
+                experts_layer0 = (module, args[:4], {}) if attr == "on_host" else (module, args, kwargs)
 
         compare = {}
         if self.driver.settings.moe_compare and experts_layer0 is not None:
@@ -349,7 +361,7 @@ class StepBreakdown:
         ]
         layer_total = parts.get("layer total")
         if layer_total:
-            inside = sum(p["ms"] for p in components.values() if p["group"] in ("attention", "dense MLP", "MoE"))
+            inside = sum(p["ms"] for p in components.values() if p["group"] in LAYER_PART_GROUPS)
             rows.append(
                 {
                     "component": "layer glue (norms, residual adds, scalars)",

@@ -137,20 +137,14 @@ class TransformerLayer(nn.Module):
         else:
             dense = blocks.map(self.mlp, dense_inputs)
             experts = self.experts(blocks, normed, indices, weights)
-        return blocks.map(
-            lambda h, d, m: (
-                (
-                    h
-                    + self.post_feedforward_layernorm(
-                        self.post_feedforward_layernorm_1(d) + self.post_feedforward_layernorm_2(m.reshape(h.shape))
-                    )
-                )
-                * layer_scalar
-            ),
-            hs,
-            dense,
-            experts,
-        )
+
+        def output(h: mx.array, dense_out: mx.array, experts_out: mx.array) -> mx.array:
+            mixed = self.post_feedforward_layernorm_1(dense_out) + self.post_feedforward_layernorm_2(
+                experts_out.reshape(h.shape)
+            )
+            return (h + self.post_feedforward_layernorm(mixed)) * layer_scalar
+
+        return blocks.map(output, hs, dense, experts)
 
     def _feed_forwards_on_host(self, dtype: mx.Dtype) -> bool:
         return moe.moe_dispatch() == "host" and self.experts.runs_on_host(dtype) and self.mlp.runs_on_host(dtype)
