@@ -288,7 +288,8 @@ def feed_forward(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """`forward`, and with it the `dense` MLP over its rows when given: (the experts' output, the dense MLP's).
 
-    Each core runs an equal share of the dense rows, then its share of the experts.
+    The cores take the work as they come free: first a share of the experts each (cut to about equal cost), then
+    the dense rows a group at a time, which evens out what the experts' cut could not.
     """
     lib = library()
     tokens, k = indices.shape
@@ -306,30 +307,31 @@ def feed_forward(
     slots[order] = np.arange(tokens * k, dtype=np.int32)
     out = np.empty((tokens * k, hidden), dtype=np.float32)
     edges = _shares(counts, threads)
+    tasks = [(True, first, last) for first, last in zip(edges[:-1], edges[1:])]
     dense_out = None
     if dense is not None:
         dense_x = np.ascontiguousarray(dense.x, dtype=np.float32)
         dense_out = np.empty_like(dense_x)
-        dense_edges = _even_edges(len(dense_x), threads)
+        group = lib.mlp_rows()
+        tasks += [(False, first, min(first + group, len(dense_x))) for first in range(0, len(dense_x), group)]
 
-    def run_share(share: int) -> None:
-        if dense is not None:
-            dense_inner = dense.down.shape[1]
-            scratch = np.empty(3 * dense_inner * lib.mlp_rows(), dtype=np.float32)
-            lib.dense_forward(
-                dense_x.ctypes.data, hidden, dense_edges[share], dense_edges[share + 1], dense.gate.ctypes.data,
-                dense.up.ctypes.data, dense_inner, dense.down.ctypes.data, scratch.ctypes.data,
-                dense_out.ctypes.data,
+    def run(experts_share: bool, first: int, last: int) -> None:
+        if experts_share:
+            largest = int(counts[first:last].max(initial=0))
+            scratch = np.empty(max(1, largest) * 3 * inner, dtype=np.float32)
+            lib.experts_forward(
+                x.ctypes.data, hidden, sources.ctypes.data, starts.ctypes.data, first, last,
+                gate_up.ctypes.data, inner, down.ctypes.data, scratch.ctypes.data, out.ctypes.data,
             )  # fmt: skip
-        first, last = edges[share], edges[share + 1]
-        largest = int(counts[first:last].max(initial=0))
-        scratch = np.empty(max(1, largest) * 3 * inner, dtype=np.float32)
-        lib.experts_forward(
-            x.ctypes.data, hidden, sources.ctypes.data, starts.ctypes.data, first, last,
-            gate_up.ctypes.data, inner, down.ctypes.data, scratch.ctypes.data, out.ctypes.data,
+            return
+        dense_inner = dense.down.shape[1]
+        scratch = np.empty(3 * dense_inner * (last - first), dtype=np.float32)
+        lib.dense_forward(
+            dense_x.ctypes.data, hidden, first, last, dense.gate.ctypes.data, dense.up.ctypes.data, dense_inner,
+            dense.down.ctypes.data, scratch.ctypes.data, dense_out.ctypes.data,
         )  # fmt: skip
 
-    in_parallel(run_share, range(threads))
+    in_parallel(run, *zip(*tasks))
     y = np.empty((tokens, hidden), dtype=np.float32)
     token_edges = _even_edges(tokens, threads)
 

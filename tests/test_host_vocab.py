@@ -155,7 +155,8 @@ def test_gumbel_noise_is_finite_at_the_extreme_bits(bits):
 
 
 class _HeadOnly:
-    """The two things the CPU's vocabulary pass asks of a model: its head and its soft-cap."""
+    """What the CPU's vocabulary pass asks of a model: its head, its soft-cap, and the table its C kernels would
+    read for the head (none here: MLX's head runs)."""
 
     def __init__(self, logits: list[mx.array], cap: float):
         self._logits = iter(logits)
@@ -164,6 +165,9 @@ class _HeadOnly:
 
     def head(self, hidden: mx.array) -> mx.array:
         return next(self._logits)
+
+    def host_embedding(self, dtype: mx.Dtype) -> None:
+        return None
 
 
 def test_host_passes_match_the_fused_device_pass_and_hold_finished_rows():
@@ -180,7 +184,7 @@ def test_host_passes_match_the_fused_device_pass_and_hold_finished_rows():
     state = StepResult(mx.zeros((2, 8), dtype=mx.int32), mx.zeros((2, 8), dtype=mx.int32), previous, finished)
     heat = mx.array(0.5, dtype=mx.float32)
     ours = BlockSampler(_HeadOnly(logits, 30.0), SamplerSettings())._host_vocab_passes(
-        [None] * len(blocks), heat, state, blocks, None, HostBuffers()
+        [mx.zeros((2, 4, 16))] * len(blocks), heat, state, blocks, None, HostBuffers()
     )
     for block, block_logits, block_previous in zip(ours, logits, previous):
         processed = mx.tanh(block_logits / 30.0) * 30.0 / heat
@@ -234,12 +238,13 @@ def test_host_buffers_keep_a_stopped_rows_probabilities_while_the_next_steps_are
     sampler = BlockSampler(_HeadOnly([block for step in steps for block in step], 30.0), SamplerSettings())
     buffers, heat = HostBuffers(), mx.array(0.5, dtype=mx.float32)
     canvas = mx.zeros((2, 8), dtype=mx.int32)
+    hidden = [mx.zeros((2, 4, 16))] * len(blocks)  # the stand-in head reads none of it
     running = StepResult(canvas, canvas, None, mx.array([False, False]))
-    first = sampler._host_vocab_passes([None] * 2, heat, running, blocks, None, buffers)
+    first = sampler._host_vocab_passes(hidden, heat, running, blocks, None, buffers)
     expected = [np.array(block.conditioning) for block in first]  # a copy of step 1's probabilities
     stopped = StepResult(canvas, canvas, [block.conditioning for block in first], mx.array([False, True]))
-    second = sampler._host_vocab_passes([None] * 2, heat, stopped, blocks, None, buffers)
-    third = sampler._host_vocab_passes([None] * 2, heat, running, blocks, None, buffers)
+    second = sampler._host_vocab_passes(hidden, heat, stopped, blocks, None, buffers)
+    third = sampler._host_vocab_passes(hidden, heat, running, blocks, None, buffers)
     mx.eval([block.conditioning for block in second + third])
     for held, fresh, step_one in zip(second, third, expected):
         np.testing.assert_array_equal(np.array(held.conditioning)[1], step_one[1])
