@@ -1,11 +1,12 @@
-/* The feed-forward blocks on the CPU, the experts' and the dense MLPs', for host_kernels.py (which compiles this
-   file at first use).
+/* The CPU's matmul-heavy blocks, for host_kernels.py (which compiles this file at first use): the experts, the dense
+   MLPs, the tied head and self-conditioning's probs @ E.
 
    A BLAS packs both operands of every call into its own layout. An expert's matrix meets only the few dozen
    tokens routed to it, so that packing, a pass over its whole weight per call, cost more than the arithmetic;
-   for the dense MLPs it is a fifth of their time. Here the weights are packed once, at load, into panels of
-   PANEL output columns, each panel's rows (one per input) contiguous. A tile of up to TILE_ROWS tokens keeps its TILE_ROWS x PANEL sums in vector registers
-   and reads the panel once, in order; the tokens are read in place, by index, with no gather.
+   for the dense layers and the head it is a fifth of their time. Here the weights are packed once, at load, into
+   panels of PANEL output columns, each panel's rows (one per input) contiguous. A tile of up to TILE_ROWS tokens
+   keeps its TILE_ROWS x PANEL sums in vector registers and reads the panel once, in order; the tokens are read
+   in place, by index, with no gather.
 
    Written with GCC/Clang vector extensions: AVX-512, AVX2 or NEON, whatever -march=native gives. */
 

@@ -1,21 +1,24 @@
-"""The CPU's feed-forward blocks in C: weights packed once, tokens read in place.
+"""The CPU's matmul-heavy blocks in C: weights packed once, tokens read in place.
 
 On the CPU each expert's matrix meets a few dozen tokens a step. A BLAS packs
 both operands of every call into its own layout, a pass over the whole weight,
 and at these row counts the packing costs more than the arithmetic: OpenBLAS
 runs 16 experts' 512 x 512 products at 16 rows in 4.5–5 ms on one core of this
 machine. `host_kernels.c` keeps the weights packed from the load on and takes
-1.5–1.8 ms (bench/RESULTS.md). It runs a whole layer's experts, the gelu
-between their two products included, for exactly the tokens routed to each
-(no padding), on one thread per core over shares of the experts, then weights
-and sums each token's results in the routing's order. The dense MLP beside
-them runs in the same pass, an equal share of its rows per core: packed, its
-products run at 110 GFLOP/s a core against OpenBLAS's 80–90.
+1.5–1.8 ms (bench/RESULTS.md). It runs:
+- a whole layer's experts, the gelu between their two products included, for
+  exactly the tokens routed to each (no padding), over shares of the experts,
+  then weights and sums each token's results in the routing's order;
+- the dense MLP beside them in the same pass, 32 rows at a time;
+- the tied head and self-conditioning's probs @ E over one copy of the
+  embedding table, packed as the head reads it (`PackedEmbedding`).
+Packed, even the dense products run at about 110 GFLOP/s a core here, against
+OpenBLAS's 80–90 on the same shapes (which packs its operands on every call).
 
 The C file is compiled at first use with the system's C compiler (`cc`, or
 `$CC`) for this machine (`-march=native`) and cached under
 ~/.cache/mlx-dgemma (or `$XDG_CACHE_HOME`). Without a compiler the CPU keeps
-MLX's "grouped" dispatch and its matmuls.
+MLX's "grouped" MoE dispatch and its matmuls.
 """
 
 from __future__ import annotations

@@ -4,8 +4,9 @@ MLX's Linux CPU wheel is built for baseline x86-64: its elementwise kernels,
 the ones `mx.compile` writes included, are 4-wide SSE, and its reductions over
 the last axis take about 1 ns an element. numpy picks AVX2 / AVX-512 loops at
 run time: its float32 exp, tanh and log take 0.4–0.6 ns an element on this
-machine, 5× faster than the CPU's fast `exp` in `cpu.py`. So once MLX has
-computed the head's logits, numpy reads them in place and runs the soft-cap,
+machine, 5× faster than the CPU's fast `exp` in `cpu.py`. So once the head's
+logits exist (computed in C over the packed embedding table, host_kernels, or
+by MLX), numpy reads them in place and runs the soft-cap,
 the temperature, the softmax, the entropy, the argmax and the draw of the
 accepted positions: a few rows at a time, so that every pass over them stays
 in the core's cache, one thread per row block (numpy lets go of the GIL inside
