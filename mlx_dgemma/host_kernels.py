@@ -141,17 +141,21 @@ def unpack(packed: mx.array) -> mx.array:
     return packed.swapaxes(-1, -2).reshape(*leading, panels * width, inputs)
 
 
-class PackedSwitchLinear(nn.Module):
-    """An expert stack (a SwitchLinear's) held packed for the CPU kernels; `weight` unpacks it on each use, for
-    MLX's dispatches (tests, benchmarks)."""
+class PackedWeight(nn.Module):
+    """A layer whose weight is held packed for the CPU kernels (`pack`); `weight` unpacks it on each use, for
+    MLX's ops (tests, other dispatches and paths)."""
 
-    def __init__(self, layer: SwitchLinear, width: int):
+    def __init__(self, layer: nn.Module, width: int):
         super().__init__()
         self.packed = pack(layer.weight, width)
 
     @property
     def weight(self) -> mx.array:
         return unpack(self.packed)
+
+
+class PackedSwitchLinear(PackedWeight):
+    """An expert stack (a SwitchLinear's), packed."""
 
     @property
     def num_experts(self) -> int:
@@ -169,17 +173,8 @@ class PackedSwitchLinear(nn.Module):
         return mx.gather_mm(x, self.weight.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
 
 
-class PackedLinear(nn.Module):
-    """A linear layer's weight (no bias) held packed for the CPU kernels; `weight` unpacks it on each use, for
-    MLX's matmuls (tests, other dispatches)."""
-
-    def __init__(self, layer: nn.Linear, width: int):
-        super().__init__()
-        self.packed = pack(layer.weight, width)
-
-    @property
-    def weight(self) -> mx.array:
-        return unpack(self.packed)
+class PackedLinear(PackedWeight):
+    """A linear layer (no bias), packed."""
 
     def __call__(self, x: mx.array) -> mx.array:
         return x @ self.weight.T
@@ -207,21 +202,12 @@ def packed_in_place(owner: nn.Module, names: tuple[str, ...], make: type[nn.Modu
     return True
 
 
-class PackedEmbedding(nn.Module):
+class PackedEmbedding(PackedWeight):
     """The tied embedding table (vocabulary, hidden) held packed as the head reads it, (vocabulary / width, hidden,
     width), and read so by the lookup and by self-conditioning's probs @ E too: one copy of the table.
 
-    `head` and `expected_embedding` run the C kernels on the calling thread; `weight` unpacks the table on each
-    use, for MLX's matmuls (tests, other paths).
+    `head` and `expected_embedding` run the C kernels on the calling thread.
     """
-
-    def __init__(self, embedding: nn.Embedding, width: int):
-        super().__init__()
-        self.packed = pack(embedding.weight, width)
-
-    @property
-    def weight(self) -> mx.array:
-        return unpack(self.packed)
 
     def __call__(self, ids: mx.array) -> mx.array:
         # Row v is packed[v // width, :, v % width]: `hidden` values PANEL apart.
