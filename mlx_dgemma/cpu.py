@@ -117,7 +117,7 @@ class RowBlocks:
 
     def __init__(self, length: int, count: int | None = None):
         count = block_count(length) if count is None else count
-        edges = [length * i // count for i in range(count + 1)]
+        edges = even_cuts(length, count)
         self.rows = [slice(a, b) for a, b in zip(edges[:-1], edges[1:])]
         self.streams = cpu_streams(count) if count > 1 else [mx.default_stream(mx.default_device())]
 
@@ -150,6 +150,11 @@ class RowBlocks:
     def join(blocks: list[mx.array], axis: int = 1) -> mx.array:
         """The blocks put back together along `axis`."""
         return blocks[0] if len(blocks) == 1 else mx.concatenate(blocks, axis=axis)
+
+
+def even_cuts(length: int, parts: int) -> list[int]:
+    """The parts + 1 boundaries cutting `length` items into `parts` runs whose sizes differ by at most one."""
+    return [length * i // parts for i in range(parts + 1)]
 
 
 def block_count(length: int) -> int:

@@ -38,6 +38,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.switch_layers import SwitchLinear
 
+from .cpu import even_cuts
 from .host_vocab import in_parallel
 
 SOURCE = Path(__file__).with_name("host_kernels.c")
@@ -322,17 +323,13 @@ def feed_forward(
 
     in_parallel(run, *zip(*tasks))
     y = np.empty((tokens, hidden), dtype=np.float32)
-    token_edges = _even_edges(tokens, threads)
+    token_edges = even_cuts(tokens, threads)
 
     def run_combine(first: int, last: int) -> None:
         lib.combine(out.ctypes.data, slots.ctypes.data, weights.ctypes.data, first, last, k, hidden, y.ctypes.data)
 
     in_parallel(run_combine, token_edges[:-1], token_edges[1:])
     return y, dense_out
-
-
-def _even_edges(rows: int, parts: int) -> list[int]:
-    return [rows * i // parts for i in range(parts + 1)]
 
 
 def _shares(counts: np.ndarray, threads: int) -> list[int]:

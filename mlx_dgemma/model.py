@@ -21,7 +21,7 @@ import numpy as np
 from . import kernels, moe
 from .cache import EncoderCache, LayerCache
 from .config import LayerShape, ModelConfig, TextConfig
-from .cpu import RowBlocks, cpu_cores, on_cpu
+from .cpu import RowBlocks, cpu_cores, even_cuts, on_cpu
 from .host_kernels import PackedEmbedding
 from .host_vocab import in_parallel
 from .layers import Attention, GatedMLP, RMSNorm, SelfConditioning, attend, embedding_scale, soft_cap
@@ -352,7 +352,7 @@ class Model(nn.Module):
         mx.eval(hidden)
         rows = np.asarray(hidden).reshape(-1, hidden.shape[-1])
         logits = np.empty((len(rows), self.text_config.vocab_size), dtype=np.float32)
-        edges = [len(rows) * i // cpu_cores() for i in range(cpu_cores() + 1)]
+        edges = even_cuts(len(rows), cpu_cores())
         in_parallel(lambda a, b: table.head(rows[a:b], logits[a:b]), edges[:-1], edges[1:])
         return mx.array(logits).reshape(*hidden.shape[:-1], -1)
 

@@ -36,7 +36,7 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
 from . import host_kernels, kernels
 from .config import TextConfig
-from .cpu import RowBlocks, cpu_cores, on_cpu
+from .cpu import RowBlocks, cpu_cores, even_cuts, on_cpu
 from .host_kernels import PackedSwitchLinear
 from .layers import ACTIVATIONS, GatedMLP, gelu_tanh, rms_normalize
 
@@ -229,7 +229,7 @@ class Experts(nn.Module):
         # One host read per MoE block: each share's largest group sets its padded width.
         sizes = counts.tolist()
         shares = min(len(blocks), experts)
-        edges = [experts * i // shares for i in range(shares + 1)]
+        edges = even_cuts(experts, shares)
         widths = [max(1, *sizes[first:last]) for first, last in zip(edges[:-1], edges[1:])]
         sources = order // k
 
