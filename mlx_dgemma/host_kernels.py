@@ -125,7 +125,7 @@ def _load(path: Path) -> ctypes.CDLL:
 def panel_width() -> int:
     lib = library()
     if lib is None:
-        raise RuntimeError(f"the CPU experts' kernels are not available: {unavailable_reason()}")
+        raise RuntimeError(f"the CPU's C kernels are not available: {unavailable_reason()}")
     return lib.panel_width()
 
 
@@ -192,8 +192,11 @@ def packable(layer: nn.Module, width: int) -> bool:
 
 
 def packed_in_place(owner: nn.Module, names: tuple[str, ...], make: type[nn.Module]) -> bool:
-    """Replace `owner`'s layers `names` by `make(layer, panel width)` if every one is packable (one at a time, so
-    each unpacked weight is freed as its packed copy comes in); returns whether it did."""
+    """Replace `owner`'s layers `names` by `make(layer, panel width)` if the kernels are built and every layer is
+    packable (one at a time, so each unpacked weight is freed as its packed copy comes in); returns whether it
+    did."""
+    if library() is None:
+        return False
     width = panel_width()
     if not all(packable(owner[name], width) for name in names):
         return False

@@ -331,9 +331,8 @@ class GatedMLP(nn.Module):
     def pack_for_host(self) -> bool:
         """Hold the weights packed for the CPU's C kernels (host_kernels), if they can run them; returns whether
         it did. MLX's matmuls still run it (`PackedLinear` unpacks on use)."""
-        if host_kernels.library() is None or self.act is not gelu_tanh:
-            return False
-        if not host_kernels.packed_in_place(self, ("gate_proj", "up_proj", "down_proj"), PackedLinear):
+        names = ("gate_proj", "up_proj", "down_proj")
+        if self.act is not gelu_tanh or not host_kernels.packed_in_place(self, names, PackedLinear):
             return False
         self.pop("fused_gate_up", None)  # dequantized at load, merged for MLX's matmuls: the kernels read the parts
         return True

@@ -151,9 +151,10 @@ class Experts(nn.Module):
 
     def pack_for_host(self) -> bool:
         """Hold the expert stacks packed for the "host" dispatch, if it can run them; returns whether it did."""
-        if host_kernels.library() is None or self.act is not gelu_tanh:
-            return False
-        return host_kernels.packed_in_place(self, ("gate_up_proj", "down_proj"), PackedSwitchLinear)
+        # The kernels compute gelu_tanh between the two products.
+        return self.act is gelu_tanh and host_kernels.packed_in_place(
+            self, ("gate_up_proj", "down_proj"), PackedSwitchLinear
+        )
 
     def on_host(
         self,
