@@ -1,5 +1,5 @@
 /* The CPU's matmul-heavy blocks, for host_kernels.py (which compiles this file at first use): the experts, the dense
-   MLPs, the tied head and self-conditioning's probs @ E.
+   MLPs, the tied head and self-conditioning's probs @ E, and attention layers whole.
 
    A BLAS packs both operands of every call into its own layout. An expert's matrix meets only the few dozen
    tokens routed to it, so that packing, a pass over its whole weight per call, cost more than the arithmetic;
@@ -12,6 +12,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <math.h>
 #include <string.h>
 
 #define PANEL 32
@@ -29,14 +30,16 @@ int mlp_rows(void) { return MLP_ROWS; }
 int hidden_tile(void) { return HIDDEN_TILE; }
 int vocab_panels(void) { return VOCAB_PANELS; }
 
-/* y[r, 0:PANEL] = x[r] . panel, for `rows` (<= TILE_ROWS, a constant once inlined) rows. */
+/* y[r, 0:PANEL] = x[r] . panel, for `rows` (<= TILE_ROWS, a constant once inlined) rows; the panel's row i (PANEL
+   weights) at panel + i * step. */
 static inline __attribute__((always_inline)) void tile_product(const int rows, const float *const *x, int in,
-                                                                const float *panel, float *y, size_t y_stride) {
+                                                                const float *panel, size_t step, float *y,
+                                                                size_t y_stride) {
     vec16 low[TILE_ROWS], high[TILE_ROWS];
     for (int r = 0; r < rows; r++) low[r] = high[r] = (vec16){0};
     for (int i = 0; i < in; i++) {
-        const vec16 w_low = *(const vec16_unaligned *)(panel + (size_t)i * PANEL);
-        const vec16 w_high = *(const vec16_unaligned *)(panel + (size_t)i * PANEL + 16);
+        const vec16 w_low = *(const vec16_unaligned *)(panel + (size_t)i * step);
+        const vec16 w_high = *(const vec16_unaligned *)(panel + (size_t)i * step + 16);
         for (int r = 0; r < rows; r++) {
             const float s = x[r][i];
             low[r] += s * w_low;
@@ -49,27 +52,35 @@ static inline __attribute__((always_inline)) void tile_product(const int rows, c
     }
 }
 
-/* y (rows, out; row stride y_stride) = x (rows given by pointers, in each) @ W.T, W packed as (out / PANEL, in,
-   PANEL). Panel by panel, so each panel is read from memory once and from cache for the later tiles. */
-static void packed_product(const float *const *x, int rows, int in, const float *packed, int out, float *y,
-                           size_t y_stride) {
+/* y (rows, out; row stride y_stride) = x (rows given by pointers, in each) @ W.T, where output columns
+   p * PANEL .. p * PANEL + PANEL - 1 of W.T's row i are the PANEL floats at w + p * panel_step + i * step. Panel by
+   panel, so each panel is read from memory once and from cache for the later tiles. */
+static void panel_product(const float *const *x, int rows, int in, const float *w, size_t panel_step, size_t step,
+                          int out, float *y, size_t y_stride) {
     for (int p = 0; p < out / PANEL; p++) {
-        const float *panel = packed + (size_t)p * in * PANEL;
+        const float *panel = w + (size_t)p * panel_step;
         for (int r = 0; r < rows; r += TILE_ROWS) {
             const float *const *xs = x + r;
             float *ys = y + (size_t)r * y_stride + (size_t)p * PANEL;
             switch (rows - r < TILE_ROWS ? rows - r : TILE_ROWS) {
-            case 8: tile_product(8, xs, in, panel, ys, y_stride); break;
-            case 7: tile_product(7, xs, in, panel, ys, y_stride); break;
-            case 6: tile_product(6, xs, in, panel, ys, y_stride); break;
-            case 5: tile_product(5, xs, in, panel, ys, y_stride); break;
-            case 4: tile_product(4, xs, in, panel, ys, y_stride); break;
-            case 3: tile_product(3, xs, in, panel, ys, y_stride); break;
-            case 2: tile_product(2, xs, in, panel, ys, y_stride); break;
-            default: tile_product(1, xs, in, panel, ys, y_stride); break;
+            case 8: tile_product(8, xs, in, panel, step, ys, y_stride); break;
+            case 7: tile_product(7, xs, in, panel, step, ys, y_stride); break;
+            case 6: tile_product(6, xs, in, panel, step, ys, y_stride); break;
+            case 5: tile_product(5, xs, in, panel, step, ys, y_stride); break;
+            case 4: tile_product(4, xs, in, panel, step, ys, y_stride); break;
+            case 3: tile_product(3, xs, in, panel, step, ys, y_stride); break;
+            case 2: tile_product(2, xs, in, panel, step, ys, y_stride); break;
+            default: tile_product(1, xs, in, panel, step, ys, y_stride); break;
             }
         }
     }
+}
+
+/* y (rows, out; row stride y_stride) = x (rows given by pointers, in each) @ W.T, W packed as (out / PANEL, in,
+   PANEL). */
+static void packed_product(const float *const *x, int rows, int in, const float *packed, int out, float *y,
+                           size_t y_stride) {
+    panel_product(x, rows, in, packed, (size_t)in * PANEL, PANEL, out, y, y_stride);
 }
 
 /* y (rows, out) = x (rows, in) @ W.T, W packed (out / PANEL, in, PANEL): the tied head, over the embeddings packed
@@ -221,5 +232,175 @@ void combine(const float *out, const int32_t *slots, const float *weights, int f
             const float wj = weights[(size_t)t * k + j];
             for (int c = 0; c < hidden; c++) row[c] += source[c] * wj;
         }
+    }
+}
+
+/* count keys (dim floats each, key r at keys + r * step) into columns at .. at + count - 1 of a weight packed as
+   (padded / PANEL, dim, PANEL) for attention_forward's scores. */
+static void pack_keys(const float *keys, size_t step, int count, int dim, float *packed, int at) {
+    for (int r = 0; r < count; r++) {
+        const int key = at + r;
+        float *column = packed + (size_t)(key / PANEL) * dim * PANEL + key % PANEL;
+        const float *row = keys + (size_t)r * step;
+        for (int i = 0; i < dim; i++) column[(size_t)i * PANEL] = row[i];
+    }
+}
+
+/* The cached keys and values of one (batch row, KV head), `cached` rows of dim floats at element strides key_step
+   and value_step, put first: keys packed into columns 0 .. cached - 1, values copied to rows 0 .. cached - 1 of
+   (positions, dim). */
+void cached_states(const float *keys, int64_t key_step, const float *values, int64_t value_step, int cached, int dim,
+                   float *packed_keys, float *all_values) {
+    pack_keys(keys, (size_t)key_step, cached, dim, packed_keys, 0);
+    for (int r = 0; r < cached; r++) memcpy(all_values + (size_t)r * dim, values + (size_t)r * value_step, sizeof(float) * dim);
+}
+
+/* Each of `count` vectors of dim floats divided by its root mean square (eps added to the mean), times weight
+   (NULL: none). */
+static void rms_norm_rows(float *x, int count, int dim, const float *weight, float eps) {
+    for (int v = 0; v < count; v++) {
+        float *row = x + (size_t)v * dim, squares = 0.0f;
+        for (int i = 0; i < dim; i++) squares += row[i] * row[i];
+        const float scale = 1.0f / sqrtf(squares / dim + eps);
+        if (weight)
+            for (int i = 0; i < dim; i++) row[i] = row[i] * scale * weight[i];
+        else
+            for (int i = 0; i < dim; i++) row[i] *= scale;
+    }
+}
+
+/* RoPE, rotate-half, of `count` heads of dim floats in place; rotation: cos then sin of the dim / 2 angles. */
+static void rotate_heads(float *x, int count, int dim, const float *rotation) {
+    const int half = dim / 2;
+    for (int v = 0; v < count; v++) {
+        float *low = x + (size_t)v * dim, *high = low + half;
+        for (int i = 0; i < half; i++) {
+            const float a = low[i], b = high[i], c = rotation[i], s = rotation[half + i];
+            low[i] = a * c - b * s;
+            high[i] = b * c + a * s;
+        }
+    }
+}
+
+/* Attention's inputs for a row block x (batch * block_length rows, hidden), its row r at new position
+   first_position + r % block_length of batch row r / block_length: the projections, q and k norms (weighted),
+   v norm (unweighted; v_proj NULL: the values are the raw keys), RoPE (rotations: per new position, cos then sin)
+   of queries and keys. Writes queries (batch, length, heads, dim); new_keys (batch, kv_heads, length, dim); each
+   key also into column cached + position of packed_keys (batch, kv_heads, padded / PANEL, dim, PANEL); values into
+   row cached + position of values (batch, kv_heads, positions, dim). Projections packed (out / PANEL, hidden,
+   PANEL). MLP_ROWS rows at a time; scratch: MLP_ROWS * (heads + 2 * kv_heads) * dim floats. */
+void attention_inputs(const float *x, int rows, int block_length, int first_position, int length, int hidden,
+                      const float *q_proj, const float *k_proj, const float *v_proj, int heads, int kv_heads,
+                      int dim, const float *q_norm, const float *k_norm, float eps, const float *rotations,
+                      int cached, int positions, float *scratch, float *queries, float *new_keys,
+                      float *packed_keys, float *values) {
+    const int padded = (positions + PANEL - 1) / PANEL * PANEL, q_width = heads * dim, kv_width = kv_heads * dim;
+    float *q_out = scratch, *k_out = q_out + (size_t)MLP_ROWS * q_width, *v_out = k_out + (size_t)MLP_ROWS * kv_width;
+    for (int start = 0; start < rows; start += MLP_ROWS) {
+        const int count = rows - start < MLP_ROWS ? rows - start : MLP_ROWS;
+        const float *inputs[MLP_ROWS];
+        for (int r = 0; r < count; r++) inputs[r] = x + (size_t)(start + r) * hidden;
+        packed_product(inputs, count, hidden, q_proj, q_width, q_out, q_width);
+        packed_product(inputs, count, hidden, k_proj, kv_width, k_out, kv_width);
+        if (v_proj) packed_product(inputs, count, hidden, v_proj, kv_width, v_out, kv_width);
+        for (int r = 0; r < count; r++) {
+            const int b = (start + r) / block_length, position = first_position + (start + r) % block_length;
+            const float *rotation = rotations + (size_t)position * dim;
+            float *q = q_out + (size_t)r * q_width, *k = k_out + (size_t)r * kv_width;
+            const float *v = v_proj ? v_out + (size_t)r * kv_width : k;
+            for (int g = 0; g < kv_heads; g++) {  // the values first: they may be the raw keys
+                float *value = values + (((size_t)b * kv_heads + g) * positions + cached + position) * dim;
+                memcpy(value, v + (size_t)g * dim, sizeof(float) * dim);
+                rms_norm_rows(value, 1, dim, NULL, eps);
+            }
+            rms_norm_rows(q, heads, dim, q_norm, eps);
+            rotate_heads(q, heads, dim, rotation);
+            memcpy(queries + ((size_t)b * length + position) * q_width, q, sizeof(float) * q_width);
+            rms_norm_rows(k, kv_heads, dim, k_norm, eps);
+            rotate_heads(k, kv_heads, dim, rotation);
+            for (int g = 0; g < kv_heads; g++) {
+                const size_t head = (size_t)b * kv_heads + g;
+                memcpy(new_keys + (head * length + position) * dim, k + (size_t)g * dim, sizeof(float) * dim);
+                pack_keys(k + (size_t)g * dim, dim, 1, dim, packed_keys + head * padded * dim, cached + position);
+            }
+        }
+    }
+}
+
+/* A row of scores turned into e^(s - max); returns their sum. Keys not visible (visible: NULL for all) score -inf
+   first, which fast_exp floors to e^-87 (1.6e-38: nothing a sum notices, as in cpu.exp). 16 lanes of partial maxima
+   and sums over whole groups of 16 keys, so that the loops vectorise without licence to reorder; the last few keys
+   one at a time. */
+static float exponentiate_row(float *row, int positions, const uint8_t *visible) {
+    if (visible)
+        for (int j = 0; j < positions; j++) row[j] = visible[j] ? row[j] : -__builtin_inff();
+    const int whole = positions / 16 * 16;
+    float top[16], sum[16], highest = -__builtin_inff(), total = 0.0f;
+    for (int lane = 0; lane < 16; lane++) top[lane] = -__builtin_inff(), sum[lane] = 0.0f;
+    for (int j = 0; j < whole; j += 16)
+        for (int lane = 0; lane < 16; lane++) top[lane] = row[j + lane] > top[lane] ? row[j + lane] : top[lane];
+    for (int j = whole; j < positions; j++) highest = row[j] > highest ? row[j] : highest;
+    for (int lane = 0; lane < 16; lane++) highest = top[lane] > highest ? top[lane] : highest;
+    for (int j = 0; j < whole; j += 16)
+        for (int lane = 0; lane < 16; lane++) {
+            row[j + lane] = fast_exp(row[j + lane] - highest);
+            sum[lane] += row[j + lane];
+        }
+    for (int j = whole; j < positions; j++) {
+        row[j] = fast_exp(row[j] - highest);
+        total += row[j];
+    }
+    for (int lane = 0; lane < 16; lane++) total += sum[lane];
+    return total;
+}
+
+/* Attention and its output projection for rows first..last-1 of a block's (batch * length) query positions: row
+   (b, q) of out is o_proj of the heads' softmax(q_h . K_g^T) V_g side by side, g the KV head of head h, scale 1.
+   queries (batch, heads, length, dim) at element strides query_steps {batch, head, position}, rows contiguous;
+   keys packed by pack_keys, one (batch, KV head) after another; values at value_steps {batch, KV head, position},
+   rows of value_dim contiguous floats; visible: NULL (every key visible) or one flag per key at visible_steps
+   {batch, query} (0 for a broadcast axis); o_proj packed (hidden / PANEL, heads * value_dim, PANEL); out (batch *
+   length, hidden). ATTENTION_ROWS queries at a time, so a tile's scores stay in the core's cache; each is divided
+   by its sum after meeting the values (one division a value, not one a key). scratch: ATTENTION_ROWS * (padded +
+   heads * value_dim + 1) floats. */
+#define ATTENTION_ROWS 32
+int attention_rows(void) { return ATTENTION_ROWS; }
+
+void attention_forward(const float *queries, const int64_t *query_steps, int length, int first, int last, int heads,
+                       int kv_heads, int dim, const float *packed_keys, int positions, const float *values,
+                       const int64_t *value_steps, int value_dim, const uint8_t *visible,
+                       const int64_t *visible_steps, const float *o_proj, int hidden, float *scratch, float *out) {
+    const int padded = (positions + PANEL - 1) / PANEL * PANEL, group = heads / kv_heads, width = heads * value_dim;
+    float *scores = scratch, *merged = scratch + (size_t)ATTENTION_ROWS * padded;
+    float *sums = merged + (size_t)ATTENTION_ROWS * width;
+    const float *query_rows[ATTENTION_ROWS], *score_rows[ATTENTION_ROWS], *merged_rows[ATTENTION_ROWS];
+    for (int r = 0; r < ATTENTION_ROWS; r++) {
+        score_rows[r] = scores + (size_t)r * padded;
+        merged_rows[r] = merged + (size_t)r * width;
+    }
+    for (int start = first; start < last;) {
+        const int b = start / length, q = start % length;
+        int rows = last - start < ATTENTION_ROWS ? last - start : ATTENTION_ROWS;
+        rows = length - q < rows ? length - q : rows;  // a tile stays within one batch row
+        for (int h = 0; h < heads; h++) {
+            const int g = h / group;
+            for (int r = 0; r < rows; r++)
+                query_rows[r] = queries + b * query_steps[0] + h * query_steps[1] + (q + r) * query_steps[2];
+            packed_product(query_rows, rows, dim, packed_keys + ((size_t)b * kv_heads + g) * padded * dim, padded,
+                           scores, padded);
+            for (int r = 0; r < rows; r++) {
+                const uint8_t *flags = visible ? visible + b * visible_steps[0] + (q + r) * visible_steps[1] : NULL;
+                sums[r] = exponentiate_row(scores + (size_t)r * padded, positions, flags);
+            }
+            float *head_out = merged + (size_t)h * value_dim;
+            panel_product(score_rows, rows, positions, values + b * value_steps[0] + g * value_steps[1], PANEL,
+                          value_steps[2], value_dim, head_out, width);
+            for (int r = 0; r < rows; r++) {
+                const float inverse = 1.0f / sums[r];
+                for (int c = 0; c < value_dim; c++) head_out[(size_t)r * width + c] *= inverse;
+            }
+        }
+        packed_product(merged_rows, rows, width, o_proj, hidden, out + (size_t)start * hidden, hidden);
+        start += rows;
     }
 }

@@ -7,11 +7,12 @@ from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from . import host_kernels
 from .cache import LayerCache
 from .config import LayerShape, RopeConfig, TextConfig
-from .cpu import RowBlocks, exp, on_cpu
+from .cpu import RowBlocks, cpu_cores, exp, on_cpu
 from .host_kernels import PackedLinear
 from .kernels import on_cuda
 
@@ -153,6 +154,11 @@ class Attention(nn.Module):
 
     Full-attention layers have no value projection: their values are the raw
     key projection, before the key norm and RoPE.
+
+    On the CPU, a float32 layer whose heads fill the C kernels' panels runs
+    whole in C at one host read (`_on_host`, host_kernels.attention): MLX's
+    ops spent 9 ms a layer at the bench's shape, half of it in elementwise
+    passes and packing, where the kernels take about 6.
     """
 
     def __init__(self, config: TextConfig, shape: LayerShape):
@@ -221,6 +227,8 @@ class Attention(nn.Module):
         `xs` are the positions in row blocks (batch, block, hidden), `offset` the
         position of the first; each block gets its rows of the output.
         """
+        if self.runs_on_host(xs[0].dtype):
+            return self._on_host(blocks, xs, cache, offset, masks, store)
         projected = blocks.map(lambda x, start: self.projected(x, offset + start), xs, blocks.starts)
         keys = blocks.join([k for _, k, _ in projected], axis=2)
         values = blocks.join([v for _, _, v in projected], axis=2)
@@ -229,6 +237,62 @@ class Attention(nn.Module):
         if store:
             cache.commit()
         return blocks.map(lambda q, mask: self.merged_heads(attend(q, keys, values, mask)), queries, masks)
+
+    def runs_on_host(self, dtype: mx.Dtype) -> bool:
+        """Whether the CPU's C kernels run this layer: packed at load (`pack_for_host`), float32 inputs."""
+        return isinstance(self.o_proj, PackedLinear) and dtype == mx.float32 and on_cpu()
+
+    def pack_for_host(self) -> bool:
+        """Hold the projections packed for the CPU's C kernels (host_kernels), if they can run this attention
+        (its heads fill whole panels); returns whether it did. MLX's ops still run it (`PackedLinear` unpacks
+        on use)."""
+        lib = host_kernels.library()
+        names = tuple(name for name in ("q_proj", "k_proj", "v_proj", "o_proj") if name in self)
+        if lib is None or self.head_dim % lib.panel_width():
+            return False
+        if not host_kernels.packed_in_place(self, names, PackedLinear):
+            return False
+        self.pop("fused_qkv", None)  # dequantized at load, merged for MLX's matmuls: the kernels read the parts
+        return True
+
+    def _on_host(
+        self,
+        blocks: RowBlocks,
+        xs: list[mx.array],
+        cache: LayerCache,
+        offset: int,
+        masks: list[mx.array | None],
+        store: bool,
+    ) -> list[mx.array]:
+        """`__call__` in C (host_kernels.attention), every row block in one pass: the layer's first host read."""
+        length = sum(x.shape[1] for x in xs)
+        # RoPE of (1, ..., 1, 0, ..., 0) is (cos, sin) of each angle: the C kernels rotate by MLX's own angles.
+        half = self.head_dim // 2
+        basis = mx.concatenate([mx.ones((1, 1, length, half)), mx.zeros((1, 1, length, half))], axis=-1)
+        rotations = self.rope(basis, offset)
+        cached = (cache.keys, cache.values) if cache.length else None
+        mx.eval(xs, rotations, cached, [mask for mask in masks if mask is not None])
+        weights = host_kernels.AttentionWeights(
+            *(np.asarray(self[name].packed) for name in ("q_proj", "k_proj")),
+            np.asarray(self.v_proj.packed) if "v_proj" in self else None,
+            np.asarray(self.o_proj.packed),
+            np.asarray(self.q_norm.weight),
+            np.asarray(self.k_norm.weight),
+            self.eps,
+        )
+        outs, keys, values = host_kernels.attention(
+            [np.asarray(x) for x in xs],
+            blocks.starts,
+            np.asarray(rotations)[0, 0],
+            None if cached is None else tuple(np.asarray(states) for states in cached),
+            [None if mask is None else np.asarray(mask) for mask in masks],
+            weights,
+            cpu_cores(),
+        )
+        if store:
+            cache.extended(mx.array(keys), mx.array(values))
+            cache.commit()
+        return [mx.array(out) for out in outs]
 
     def merged_heads(self, out: mx.array) -> mx.array:
         """The output projection of attention's output (batch, heads, length, head_dim)."""

@@ -20,7 +20,7 @@ from . import host_kernels
 from .config import ConfigError, ModelConfig
 from .cpu import on_cpu, one_blas_thread, reuse_freed_memory
 from .kernels import on_cuda
-from .layers import GatedMLP
+from .layers import Attention, GatedMLP
 from .model import Model
 from .moe import Experts
 from .sampler import SamplerSettings
@@ -164,12 +164,12 @@ def place_dense_layers(model: nn.Module, dense_weights: str = "auto") -> None:
 
 
 def place_for_host_kernels(model: Model) -> int:
-    """On the CPU, hold the float32 experts, dense MLPs and embedding table packed for the C kernels
-    (host_kernels); returns how many parts were packed."""
+    """On the CPU, hold the float32 experts, dense MLPs, attention output projections and embedding table packed
+    for the C kernels (host_kernels); returns how many parts were packed."""
     if not on_cpu() or host_kernels.library() is None:
         return 0
     # Only the blocks are kept in hand (model.modules() lists their weights too, which would outlive the packing).
-    blocks = [module for module in model.modules() if isinstance(module, (Experts, GatedMLP))]
+    blocks = [module for module in model.modules() if isinstance(module, (Attention, Experts, GatedMLP))]
     packed = sum(module.pack_for_host() for module in blocks)
     decoder = model.model.decoder
     if host_kernels.embedding_packable(decoder.embed_tokens, host_kernels.panel_width()):

@@ -154,6 +154,122 @@ def test_packed_embedding_reads_as_the_table(width, rows, panels):
     assert not host_kernels.embedding_packable(half, width)
 
 
+def rms_normed(x: np.ndarray, weight: np.ndarray | None, eps: float = 1e-6) -> np.ndarray:
+    normed = x / np.sqrt((x * x).mean(axis=-1, keepdims=True) + eps)
+    return normed if weight is None else normed * weight
+
+
+def rotated(x: np.ndarray, rotations: np.ndarray) -> np.ndarray:
+    """Rotate-half RoPE of x (..., length, heads, dim) by rotations (length, dim): cos then sin."""
+    half = x.shape[-1] // 2
+    cos, sin = rotations[:, None, :half], rotations[:, None, half:]
+    low, high = x[..., :half], x[..., half:]
+    return np.concatenate([low * cos - high * sin, high * cos + low * sin], axis=-1)
+
+
+def expected_attention(x, rotations, cached, mask, w):
+    """The attention layer in float64 over the whole (batch, length, hidden) input: (output, new keys, values)."""
+    batch, length, _ = x.shape
+    dim = rotations.shape[1]
+    heads = lambda y: y.reshape(batch, length, -1, dim)  # noqa: E731
+    queries = rotated(rms_normed(heads(x @ w["q_proj"].T), w["q_norm"]), rotations)
+    raw_keys = heads(x @ w["k_proj"].T)
+    values = rms_normed(raw_keys if w["v_proj"] is None else heads(x @ w["v_proj"].T), None)
+    keys = rotated(rms_normed(raw_keys, w["k_norm"]), rotations)
+    keys, values = keys.transpose(0, 2, 1, 3), values.transpose(0, 2, 1, 3)  # (batch, kv_heads, length, dim)
+    all_keys = keys if cached is None else np.concatenate([cached[0], keys], axis=2)
+    all_values = values if cached is None else np.concatenate([cached[1], values], axis=2)
+    group = queries.shape[2] // keys.shape[1]
+    scores = np.einsum("blhd,bhpd->bhlp", queries, np.repeat(all_keys, group, axis=1))
+    if mask is not None:
+        scores = np.where(mask, scores, -np.inf)
+    weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    weights /= weights.sum(axis=-1, keepdims=True)
+    out = np.einsum("bhlp,bhpd->blhd", weights, np.repeat(all_values, group, axis=1)).reshape(batch, length, -1)
+    return out @ w["o_proj"].T, keys, values
+
+
+@pytest.mark.parametrize(
+    "batch, blocks, cached, heads, kv_heads, dim, values_from_keys, masked",
+    [
+        (1, (40, 37), 0, 4, 2, 1, False, False),  # a first chunk: nothing cached
+        (2, (70,), 45, 4, 1, 2, True, True),  # a full layer: the values are the raw keys; a padded batch
+        (1, (9, 9, 10), 100, 2, 2, 1, False, True),  # three small blocks, a causal mask per row
+    ],
+)
+def test_attention_matches_float64(width, batch, blocks, cached, heads, kv_heads, dim, values_from_keys, masked):
+    """host_kernels.attention against float64: tiles of queries with remainders, keys that fill no whole panel,
+    grouped queries, cached states read at the cache's strides, masks per batch row and per query."""
+    rng = np.random.default_rng(sum(blocks) + cached)
+    dim *= width
+    hidden, length = 2 * width, sum(blocks)
+    positions = cached + length
+    x = rng.standard_normal((batch, length, hidden)).astype(np.float32)
+    scaled = lambda *shape: (rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float32)  # noqa: E731
+    w = dict(
+        q_proj=scaled(heads * dim, hidden), k_proj=scaled(kv_heads * dim, hidden), o_proj=scaled(hidden, heads * dim)
+    )
+    w["v_proj"] = None if values_from_keys else scaled(kv_heads * dim, hidden)
+    w["q_norm"], w["k_norm"] = (rng.uniform(0.5, 1.5, dim).astype(np.float32) for _ in range(2))
+    angles = rng.uniform(-np.pi, np.pi, (length, dim // 2))
+    rotations = np.concatenate([np.cos(angles), np.sin(angles)], axis=1).astype(np.float32)
+    states = None
+    if cached:
+        # The cache's buffers hold room after the kept positions: the kernels read them at its strides.
+        buffers = rng.standard_normal((2, batch, kv_heads, cached + 7, dim)).astype(np.float32)
+        states = (buffers[0][:, :, 3 : 3 + cached], buffers[1][:, :, 3 : 3 + cached])
+    mask = None
+    if masked:
+        query, key = np.arange(length)[:, None] + cached, np.arange(positions)[None, :]
+        mask = np.broadcast_to(key <= query, (batch, 1, length, positions)).copy()
+        mask[-1, :, :, :5] = False  # the last batch row padded on the left
+    pack = lambda weight: None if weight is None else np.array(host_kernels.pack(mx.array(weight), width))  # noqa: E731
+    weights = host_kernels.AttentionWeights(
+        *(pack(w[name]) for name in ("q_proj", "k_proj", "v_proj", "o_proj")), w["q_norm"], w["k_norm"], 1e-6
+    )
+    edges = np.cumsum([0, *blocks])
+    outs, keys, values = host_kernels.attention(
+        [x[:, a:b] for a, b in zip(edges, edges[1:])],
+        list(edges[:-1]),
+        rotations,
+        states,
+        [None if mask is None else mask[:, :, a:b] for a, b in zip(edges, edges[1:])],
+        weights,
+        threads=2,
+    )
+    as64 = lambda y: None if y is None else y.astype(np.float64)  # noqa: E731
+    expected, expected_keys, expected_values = expected_attention(
+        as64(x),
+        as64(rotations),
+        None if states is None else tuple(as64(s) for s in states),
+        mask,
+        {name: as64(value) for name, value in w.items()},
+    )
+    out = np.concatenate(outs, axis=1)
+    assert out.shape == (batch, length, hidden)
+    assert np.abs(out - expected).max() < 1e-5 * np.abs(expected).max()
+    assert np.abs(keys - expected_keys).max() < 1e-5 and np.abs(values - expected_values).max() < 1e-5
+
+
+def test_attention_packs_where_its_heads_fill_the_panels(width):
+    from mlx_dgemma.config import LayerShape, RopeConfig
+    from mlx_dgemma.layers import Attention
+
+    config = SimpleNamespace(
+        num_attention_heads=2, hidden_size=2 * width, attention_bias=False, rms_norm_eps=1e-6
+    )  # fmt: skip
+    rope = RopeConfig("default", 10_000.0)
+    sliding = Attention(config, LayerShape("sliding_attention", width, 1, rope))
+    assert sliding.pack_for_host() and sliding.runs_on_host(mx.float32) and not sliding.runs_on_host(mx.bfloat16)
+    assert all(
+        isinstance(sliding[name], host_kernels.PackedLinear) for name in ("q_proj", "k_proj", "v_proj", "o_proj")
+    )
+    full = Attention(config, LayerShape("full_attention", 2 * width, 1, rope))
+    assert full.pack_for_host() and "v_proj" not in full
+    narrow = Attention(config, LayerShape("sliding_attention", width // 2, 1, rope))  # its values fill no panel
+    assert not narrow.pack_for_host() and not narrow.runs_on_host(mx.float32) and type(narrow.o_proj) is nn.Linear
+
+
 def test_shares_cut_the_experts_evenly():
     counts = np.array([0, 40, 3, 3, 0, 60, 1, 1, 30, 2])
     for threads in (1, 2, 3, 4):

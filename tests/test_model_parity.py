@@ -15,7 +15,7 @@ from transformers.cache_utils import DynamicCache
 import mlx_dgemma
 from mlx_dgemma import cpu, moe, set_moe_dispatch
 from mlx_dgemma import model as model_module
-from mlx_dgemma.host_kernels import PackedEmbedding, PackedLinear, PackedSwitchLinear
+from mlx_dgemma.host_kernels import PackedEmbedding, PackedLinear, PackedSwitchLinear, panel_width
 
 TOLERANCE = 1e-4
 
@@ -64,10 +64,15 @@ class ReferenceRun:
         ).logits
 
 
-@pytest.fixture(scope="module")
-def small(tmp_path_factory):
-    """The default small shape, written in the released layout across several shards."""
-    reference = build_reference_model(seed=0).eval()
+# On the CPU, heads of 16 take MLX's attention; heads of 32 (64 on the full layers) fill the C kernels' panels and
+# take host_kernels.attention.
+HEAD_SHAPES = {"heads of 16": {}, "heads of 32": dict(head_dim=32, global_head_dim=64)}
+
+
+@pytest.fixture(scope="module", params=list(HEAD_SHAPES))
+def small(request, tmp_path_factory):
+    """The default small shape (and with wider heads), written in the released layout across several shards."""
+    reference = build_reference_model(seed=0, **HEAD_SHAPES[request.param]).eval()
     reference.config._attn_implementation = "eager"
     path = save_reference_checkpoint(reference, tmp_path_factory.mktemp("small"), max_shard_size="200KB")
     return reference, mlx_dgemma.load_model(path)
@@ -165,6 +170,15 @@ def test_left_padded_batch_of_two(small):
     assert cache.valid is not None and not bool(cache.valid[1, :6].any())
 
 
+def test_attention_runs_in_c_where_its_heads_fill_the_panels(small):
+    _, ours = small
+    for layer in ours.layers:
+        attention = layer.self_attn
+        fills = attention.head_dim % panel_width() == 0
+        assert attention.runs_on_host(mx.float32) == fills
+        assert isinstance(attention.q_proj, PackedLinear) == fills and ("fused_qkv" in attention) is False
+
+
 def test_moe_dispatches_agree(small):
     _, ours = small
     vocab, canvas_length = ours.text_config.vocab_size, ours.config.canvas_length
@@ -184,9 +198,11 @@ def test_moe_dispatches_agree(small):
             results[dispatch] = np.array(ours.denoise(to_mx(canvas), cache))
     finally:
         set_moe_dispatch(None)
-    assert np.abs(results["grouped"] - results["gather"]).max() < 1e-5
+    # Float32 rounding only: the dispatches sum in different orders, and six random layers amplify it (up to 1e-5
+    # with the wider heads); the reference's tolerance is ten times this.
+    assert np.abs(results["grouped"] - results["gather"]).max() < 3e-5
     for dispatch in ("tiled", "fused", "host"):
-        assert np.abs(results[dispatch] - results["gather"]).max() < 1e-5
+        assert np.abs(results[dispatch] - results["gather"]).max() < 3e-5
 
 
 def test_compiled_layers_match_reference(small, monkeypatch):

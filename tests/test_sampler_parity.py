@@ -33,9 +33,11 @@ def row_blocks(request, monkeypatch):
         monkeypatch.setattr(layers, "on_cuda", lambda: True)  # CUDA's grouped attention
 
 
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    reference = build_reference_model(seed=11).eval()
+@pytest.fixture(scope="module", params=["heads of 16", "heads of 32"])
+def pair(request, tmp_path_factory):
+    """The small shape, and with heads of 32 (64 on the full layers), which the CPU's C attention takes."""
+    wide = dict(head_dim=32, global_head_dim=64) if request.param == "heads of 32" else {}
+    reference = build_reference_model(seed=11, **wide).eval()
     reference.config._attn_implementation = "eager"
     path = save_reference_checkpoint(reference, tmp_path_factory.mktemp("sampler"))
     return reference, mlx_dgemma.load_model(path)
