@@ -133,6 +133,7 @@ class RotaryEmbedding(nn.Module):
         self.base: float | None = rope.theta
         self.scale = 1.0
         self._freqs = None
+        self._last_rotations: tuple[tuple[int, int], mx.array] | None = None
         if rope.rope_type == "linear":
             self.scale = 1.0 / rope.factor
         elif rope.rope_type == "proportional":
@@ -147,6 +148,17 @@ class RotaryEmbedding(nn.Module):
         return mx.fast.rope(
             x, self.head_dim, traditional=False, base=self.base, scale=self.scale, offset=offset, freqs=self._freqs
         )
+
+    def rotations(self, offset: int, length: int) -> mx.array:
+        """(length, head_dim): for positions offset.., the cos then the sin of each angle, as this RoPE turns by.
+
+        RoPE of (1, ..., 1, 0, ..., 0) is exactly that. The last table is kept: a canvas's steps ask for the same.
+        """
+        if self._last_rotations is None or self._last_rotations[0] != (offset, length):
+            half = self.head_dim // 2
+            basis = mx.concatenate([mx.ones((length, half)), mx.zeros((length, half))], axis=-1)
+            self._last_rotations = ((offset, length), self(basis[None, None], offset)[0, 0])
+        return self._last_rotations[1]
 
 
 class Attention(nn.Module):
@@ -175,6 +187,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(head_dim, config.rms_norm_eps)
         self.rope = RotaryEmbedding(head_dim, shape.rope)
+        self._host_view: tuple[tuple[int, ...], host_kernels.AttentionWeights] | None = None
 
     def _heads(self, x: mx.array, count: int) -> mx.array:
         batch, length, _ = x.shape
@@ -255,6 +268,16 @@ class Attention(nn.Module):
         self.pop("fused_qkv", None)  # dequantized at load, merged for MLX's matmuls: the kernels read the parts
         return True
 
+    def _host_weights(self) -> host_kernels.AttentionWeights:
+        """The weights as the C kernels read them: host views, made again only when a weight is replaced."""
+        arrays = [self.q_proj.packed, self.k_proj.packed, self.v_proj.packed if "v_proj" in self else None]
+        arrays += [self.o_proj.packed, self.q_norm.weight, self.k_norm.weight]
+        key = tuple(id(array) for array in arrays)  # the views hold the arrays: no id is reused while kept
+        if self._host_view is None or self._host_view[0] != key:
+            views = [None if array is None else np.asarray(array) for array in arrays]
+            self._host_view = (key, host_kernels.AttentionWeights(*views, self.eps))
+        return self._host_view[1]
+
     def _on_host(
         self,
         blocks: RowBlocks,
@@ -265,28 +288,17 @@ class Attention(nn.Module):
         store: bool,
     ) -> list[mx.array]:
         """`__call__` in C (host_kernels.attention), every row block in one pass: the layer's first host read."""
-        length = sum(x.shape[1] for x in xs)
-        # RoPE of (1, ..., 1, 0, ..., 0) is (cos, sin) of each angle: the C kernels rotate by MLX's own angles.
-        half = self.head_dim // 2
-        basis = mx.concatenate([mx.ones((1, 1, length, half)), mx.zeros((1, 1, length, half))], axis=-1)
-        rotations = self.rope(basis, offset)
+        # The C kernels turn by MLX's own RoPE angles.
+        rotations = self.rope.rotations(offset, sum(x.shape[1] for x in xs))
         cached = (cache.keys, cache.values) if cache.length else None
         mx.eval(xs, rotations, cached, [mask for mask in masks if mask is not None])
-        weights = host_kernels.AttentionWeights(
-            *(np.asarray(self[name].packed) for name in ("q_proj", "k_proj")),
-            np.asarray(self.v_proj.packed) if "v_proj" in self else None,
-            np.asarray(self.o_proj.packed),
-            np.asarray(self.q_norm.weight),
-            np.asarray(self.k_norm.weight),
-            self.eps,
-        )
         outs, keys, values = host_kernels.attention(
             [np.asarray(x) for x in xs],
             blocks.starts,
-            np.asarray(rotations)[0, 0],
+            np.asarray(rotations),
             None if cached is None else tuple(np.asarray(states) for states in cached),
             [None if mask is None else np.asarray(mask) for mask in masks],
-            weights,
+            self._host_weights(),
             cpu_cores(),
         )
         if store:
