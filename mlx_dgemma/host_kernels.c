@@ -255,18 +255,30 @@ void cached_states(const float *keys, int64_t key_step, const float *values, int
     for (int r = 0; r < cached; r++) memcpy(all_values + (size_t)r * dim, values + (size_t)r * value_step, sizeof(float) * dim);
 }
 
-/* Each of `count` vectors of dim floats divided by its root mean square (eps added to the mean), times weight
-   (NULL: none). */
+/* a . b over n floats: 16 lanes of partial sums over whole groups of 16, so that the loop vectorises without
+   licence to reorder; the last few one at a time. */
+static float dot(const float *a, const float *b, int n) {
+    float part[16] = {0}, total = 0.0f;
+    const int whole = n / 16 * 16;
+    for (int j = 0; j < whole; j += 16)
+        for (int lane = 0; lane < 16; lane++) part[lane] += a[j + lane] * b[j + lane];
+    for (int j = whole; j < n; j++) total += a[j] * b[j];
+    for (int lane = 0; lane < 16; lane++) total += part[lane];
+    return total;
+}
+
+/* out = x divided by its root mean square (eps added to the mean), times weight (NULL: none); out may be x. */
+static void rms_norm(const float *x, float *out, int dim, const float *weight, float eps) {
+    const float scale = 1.0f / sqrtf(dot(x, x, dim) / dim + eps);
+    if (weight)
+        for (int i = 0; i < dim; i++) out[i] = x[i] * scale * weight[i];
+    else
+        for (int i = 0; i < dim; i++) out[i] = x[i] * scale;
+}
+
+/* rms_norm of `count` vectors of dim floats in place. */
 static void rms_norm_rows(float *x, int count, int dim, const float *weight, float eps) {
-    for (int v = 0; v < count; v++) {
-        float *row = x + (size_t)v * dim, squares = 0.0f;
-        for (int i = 0; i < dim; i++) squares += row[i] * row[i];
-        const float scale = 1.0f / sqrtf(squares / dim + eps);
-        if (weight)
-            for (int i = 0; i < dim; i++) row[i] = row[i] * scale * weight[i];
-        else
-            for (int i = 0; i < dim; i++) row[i] *= scale;
-    }
+    for (int v = 0; v < count; v++) rms_norm(x + (size_t)v * dim, x + (size_t)v * dim, dim, weight, eps);
 }
 
 /* RoPE, rotate-half, of `count` heads of dim floats in place; rotation: cos then sin of the dim / 2 angles. */
@@ -285,21 +297,29 @@ static void rotate_heads(float *x, int count, int dim, const float *rotation) {
 /* Attention's inputs for a row block x (batch * block_length rows, hidden), its row r at new position
    first_position + r % block_length of batch row r / block_length: the projections, q and k norms (weighted),
    v norm (unweighted; v_proj NULL: the values are the raw keys), RoPE (rotations: per new position, cos then sin)
-   of queries and keys. Writes queries (batch, length, heads, dim); new_keys (batch, kv_heads, length, dim); each
-   key also into column cached + position of packed_keys (batch, kv_heads, padded / PANEL, dim, PANEL); values into
-   row cached + position of values (batch, kv_heads, positions, dim). Projections packed (out / PANEL, hidden,
-   PANEL). MLP_ROWS rows at a time; scratch: MLP_ROWS * (heads + 2 * kv_heads) * dim floats. */
-void attention_inputs(const float *x, int rows, int block_length, int first_position, int length, int hidden,
-                      const float *q_proj, const float *k_proj, const float *v_proj, int heads, int kv_heads,
+   of queries and keys. x is normed first when input_norm (its weight) is given. Writes queries (batch, length,
+   heads, dim); new_keys (batch, kv_heads, length, dim); each key also into column cached + position of packed_keys
+   (batch, kv_heads, padded / PANEL, dim, PANEL); values into row cached + position of values (batch, kv_heads,
+   positions, dim). Projections packed (out / PANEL, hidden, PANEL). MLP_ROWS rows at a time; scratch: MLP_ROWS *
+   ((heads + 2 * kv_heads) * dim + hidden) floats. */
+void attention_inputs(const float *x, const float *input_norm, int rows, int block_length, int first_position,
+                      int length, int hidden, const float *q_proj, const float *k_proj, const float *v_proj, int heads, int kv_heads,
                       int dim, const float *q_norm, const float *k_norm, float eps, const float *rotations,
                       int cached, int positions, float *scratch, float *queries, float *new_keys,
                       float *packed_keys, float *values) {
     const int padded = (positions + PANEL - 1) / PANEL * PANEL, q_width = heads * dim, kv_width = kv_heads * dim;
     float *q_out = scratch, *k_out = q_out + (size_t)MLP_ROWS * q_width, *v_out = k_out + (size_t)MLP_ROWS * kv_width;
+    float *normed = v_out + (size_t)MLP_ROWS * kv_width;
     for (int start = 0; start < rows; start += MLP_ROWS) {
         const int count = rows - start < MLP_ROWS ? rows - start : MLP_ROWS;
         const float *inputs[MLP_ROWS];
-        for (int r = 0; r < count; r++) inputs[r] = x + (size_t)(start + r) * hidden;
+        for (int r = 0; r < count; r++) {
+            inputs[r] = x + (size_t)(start + r) * hidden;
+            if (input_norm) {
+                rms_norm(inputs[r], normed + (size_t)r * hidden, hidden, input_norm, eps);
+                inputs[r] = normed + (size_t)r * hidden;
+            }
+        }
         packed_product(inputs, count, hidden, q_proj, q_width, q_out, q_width);
         packed_product(inputs, count, hidden, k_proj, kv_width, k_out, kv_width);
         if (v_proj) packed_product(inputs, count, hidden, v_proj, kv_width, v_out, kv_width);
@@ -402,5 +422,41 @@ void attention_forward(const float *queries, const int64_t *query_steps, int len
         }
         packed_product(merged_rows, rows, width, o_proj, hidden, out + (size_t)start * hidden, hidden);
         start += rows;
+    }
+}
+
+/* A decoder layer between attention and its feed-forward, for rows first..last-1 of (rows, hidden): residual = h +
+   norm(attended) * post_attention; dense_in and experts_in, the residual normed for the dense MLP and the experts;
+   scores (rows, experts), the router's: router (experts, hidden) as stored, times the residual normed and scaled
+   by router_scale. */
+void after_attention(const float *h, const float *attended, int first, int last, int hidden,
+                     const float *post_attention, const float *pre_feedforward, const float *pre_feedforward_2,
+                     const float *router_scale, const float *router, int experts, float eps, float *residual,
+                     float *dense_in, float *experts_in, float *scores) {
+    float routed[hidden];
+    for (int t = first; t < last; t++) {
+        const size_t row = (size_t)t * hidden;
+        rms_norm(attended + row, residual + row, hidden, post_attention, eps);
+        for (int i = 0; i < hidden; i++) residual[row + i] = h[row + i] + residual[row + i];
+        rms_norm(residual + row, dense_in + row, hidden, pre_feedforward, eps);
+        rms_norm(residual + row, experts_in + row, hidden, pre_feedforward_2, eps);
+        rms_norm(residual + row, routed, hidden, router_scale, eps);
+        for (int e = 0; e < experts; e++) scores[(size_t)t * experts + e] = dot(routed, router + (size_t)e * hidden, hidden);
+    }
+}
+
+/* A decoder layer's output, rows first..last-1: (residual + norm(norm(dense_out) * post_feedforward_1 +
+   norm(experts_out) * post_feedforward_2) * post_feedforward) * scalar. */
+void after_feed_forward(const float *residual, const float *dense_out, const float *experts_out, int first, int last,
+                        int hidden, const float *post_feedforward_1, const float *post_feedforward_2,
+                        const float *post_feedforward, float scalar, float eps, float *out) {
+    float mixed[hidden], experts_normed[hidden];
+    for (int t = first; t < last; t++) {
+        const size_t row = (size_t)t * hidden;
+        rms_norm(dense_out + row, mixed, hidden, post_feedforward_1, eps);
+        rms_norm(experts_out + row, experts_normed, hidden, post_feedforward_2, eps);
+        for (int i = 0; i < hidden; i++) mixed[i] += experts_normed[i];
+        rms_norm(mixed, out + row, hidden, post_feedforward, eps);
+        for (int i = 0; i < hidden; i++) out[row + i] = (residual[row + i] + out[row + i]) * scalar;
     }
 }

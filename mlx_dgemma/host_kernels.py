@@ -12,8 +12,11 @@ machine. `host_kernels.c` keeps the weights packed from the load on and takes
 - the dense MLP beside them in the same pass, 32 rows at a time;
 - the tied head and self-conditioning's probs @ E over one copy of the
   embedding table, packed as the head reads it (`PackedEmbedding`);
-- whole attention layers: projections, q/k/v norms, RoPE (by MLX's own
-  angles), the softmax over the cached and new keys, the output projection.
+- attention: projections, q/k/v norms, RoPE (by MLX's own angles), the
+  softmax over the cached and new keys, the output projection;
+- and so whole decoder layers (`decoder_layer`), their norms, residuals and
+  router included: the residual stream leaves MLX once a layer, where the
+  glue between MLX's ops and the kernels cost two host reads and about 2 ms.
 Packed, even the dense products run at about 110 GFLOP/s a core here, against
 OpenBLAS's 80–90 on the same shapes (which packs its operands on every call).
 
@@ -32,6 +35,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,10 +127,13 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.dense_forward.argtypes += [pointer]
     lib.attention_rows.restype = integer
     lib.cached_states.argtypes = [pointer, ctypes.c_int64, pointer, ctypes.c_int64, integer, integer, pointer, pointer]
-    lib.attention_inputs.argtypes = [pointer] + [integer] * 5 + [pointer] * 3 + [integer] * 3 + [pointer] * 2
+    lib.attention_inputs.argtypes = [pointer] * 2 + [integer] * 5 + [pointer] * 3 + [integer] * 3 + [pointer] * 2
     lib.attention_inputs.argtypes += [ctypes.c_float, pointer, integer, integer] + [pointer] * 5
     lib.attention_forward.argtypes = [pointer, pointer] + [integer] * 6 + [pointer, integer, pointer, pointer, integer]
     lib.attention_forward.argtypes += [pointer, pointer, pointer, integer, pointer, pointer]
+    real = ctypes.c_float
+    lib.after_attention.argtypes = [pointer] * 2 + [integer] * 3 + [pointer] * 5 + [integer, real] + [pointer] * 4
+    lib.after_feed_forward.argtypes = [pointer] * 3 + [integer] * 3 + [pointer] * 3 + [real, real, pointer]
     return lib
 
 
@@ -286,11 +293,13 @@ def feed_forward(
     down: np.ndarray,
     threads: int,
     dense: DenseMLP | None = None,
+    finish: Callable[[int, int, np.ndarray, np.ndarray | None], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """`forward`, and with it the `dense` MLP over its rows when given: (the experts' output, the dense MLP's).
 
     The cores take the work as they come free: first a share of the experts each (cut to about equal cost), then
-    the dense rows a group at a time, which evens out what the experts' cut could not.
+    the dense rows a group at a time, which evens out what the experts' cut could not. `finish(first, last,
+    experts' output, dense output)`, when given, runs on each share of tokens as soon as they are summed.
     """
     lib = library()
     tokens, k = indices.shape
@@ -338,6 +347,8 @@ def feed_forward(
 
     def run_combine(first: int, last: int) -> None:
         lib.combine(out.ctypes.data, slots.ctypes.data, weights.ctypes.data, first, last, k, hidden, y.ctypes.data)
+        if finish is not None:
+            finish(first, last, y, dense_out)
 
     in_parallel(run_combine, token_edges[:-1], token_edges[1:])
     return y, dense_out
@@ -365,6 +376,8 @@ def attention(
     masks: list[np.ndarray | None],
     weights: AttentionWeights,
     threads: int,
+    input_norm: np.ndarray | None = None,
+    finish: Callable[[int, int, np.ndarray], None] | None = None,
 ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
     """A whole attention layer over row blocks, in C: projections, q/k/v norms, RoPE, grouped-query attention
     (scale 1) over the cached states and every block's, the output projection.
@@ -376,7 +389,10 @@ def attention(
     block, hidden), and the new positions' keys and values (batch, kv_heads, length, head_dim) for the cache.
 
     Two passes over the cores: every block's projections (and the cached states, packed and copied beside the new
-    ones); then attention and the output projection, a few tiles of queries per task.
+    ones); then attention and the output projection, a few tiles of queries per task. `input_norm`, when given, is
+    the weight of an RMS norm the inputs take first. The blocks' outputs are views of one (rows, hidden) array, the
+    blocks' rows one after another (batch row by batch row within each); `finish(first, last, that array)`, when
+    given, runs on its rows first..last-1 as soon as a task has them.
     """
     lib = library()
     width, tile = lib.panel_width(), lib.attention_rows()
@@ -406,9 +422,10 @@ def attention(
             )  # fmt: skip
             return
         x = xs[block]
-        scratch = np.empty(lib.mlp_rows() * (heads + 2 * kv_heads) * dim, dtype=np.float32)
+        scratch = np.empty(lib.mlp_rows() * ((heads + 2 * kv_heads) * dim + hidden), dtype=np.float32)
         lib.attention_inputs(
-            x.ctypes.data, batch * x.shape[1], x.shape[1], starts[block], length, hidden,
+            x.ctypes.data, None if input_norm is None else input_norm.ctypes.data, batch * x.shape[1], x.shape[1],
+            starts[block], length, hidden,
             w.q_proj.ctypes.data, w.k_proj.ctypes.data, None if w.v_proj is None else w.v_proj.ctypes.data,
             heads, kv_heads, dim, w.q_norm.ctypes.data, w.k_norm.ctypes.data, w.eps, rotations.ctypes.data,
             before, positions, scratch.ctypes.data, queries.ctypes.data, new_keys.ctypes.data,
@@ -422,20 +439,22 @@ def attention(
 
     query_steps = np.array([length * heads * dim, dim, heads * dim], dtype=np.int64)
     value_steps = np.array([kv_heads * positions * dim, positions * dim, dim], dtype=np.int64)
-    outs, tasks = [], []
+    flat = np.empty((batch * length, hidden), dtype=np.float32)
+    outs, tasks, row = [], [], 0
     for x, start, mask in zip(xs, starts, masks):
         block = x.shape[1]
         visible, visible_steps = None, None
         if mask is not None:
             visible = np.ascontiguousarray(mask[:, 0], dtype=np.bool_).view(np.uint8)
             visible_steps = _steps(visible[..., 0], 1)
-        outs.append(np.empty((batch, block, hidden), dtype=np.float32))
+        outs.append(flat[row : row + batch * block].reshape(batch, block, hidden))
         # Whole tiles of queries per task, as many tasks as cores.
         tiles = -(-batch * block // tile)
         edges = [min(cut * tile, batch * block) for cut in even_cuts(tiles, min(threads, tiles))]
-        tasks += [(start, block, a, b, visible, visible_steps, outs[-1]) for a, b in zip(edges, edges[1:])]
+        tasks += [(start, block, row, a, b, visible, visible_steps, outs[-1]) for a, b in zip(edges, edges[1:])]
+        row += batch * block
 
-    def attend(start: int, block: int, first: int, last: int, visible, visible_steps, out: np.ndarray) -> None:
+    def attend(start: int, block: int, row: int, first: int, last: int, visible, visible_steps, out) -> None:
         scratch = np.empty(tile * (padded + heads * dim + 1), dtype=np.float32)
         lib.attention_forward(
             queries[:, start:].ctypes.data, query_steps.ctypes.data, block, first, last, heads, kv_heads, dim,
@@ -443,9 +462,95 @@ def attention(
             None if visible is None else visible.ctypes.data, None if visible is None else visible_steps.ctypes.data,
             w.o_proj.ctypes.data, hidden, scratch.ctypes.data, out.ctypes.data,
         )  # fmt: skip
+        if finish is not None:
+            finish(row + first, row + last, flat)
 
     in_parallel(attend, *zip(*tasks))
     return outs, new_keys, values[:, :, before:]
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    """A decoder layer's weights for `decoder_layer`, besides its attention's: the RMS norms' weights, the router's
+    (experts, hidden) weight with its input scale (scale · hidden^-½) and per-expert scales, the experts' and the
+    dense MLP's packed stacks, the layer scalar."""
+
+    input_norm: np.ndarray
+    post_attention: np.ndarray
+    pre_feedforward: np.ndarray
+    pre_feedforward_2: np.ndarray
+    post_feedforward: np.ndarray
+    post_feedforward_1: np.ndarray
+    post_feedforward_2: np.ndarray
+    router: np.ndarray
+    router_scale: np.ndarray
+    per_expert_scale: np.ndarray
+    top_k: int
+    gate_up: np.ndarray
+    down: np.ndarray
+    dense_gate: np.ndarray
+    dense_up: np.ndarray
+    dense_down: np.ndarray
+    eps: float
+
+
+def decoder_layer(
+    xs: list[np.ndarray],
+    starts: list[int],
+    rotations: np.ndarray,
+    cached: tuple[np.ndarray, np.ndarray] | None,
+    masks: list[np.ndarray | None],
+    attention_weights: AttentionWeights,
+    weights: LayerWeights,
+    scalar: float,
+    threads: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A whole decoder layer in C over the residual stream's row blocks xs (batch, block, hidden): the input norm
+    and `attention`; the residual, the feed-forward's norms and the router's scores as each task's rows come out
+    of it; the routes (numpy); the experts and the dense MLP (`feed_forward`); the output norms, residual and
+    scalar as each share of tokens is summed. Returns the output as (rows, hidden), the blocks' rows one after
+    another (as `attention` lays them), and the new positions' keys and values.
+    """
+    lib, w = library(), weights
+    hidden, experts = xs[0].shape[2], w.router.shape[0]
+    h = np.concatenate([np.ascontiguousarray(x, dtype=np.float32).reshape(-1, hidden) for x in xs])
+    residual, dense_in, experts_in = (np.empty_like(h) for _ in range(3))
+    scores = np.empty((len(h), experts), dtype=np.float32)
+
+    def after_attention(first: int, last: int, attended: np.ndarray) -> None:
+        lib.after_attention(
+            h.ctypes.data, attended.ctypes.data, first, last, hidden, w.post_attention.ctypes.data,
+            w.pre_feedforward.ctypes.data, w.pre_feedforward_2.ctypes.data, w.router_scale.ctypes.data,
+            w.router.ctypes.data, experts, w.eps, residual.ctypes.data, dense_in.ctypes.data, experts_in.ctypes.data,
+            scores.ctypes.data,
+        )  # fmt: skip
+
+    _, keys, values = attention(
+        xs, starts, rotations, cached, masks, attention_weights, threads, w.input_norm, after_attention
+    )
+    indices, route_weights = route(scores, w.top_k, w.per_expert_scale)
+    out = np.empty_like(h)
+
+    def after_feed_forward(first: int, last: int, experts_out: np.ndarray, dense_out: np.ndarray) -> None:
+        lib.after_feed_forward(
+            residual.ctypes.data, dense_out.ctypes.data, experts_out.ctypes.data, first, last, hidden,
+            w.post_feedforward_1.ctypes.data, w.post_feedforward_2.ctypes.data, w.post_feedforward.ctypes.data,
+            scalar, w.eps, out.ctypes.data,
+        )  # fmt: skip
+
+    dense = DenseMLP(dense_in, w.dense_gate, w.dense_up, w.dense_down)
+    feed_forward(experts_in, indices, route_weights, w.gate_up, w.down, threads, dense, after_feed_forward)
+    return out, keys, values
+
+
+def route(scores: np.ndarray, top_k: int, per_expert_scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's top_k experts by score and their weights: the softmax over the chosen scores (the full softmax
+    renormalised over them, as the reference computes it) times each expert's scale. As moe.Router, in numpy."""
+    indices = np.argpartition(-scores, top_k - 1, axis=-1)[:, :top_k]
+    chosen = np.take_along_axis(scores, indices, axis=-1)
+    weights = np.exp(chosen - chosen.max(axis=-1, keepdims=True))
+    weights /= weights.sum(axis=-1, keepdims=True)
+    return indices, (weights * per_expert_scale[indices]).astype(np.float32)
 
 
 def _rows_in_place(x: np.ndarray) -> np.ndarray:

@@ -167,10 +167,11 @@ class Attention(nn.Module):
     Full-attention layers have no value projection: their values are the raw
     key projection, before the key norm and RoPE.
 
-    On the CPU, a float32 layer whose heads fill the C kernels' panels runs
-    whole in C at one host read (`_on_host`, host_kernels.attention): MLX's
-    ops spent 9 ms a layer at the bench's shape, half of it in elementwise
-    passes and packing, where the kernels take about 6.
+    On the CPU, a float32 attention whose heads fill the C kernels' panels
+    runs in C at one host read (`_on_host`, host_kernels.attention), or as
+    part of its whole layer there (TransformerLayer): MLX's ops spent 9 ms a
+    layer at the bench's shape, half of it in elementwise passes and packing,
+    where the kernels take about 5.
     """
 
     def __init__(self, config: TextConfig, shape: LayerShape):
@@ -268,7 +269,7 @@ class Attention(nn.Module):
         self.pop("fused_qkv", None)  # dequantized at load, merged for MLX's matmuls: the kernels read the parts
         return True
 
-    def _host_weights(self) -> host_kernels.AttentionWeights:
+    def host_weights(self) -> host_kernels.AttentionWeights:
         """The weights as the C kernels read them: host views, made again only when a weight is replaced."""
         arrays = [self.q_proj.packed, self.k_proj.packed, self.v_proj.packed if "v_proj" in self else None]
         arrays += [self.o_proj.packed, self.q_norm.weight, self.k_norm.weight]
@@ -298,7 +299,7 @@ class Attention(nn.Module):
             np.asarray(rotations),
             None if cached is None else tuple(np.asarray(states) for states in cached),
             [None if mask is None else np.asarray(mask) for mask in masks],
-            self._host_weights(),
+            self.host_weights(),
             cpu_cores(),
         )
         if store:

@@ -18,7 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from . import kernels, moe
+from . import host_kernels, kernels, moe
 from .cache import EncoderCache, LayerCache
 from .config import LayerShape, ModelConfig, TextConfig
 from .cpu import RowBlocks, cpu_cores, even_cuts, on_cpu
@@ -60,7 +60,11 @@ class CompiledGraphs:
 
 
 class TransformerLayer(nn.Module):
-    """Attention, then a dense MLP and a mixture of experts side by side."""
+    """Attention, then a dense MLP and a mixture of experts side by side.
+
+    On the CPU, a float32 layer the C kernels can run whole takes them (`_on_host`); otherwise its attention,
+    its feed-forward, or neither, as each can.
+    """
 
     def __init__(self, config: TextConfig, shape: LayerShape):
         super().__init__()
@@ -77,6 +81,7 @@ class TransformerLayer(nn.Module):
         self.pre_feedforward_layernorm_2 = RMSNorm(hidden, eps)
         self.post_feedforward_layernorm_2 = RMSNorm(hidden, eps)
         self.layer_scalar = mx.ones((1,))
+        self._host_view: tuple[tuple[int, ...], host_kernels.LayerWeights] | None = None
         self._input_graphs = CompiledGraphs(self._attention_inputs)
         self._output_graphs = CompiledGraphs(self._attention_outputs)
 
@@ -95,6 +100,8 @@ class TransformerLayer(nn.Module):
             # Decoder passes only: their shapes are the canvas's, where the encoder's vary with every prompt
             # (a new trace each).
             return [self._compiled_pass(hs[0], cache, offset, masks[0], layer_scalar)]
+        if self.runs_on_host(hs[0].dtype):
+            return self._on_host(blocks, hs, cache, offset, masks, store, layer_scalar)
         normed = blocks.map(self.input_layernorm, hs)
         attended = self.self_attn(blocks, normed, cache, offset, masks, store)
         return self.feed_forward(blocks, hs, attended, layer_scalar)
@@ -148,6 +155,65 @@ class TransformerLayer(nn.Module):
 
     def _feed_forwards_on_host(self, dtype: mx.Dtype) -> bool:
         return moe.moe_dispatch() == "host" and self.experts.runs_on_host(dtype) and self.mlp.runs_on_host(dtype)
+
+    def runs_on_host(self, dtype: mx.Dtype) -> bool:
+        """Whether the CPU's C kernels run the whole layer (`_on_host`): its attention and feed-forward can, and its
+        router is a float32 linear."""
+        router = self.router.proj
+        plain_router = type(router) is nn.Linear and "bias" not in router and router.weight.dtype == mx.float32
+        return plain_router and self.self_attn.runs_on_host(dtype) and self._feed_forwards_on_host(dtype)
+
+    def _on_host(
+        self,
+        blocks: RowBlocks,
+        hs: list[mx.array],
+        cache: LayerCache,
+        offset: int,
+        masks: list[mx.array | None],
+        store: bool,
+        layer_scalar: mx.array,
+    ) -> list[mx.array]:
+        """`__call__` in C (host_kernels.decoder_layer), every row block at the layer's one host read."""
+        attention = self.self_attn
+        rotations = attention.rope.rotations(offset, sum(h.shape[1] for h in hs))
+        cached = (cache.keys, cache.values) if cache.length else None
+        mx.eval(hs, rotations, cached, [mask for mask in masks if mask is not None], layer_scalar)
+        out, keys, values = host_kernels.decoder_layer(
+            [np.asarray(h) for h in hs],
+            blocks.starts,
+            np.asarray(rotations),
+            None if cached is None else tuple(np.asarray(states) for states in cached),
+            [None if mask is None else np.asarray(mask) for mask in masks],
+            attention.host_weights(),
+            self._host_weights(),
+            float(layer_scalar.item()),
+            cpu_cores(),
+        )
+        if store:
+            cache.extended(mx.array(keys), mx.array(values))
+            cache.commit()
+        edges = np.cumsum([0, *(h.size // h.shape[-1] for h in hs)])
+        return [mx.array(out[a:b]).reshape(h.shape) for a, b, h in zip(edges, edges[1:], hs)]
+
+    def _host_weights(self) -> host_kernels.LayerWeights:
+        """The layer's weights besides attention's as the C kernels read them: host views, made again only when
+        one is replaced."""
+        norms = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm")
+        norms += ("pre_feedforward_layernorm_2", "post_feedforward_layernorm", "post_feedforward_layernorm_1")
+        norms += ("post_feedforward_layernorm_2",)
+        router, mlp = self.router, self.mlp
+        arrays = [self[name].weight for name in norms] + [router.proj.weight, router.scale, router.per_expert_scale]
+        arrays += [self.experts.gate_up_proj.packed, self.experts.down_proj.packed]
+        arrays += [mlp.gate_proj.packed, mlp.up_proj.packed, mlp.down_proj.packed]
+        key = tuple(id(array) for array in arrays)  # the views hold the arrays: no id is reused while kept
+        if self._host_view is None or self._host_view[0] != key:
+            views = [np.asarray(array) for array in arrays]
+            router_scale = np.asarray(router.scale * router.root_size)  # as moe.Router scales its input
+            weights = host_kernels.LayerWeights(
+                *views[:8], router_scale, views[9], router.top_k, *views[10:], router.eps
+            )  # fmt: skip
+            self._host_view = (key, weights)
+        return self._host_view[1]
 
 
 class Decoder(nn.Module):

@@ -270,6 +270,21 @@ def test_attention_packs_where_its_heads_fill_the_panels(width):
     assert not narrow.pack_for_host() and not narrow.runs_on_host(mx.float32) and type(narrow.o_proj) is nn.Linear
 
 
+def test_routes_are_the_routers():
+    """host_kernels.route picks each row's experts and weights as moe.Router does (in any order)."""
+    rng = np.random.default_rng(3)
+    scores = rng.standard_normal((50, 16)).astype(np.float32)
+    per_expert_scale = rng.uniform(0.5, 1.5, 16).astype(np.float32)
+    indices, weights = host_kernels.route(scores, 4, per_expert_scale)
+    chosen = mx.argpartition(-mx.array(scores), kth=3, axis=-1)[:, :4]
+    expected = mx.softmax(mx.take_along_axis(mx.array(scores), chosen, axis=-1), axis=-1)
+    expected = np.array(expected * mx.array(per_expert_scale)[chosen])
+    for row in range(len(scores)):
+        ours, theirs = np.argsort(indices[row]), np.argsort(np.array(chosen[row]))
+        assert np.array_equal(indices[row][ours], np.array(chosen[row])[theirs])
+        np.testing.assert_allclose(weights[row][ours], expected[row][theirs], rtol=1e-6)
+
+
 def test_shares_cut_the_experts_evenly():
     counts = np.array([0, 40, 3, 3, 0, 60, 1, 1, 30, 2])
     for threads in (1, 2, 3, 4):

@@ -171,11 +171,12 @@ def test_left_padded_batch_of_two(small):
 
 
 def test_attention_runs_in_c_where_its_heads_fill_the_panels(small):
+    """Heads of 32 take the C kernels' attention, and with it the whole layer in C (host_kernels.decoder_layer)."""
     _, ours = small
     for layer in ours.layers:
         attention = layer.self_attn
         fills = attention.head_dim % panel_width() == 0
-        assert attention.runs_on_host(mx.float32) == fills
+        assert attention.runs_on_host(mx.float32) == fills and layer.runs_on_host(mx.float32) == fills
         assert isinstance(attention.q_proj, PackedLinear) == fills and ("fused_qkv" in attention) is False
 
 
@@ -198,11 +199,12 @@ def test_moe_dispatches_agree(small):
             results[dispatch] = np.array(ours.denoise(to_mx(canvas), cache))
     finally:
         set_moe_dispatch(None)
-    # Float32 rounding only: the dispatches sum in different orders, and six random layers amplify it (up to 1e-5
-    # with the wider heads); the reference's tolerance is ten times this.
-    assert np.abs(results["grouped"] - results["gather"]).max() < 3e-5
+    # Float32 rounding only: the dispatches sum in different orders, and six random layers amplify it. With the
+    # wider heads, "host" runs the whole layer in C (its norms and router too): up to 4e-5 from MLX's, within the
+    # reference's tolerance.
+    assert np.abs(results["grouped"] - results["gather"]).max() < 1e-5
     for dispatch in ("tiled", "fused", "host"):
-        assert np.abs(results[dispatch] - results["gather"]).max() < 3e-5
+        assert np.abs(results[dispatch] - results["gather"]).max() < TOLERANCE
 
 
 def test_compiled_layers_match_reference(small, monkeypatch):
