@@ -35,11 +35,15 @@ PART_CLASSES = {
     "Experts": ("MoE: experts", "MoE"),
     "SelfConditioning": ("self-conditioning: MLP + norm", "self-conditioning"),
 }
-# Methods other than `__call__` that are parts: on the CPU the dense MLP and the experts run in C in one pass.
-PART_METHODS = {("Experts", "on_host"): ("feed-forward in C: dense MLP + MoE experts, one pass", "feed-forward in C")}
+# Methods other than `__call__` that are parts: on the CPU the dense MLP and the experts run in C in one pass, or
+# (float32, heads that fill the kernels' panels) the whole layer does.
+PART_METHODS = {
+    ("Experts", "on_host"): ("feed-forward in C: dense MLP + MoE experts, one pass", "feed-forward in C"),
+    ("TransformerLayer", "_on_host"): ("decoder layer in C: attention, norms, router, MLP + experts", "layer in C"),
+}
 CONTAINER_CLASSES = {"TransformerLayer": ("layer total", "layer totals")}
 # The groups a layer's total holds besides its glue.
-LAYER_PART_GROUPS = ("attention", "dense MLP", "MoE", "feed-forward in C")
+LAYER_PART_GROUPS = ("attention", "dense MLP", "MoE", "feed-forward in C", "layer in C")
 MODEL_METHODS = {
     "_embed": ("embedding lookup", "embedding"),
     "_soft_embeddings": ("self-conditioning: probs @ embeddings", "self-conditioning"),
@@ -55,6 +59,7 @@ ABLATIONS = {
     "MoE (router + experts)": (("Router", "__call__"), ("Experts", "__call__")),
     "MoE router": (("Router", "__call__"),),
     "feed-forward in C (dense MLPs + experts)": (("Experts", "on_host"),),
+    "decoder layers in C": (("TransformerLayer", "_on_host"),),
     "self-conditioning: probs @ embeddings": (("Model", "_soft_embeddings"),),
 }
 # Parts timed only for scale, not in the sum: they overlap the parts that are.
@@ -212,9 +217,10 @@ class StepBreakdown:
         for method in MODEL_METHODS:
             targets.append((type(model), method, recorder("Model", method)))
         for cls_name, method in PART_METHODS:
-            cls = getattr(moe_module, cls_name, None)
-            if isinstance(cls, type) and method in cls.__dict__:
-                targets.append((cls, method, recorder(cls_name, method)))
+            for module in (moe_module, model_module):
+                cls = getattr(module, cls_name, None)
+                if isinstance(cls, type) and method in cls.__dict__:
+                    targets.append((cls, method, recorder(cls_name, method)))
         self.classes = {cls.__name__: cls for cls, _, _ in targets}
         with contextlib.ExitStack() as patches:
             for cls, attr, make in targets:
