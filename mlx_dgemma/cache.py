@@ -57,6 +57,11 @@ class LayerCache:
         end = first + count
         return self._keys[:, :, self._start : end], self._values[:, :, self._start : end]
 
+    def append(self, keys: mx.array, values: mx.array) -> None:
+        """`extended` and `commit`: keep new states computed elsewhere (the last encoder layer's, the C kernels')."""
+        self.extended(keys, values)
+        self.commit()
+
     def commit(self) -> None:
         """Keep the states the last `extended` wrote, trimmed to what later chunks can see."""
         self.length += self._written

@@ -354,6 +354,26 @@ def feed_forward(
     return y, dense_out
 
 
+class HostViews:
+    """`make(host views of some MLX arrays)`, made again only when one of the arrays is replaced (None stays None).
+
+    The C kernels read weights through numpy views; making them takes microseconds an array, a layer's dozen at
+    every call adds up over a step.
+    """
+
+    def __init__(self, make: Callable[[list[np.ndarray | None]], object]):
+        self.make = make
+        self._key: tuple[int, ...] | None = None
+        self._made: object = None
+
+    def __call__(self, arrays: list[mx.array | None]) -> object:
+        key = tuple(id(array) for array in arrays)  # the views hold the arrays: no id is reused while kept
+        if key != self._key:
+            self._made = self.make([None if array is None else np.asarray(array) for array in arrays])
+            self._key = key
+        return self._made
+
+
 @dataclass(frozen=True)
 class AttentionWeights:
     """An attention layer's weights for `attention`: projections packed (`pack`), v_proj None where the values are

@@ -188,7 +188,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(head_dim, config.rms_norm_eps)
         self.rope = RotaryEmbedding(head_dim, shape.rope)
-        self._host_view: tuple[tuple[int, ...], host_kernels.AttentionWeights] | None = None
+        self._host_views = host_kernels.HostViews(lambda views: host_kernels.AttentionWeights(*views, self.eps))
 
     def _heads(self, x: mx.array, count: int) -> mx.array:
         batch, length, _ = x.shape
@@ -272,12 +272,23 @@ class Attention(nn.Module):
     def host_weights(self) -> host_kernels.AttentionWeights:
         """The weights as the C kernels read them: host views, made again only when a weight is replaced."""
         arrays = [self.q_proj.packed, self.k_proj.packed, self.v_proj.packed if "v_proj" in self else None]
-        arrays += [self.o_proj.packed, self.q_norm.weight, self.k_norm.weight]
-        key = tuple(id(array) for array in arrays)  # the views hold the arrays: no id is reused while kept
-        if self._host_view is None or self._host_view[0] != key:
-            views = [None if array is None else np.asarray(array) for array in arrays]
-            self._host_view = (key, host_kernels.AttentionWeights(*views, self.eps))
-        return self._host_view[1]
+        return self._host_views([*arrays, self.o_proj.packed, self.q_norm.weight, self.k_norm.weight])
+
+    def host_inputs(
+        self, xs: list[mx.array], cache: LayerCache, offset: int, masks: list[mx.array | None]
+    ) -> tuple[list[np.ndarray], np.ndarray, tuple[np.ndarray, np.ndarray] | None, list[np.ndarray | None]]:
+        """What host_kernels.attention reads besides the weights, evaluated (the layer's host read) and viewed from
+        the host: the row blocks, RoPE's table for their positions, the cached keys and values, the masks."""
+        # The C kernels turn by MLX's own RoPE angles.
+        rotations = self.rope.rotations(offset, sum(x.shape[1] for x in xs))
+        cached = (cache.keys, cache.values) if cache.length else None
+        mx.eval(xs, rotations, cached, [mask for mask in masks if mask is not None])
+        return (
+            [np.asarray(x) for x in xs],
+            np.asarray(rotations),
+            None if cached is None else tuple(np.asarray(states) for states in cached),
+            [None if mask is None else np.asarray(mask) for mask in masks],
+        )
 
     def _on_host(
         self,
@@ -289,22 +300,12 @@ class Attention(nn.Module):
         store: bool,
     ) -> list[mx.array]:
         """`__call__` in C (host_kernels.attention), every row block in one pass: the layer's first host read."""
-        # The C kernels turn by MLX's own RoPE angles.
-        rotations = self.rope.rotations(offset, sum(x.shape[1] for x in xs))
-        cached = (cache.keys, cache.values) if cache.length else None
-        mx.eval(xs, rotations, cached, [mask for mask in masks if mask is not None])
+        xs, rotations, cached, masks = self.host_inputs(xs, cache, offset, masks)
         outs, keys, values = host_kernels.attention(
-            [np.asarray(x) for x in xs],
-            blocks.starts,
-            np.asarray(rotations),
-            None if cached is None else tuple(np.asarray(states) for states in cached),
-            [None if mask is None else np.asarray(mask) for mask in masks],
-            self.host_weights(),
-            cpu_cores(),
+            xs, blocks.starts, rotations, cached, masks, self.host_weights(), cpu_cores()
         )
         if store:
-            cache.extended(mx.array(keys), mx.array(values))
-            cache.commit()
+            cache.append(mx.array(keys), mx.array(values))
         return [mx.array(out) for out in outs]
 
     def merged_heads(self, out: mx.array) -> mx.array:

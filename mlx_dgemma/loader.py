@@ -164,8 +164,8 @@ def place_dense_layers(model: nn.Module, dense_weights: str = "auto") -> None:
 
 
 def place_for_host_kernels(model: Model) -> int:
-    """On the CPU, hold the float32 experts, dense MLPs, attention output projections and embedding table packed
-    for the C kernels (host_kernels); returns how many parts were packed."""
+    """On the CPU, hold the float32 experts, dense MLPs, attention projections and embedding table packed for the
+    C kernels (host_kernels); returns how many parts were packed."""
     if not on_cpu() or host_kernels.library() is None:
         return 0
     # Only the blocks are kept in hand (model.modules() lists their weights too, which would outlive the packing).

@@ -81,7 +81,7 @@ class TransformerLayer(nn.Module):
         self.pre_feedforward_layernorm_2 = RMSNorm(hidden, eps)
         self.post_feedforward_layernorm_2 = RMSNorm(hidden, eps)
         self.layer_scalar = mx.ones((1,))
-        self._host_view: tuple[tuple[int, ...], host_kernels.LayerWeights] | None = None
+        self._host_views = host_kernels.HostViews(self._layer_weights)
         self._input_graphs = CompiledGraphs(self._attention_inputs)
         self._output_graphs = CompiledGraphs(self._attention_outputs)
 
@@ -175,23 +175,20 @@ class TransformerLayer(nn.Module):
     ) -> list[mx.array]:
         """`__call__` in C (host_kernels.decoder_layer), every row block at the layer's one host read."""
         attention = self.self_attn
-        rotations = attention.rope.rotations(offset, sum(h.shape[1] for h in hs))
-        cached = (cache.keys, cache.values) if cache.length else None
-        mx.eval(hs, rotations, cached, [mask for mask in masks if mask is not None], layer_scalar)
+        xs, rotations, cached, host_masks = attention.host_inputs(hs, cache, offset, masks)
         out, keys, values = host_kernels.decoder_layer(
-            [np.asarray(h) for h in hs],
+            xs,
             blocks.starts,
-            np.asarray(rotations),
-            None if cached is None else tuple(np.asarray(states) for states in cached),
-            [None if mask is None else np.asarray(mask) for mask in masks],
+            rotations,
+            cached,
+            host_masks,
             attention.host_weights(),
             self._host_weights(),
             float(layer_scalar.item()),
             cpu_cores(),
         )
         if store:
-            cache.extended(mx.array(keys), mx.array(values))
-            cache.commit()
+            cache.append(mx.array(keys), mx.array(values))
         edges = np.cumsum([0, *(h.size // h.shape[-1] for h in hs)])
         return [mx.array(out[a:b]).reshape(h.shape) for a, b, h in zip(edges, edges[1:], hs)]
 
@@ -204,16 +201,16 @@ class TransformerLayer(nn.Module):
         router, mlp = self.router, self.mlp
         arrays = [self[name].weight for name in norms] + [router.proj.weight, router.scale, router.per_expert_scale]
         arrays += [self.experts.gate_up_proj.packed, self.experts.down_proj.packed]
-        arrays += [mlp.gate_proj.packed, mlp.up_proj.packed, mlp.down_proj.packed]
-        key = tuple(id(array) for array in arrays)  # the views hold the arrays: no id is reused while kept
-        if self._host_view is None or self._host_view[0] != key:
-            views = [np.asarray(array) for array in arrays]
-            router_scale = np.asarray(router.scale * router.root_size)  # as moe.Router scales its input
-            weights = host_kernels.LayerWeights(
-                *views[:8], router_scale, views[9], router.top_k, *views[10:], router.eps
-            )  # fmt: skip
-            self._host_view = (key, weights)
-        return self._host_view[1]
+        return self._host_views([*arrays, mlp.gate_proj.packed, mlp.up_proj.packed, mlp.down_proj.packed])
+
+    def _layer_weights(self, views: list[np.ndarray]) -> host_kernels.LayerWeights:
+        """`_host_weights`' views as LayerWeights: the router's scale times hidden^-½, as moe.Router scales its
+        input."""
+        router = self.router
+        router_scale = np.asarray(router.scale * router.root_size)
+        return host_kernels.LayerWeights(
+            *views[:8], router_scale, views[9], router.top_k, *views[10:], router.eps
+        )  # fmt: skip
 
 
 class Decoder(nn.Module):
@@ -345,8 +342,7 @@ class Model(nn.Module):
                 # The encoder's output is never read, only its cache: the last
                 # layer needs its keys and values and nothing more.
                 normed = blocks.map(layer.input_layernorm, hs)
-                layer_cache.extended(*layer.self_attn.states(blocks, normed, offset))
-                layer_cache.commit()
+                layer_cache.append(*layer.self_attn.states(blocks, normed, offset))
                 break
             # Each block's queries see their own rows of the causal mask.
             block_masks = blocks.split(masks[layer_cache.keep], axis=2)
