@@ -69,6 +69,7 @@ def metric_rows(settings: dict[str, Any]) -> list[tuple[str, Getter, str | None,
         ("other processes' CPU load, cores (worst phase)", _get(*m, "foreign_cores_max"), None, "{:.2f}"),
         ("machine probe, GFLOP/s (numpy fp32 matmul at start → end)", _probe, None, "{}"),
         ("OpenBLAS loaded", _get("env", "openblas_loaded"), None, "{}"),
+        ("our C kernels' vector width, floats (16: AVX-512)", _get("env", "cpu_kernel_lanes"), None, "{}"),
     ]
 
 

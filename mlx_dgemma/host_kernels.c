@@ -5,10 +5,12 @@
    tokens routed to it, so that packing, a pass over its whole weight per call, cost more than the arithmetic;
    for the dense layers and the head it is a fifth of their time. Here the weights are packed once, at load, into
    panels of PANEL output columns, each panel's rows (one per input) contiguous. A tile of up to TILE_ROWS tokens
-   keeps its TILE_ROWS x PANEL sums in vector registers and reads the panel once, in order; the tokens are read
-   in place, by index, with no gather.
+   keeps its sums for TILE_COLUMNS of a panel's columns in vector registers and reads those columns once, in order;
+   the tokens are read in place, by index, with no gather.
 
-   Written with GCC/Clang vector extensions: AVX-512, AVX2 or NEON, whatever -march=native gives. */
+   Written with GCC/Clang vector extensions in the machine's own vector width (AVX-512, AVX, or 128-bit SSE and
+   NEON), so that no vector operation is split into pieces: GCC expands a vector wider than the hardware's one
+   lane at a time, 35 times slower. A tile's sums are sized to the vector registers that width comes with. */
 
 #include <stddef.h>
 #include <stdint.h>
@@ -16,61 +18,87 @@
 #include <string.h>
 
 #define PANEL 32
-#define TILE_ROWS 8
+/* Per vector width, measured on a Zen 4 (AVX-512 and, built without it, AVX2; NEON's are a guess): a tile of the
+   products is TILE_ROWS tokens x TILE_VECTORS vectors of a panel's columns, its sums held in registers, each weight
+   vector loaded once for all its rows; expected_embedding's is HIDDEN_TILE outputs x EMBEDDING_VECTORS vectors of
+   tokens. GCC spills a tile that leaves it too few registers (AVX2: 6 rows of 2 vectors, 40% slower than 5). */
+#if defined(__AVX512F__)
+#define LANES 16
+#define TILE_ROWS 8 /* 16 sums of the 32 registers, the whole panel */
+#define TILE_VECTORS 2
+#define EMBEDDING_VECTORS 2
+#elif defined(__AVX__)
+#define LANES 8
+#define TILE_ROWS 5 /* 10 sums of the 16 registers, half a panel */
+#define TILE_VECTORS 2
+#define EMBEDDING_VECTORS 1
+#elif defined(__aarch64__)
+#define LANES 4
+#define TILE_ROWS 5 /* 20 sums of the 32 registers, half a panel */
+#define TILE_VECTORS 4
+#define EMBEDDING_VECTORS 2
+#else
+#define LANES 4
+#define TILE_ROWS 5 /* 10 sums of the 16 registers, a quarter of a panel */
+#define TILE_VECTORS 2
+#define EMBEDDING_VECTORS 1
+#endif
+#define TILE_COLUMNS (TILE_VECTORS * LANES)
+#define HIDDEN_TILE 8
+#define EMBEDDING_COLUMNS (EMBEDDING_VECTORS * LANES)
 #define MLP_ROWS 32
 /* Vocabulary panels per pass of expected_embedding: their weights (hidden x PANEL each) stay in the L2 cache. */
 #define VOCAB_PANELS 2
-#define HIDDEN_TILE 8
 
-typedef float vec16 __attribute__((vector_size(64)));
-typedef float vec16_unaligned __attribute__((vector_size(64), aligned(4)));
+typedef float vec __attribute__((vector_size(LANES * sizeof(float))));
+typedef float vec_unaligned __attribute__((vector_size(LANES * sizeof(float)), aligned(4)));
 
+int vector_lanes(void) { return LANES; }
 int panel_width(void) { return PANEL; }
 int mlp_rows(void) { return MLP_ROWS; }
 int hidden_tile(void) { return HIDDEN_TILE; }
 int vocab_panels(void) { return VOCAB_PANELS; }
 
-/* y[r, 0:PANEL] = x[r] . panel, for `rows` (<= TILE_ROWS, a constant once inlined) rows; the panel's row i (PANEL
-   weights) at panel + i * step. */
+/* y[r, 0:TILE_COLUMNS] = x[r] . columns, for `rows` (<= TILE_ROWS, a constant once inlined) rows; row i of the
+   columns (TILE_COLUMNS weights) at columns + i * step. */
 static inline __attribute__((always_inline)) void tile_product(const int rows, const float *const *x, int in,
-                                                                const float *panel, size_t step, float *y,
+                                                                const float *columns, size_t step, float *y,
                                                                 size_t y_stride) {
-    vec16 low[TILE_ROWS], high[TILE_ROWS];
-    for (int r = 0; r < rows; r++) low[r] = high[r] = (vec16){0};
+    vec sums[8][TILE_VECTORS];  /* rows of them used: at most TILE_ROWS, at most 8 */
+    for (int r = 0; r < rows; r++)
+        for (int v = 0; v < TILE_VECTORS; v++) sums[r][v] = (vec){0};
     for (int i = 0; i < in; i++) {
-        const vec16 w_low = *(const vec16_unaligned *)(panel + (size_t)i * step);
-        const vec16 w_high = *(const vec16_unaligned *)(panel + (size_t)i * step + 16);
-        for (int r = 0; r < rows; r++) {
-            const float s = x[r][i];
-            low[r] += s * w_low;
-            high[r] += s * w_high;
+        const float *weights = columns + (size_t)i * step;
+        for (int v = 0; v < TILE_VECTORS; v++) {
+            const vec w = *(const vec_unaligned *)(weights + v * LANES);
+            for (int r = 0; r < rows; r++) sums[r][v] += x[r][i] * w;
         }
     }
-    for (int r = 0; r < rows; r++) {
-        *(vec16_unaligned *)(y + r * y_stride) = low[r];
-        *(vec16_unaligned *)(y + r * y_stride + 16) = high[r];
-    }
+    for (int r = 0; r < rows; r++)
+        for (int v = 0; v < TILE_VECTORS; v++) *(vec_unaligned *)(y + r * y_stride + v * LANES) = sums[r][v];
 }
 
+/* panel_product's tile of `rows` rows, as a switch case; none where rows > TILE_ROWS. */
+#define TILE(rows) \
+    case rows: \
+        if (rows <= TILE_ROWS) tile_product(rows, xs, in, columns, step, ys, y_stride); \
+        break
+
 /* y (rows, out; row stride y_stride) = x (rows given by pointers, in each) @ W.T, where output columns
-   p * PANEL .. p * PANEL + PANEL - 1 of W.T's row i are the PANEL floats at w + p * panel_step + i * step. Panel by
-   panel, so each panel is read from memory once and from cache for the later tiles. */
+   p * PANEL .. p * PANEL + PANEL - 1 of W.T's row i are the PANEL floats at w + p * panel_step + i * step. Tile
+   columns by tile columns, so each panel is read from memory once and from cache for the later tiles. */
 static void panel_product(const float *const *x, int rows, int in, const float *w, size_t panel_step, size_t step,
                           int out, float *y, size_t y_stride) {
     for (int p = 0; p < out / PANEL; p++) {
-        const float *panel = w + (size_t)p * panel_step;
-        for (int r = 0; r < rows; r += TILE_ROWS) {
-            const float *const *xs = x + r;
-            float *ys = y + (size_t)r * y_stride + (size_t)p * PANEL;
-            switch (rows - r < TILE_ROWS ? rows - r : TILE_ROWS) {
-            case 8: tile_product(8, xs, in, panel, step, ys, y_stride); break;
-            case 7: tile_product(7, xs, in, panel, step, ys, y_stride); break;
-            case 6: tile_product(6, xs, in, panel, step, ys, y_stride); break;
-            case 5: tile_product(5, xs, in, panel, step, ys, y_stride); break;
-            case 4: tile_product(4, xs, in, panel, step, ys, y_stride); break;
-            case 3: tile_product(3, xs, in, panel, step, ys, y_stride); break;
-            case 2: tile_product(2, xs, in, panel, step, ys, y_stride); break;
-            default: tile_product(1, xs, in, panel, step, ys, y_stride); break;
+        for (int c = 0; c < PANEL; c += TILE_COLUMNS) {
+            const float *columns = w + (size_t)p * panel_step + c;
+            for (int r = 0; r < rows; r += TILE_ROWS) {
+                const float *const *xs = x + r;
+                float *ys = y + (size_t)r * y_stride + (size_t)p * PANEL + c;
+                switch (rows - r < TILE_ROWS ? rows - r : TILE_ROWS) {
+                TILE(8); TILE(7); TILE(6); TILE(5); TILE(4); TILE(3); TILE(2);
+                default: tile_product(1, xs, in, columns, step, ys, y_stride); break;
+                }
             }
         }
     }
@@ -95,8 +123,8 @@ void linear_forward(const float *x, int rows, int in, const float *packed, int o
 
    The sum runs over the vocabulary, which the packing lays along the panels' lanes. So VOCAB_PANELS panels at a
    time, the tokens' probabilities are copied out as (vocabulary, PANEL tokens) blocks, zeros past the last row;
-   a tile of HIDDEN_TILE outputs x PANEL tokens then sums in vector registers, reading the panels' weights as
-   scalars. The sums are kept per tile as (hidden, PANEL tokens) and turned back at the end. scratch:
+   a tile of HIDDEN_TILE outputs x EMBEDDING_COLUMNS tokens then sums in vector registers, reading the panels'
+   weights as scalars. The sums are kept per tile as (hidden, PANEL tokens) and turned back at the end. scratch:
    token_panels * (hidden + VOCAB_PANELS * PANEL) * PANEL floats, tokens_panels = ceil(rows / PANEL); hidden a
    multiple of HIDDEN_TILE. */
 void expected_embedding(const float *probs, int rows, int vocab, const float *packed, int hidden, float *scratch,
@@ -118,28 +146,29 @@ void expected_embedding(const float *probs, int rows, int vocab, const float *pa
         }
         for (int tp = 0; tp < token_panels; tp++) {
             const float *block = blocks + (size_t)tp * VOCAB_PANELS * PANEL * PANEL;
-            for (int h = 0; h < hidden; h += HIDDEN_TILE) {
-                vec16 low[HIDDEN_TILE], high[HIDDEN_TILE];
-                for (int r = 0; r < HIDDEN_TILE; r++) low[r] = high[r] = (vec16){0};
-                for (int p = 0; p < count; p++) {
-                    const float *weights = packed + ((size_t)(first + p) * hidden + h) * PANEL;
-                    const float *tokens = block + (size_t)p * PANEL * PANEL;
-                    for (int lane = 0; lane < PANEL; lane++) {
-                        const vec16 t_low = *(const vec16_unaligned *)(tokens + lane * PANEL);
-                        const vec16 t_high = *(const vec16_unaligned *)(tokens + lane * PANEL + 16);
-                        for (int r = 0; r < HIDDEN_TILE; r++) {
-                            const float w = weights[r * PANEL + lane];
-                            low[r] += w * t_low;
-                            high[r] += w * t_high;
+            for (int c = 0; c < PANEL; c += EMBEDDING_COLUMNS)
+                for (int h = 0; h < hidden; h += HIDDEN_TILE) {
+                    vec sum[HIDDEN_TILE][EMBEDDING_VECTORS];
+                    for (int r = 0; r < HIDDEN_TILE; r++)
+                        for (int v = 0; v < EMBEDDING_VECTORS; v++) sum[r][v] = (vec){0};
+                    for (int p = 0; p < count; p++) {
+                        const float *weights = packed + ((size_t)(first + p) * hidden + h) * PANEL;
+                        const float *tokens = block + (size_t)p * PANEL * PANEL + c;
+                        for (int lane = 0; lane < PANEL; lane++) {
+                            vec token[EMBEDDING_VECTORS];
+                            for (int v = 0; v < EMBEDDING_VECTORS; v++)
+                                token[v] = *(const vec_unaligned *)(tokens + lane * PANEL + v * LANES);
+                            for (int r = 0; r < HIDDEN_TILE; r++) {
+                                const float w = weights[r * PANEL + lane];
+                                for (int v = 0; v < EMBEDDING_VECTORS; v++) sum[r][v] += w * token[v];
+                            }
                         }
                     }
+                    float *sums_at = sums + ((size_t)tp * hidden + h) * PANEL + c;
+                    for (int r = 0; r < HIDDEN_TILE; r++)
+                        for (int v = 0; v < EMBEDDING_VECTORS; v++)
+                            *(vec_unaligned *)(sums_at + r * PANEL + v * LANES) += sum[r][v];
                 }
-                float *sum = sums + ((size_t)tp * hidden + h) * PANEL;
-                for (int r = 0; r < HIDDEN_TILE; r++) {
-                    *(vec16_unaligned *)(sum + r * PANEL) += low[r];
-                    *(vec16_unaligned *)(sum + r * PANEL + 16) += high[r];
-                }
-            }
         }
     }
     for (int t = 0; t < rows; t++)

@@ -114,6 +114,7 @@ def _built_library() -> Path:
 def _load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))  # CDLL calls let go of the GIL: the shares run in parallel
     pointer, integer = ctypes.c_void_p, ctypes.c_int
+    lib.vector_lanes.restype = integer
     lib.panel_width.restype = integer
     lib.mlp_rows.restype = integer
     lib.hidden_tile.restype = integer
@@ -135,6 +136,13 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.after_attention.argtypes = [pointer] * 2 + [integer] * 3 + [pointer] * 5 + [integer, real] + [pointer] * 4
     lib.after_feed_forward.argtypes = [pointer] * 3 + [integer] * 3 + [pointer] * 3 + [real, real, pointer]
     return lib
+
+
+def vector_lanes() -> int | None:
+    """Floats per vector in the kernels as built for this machine (16: AVX-512, 8: AVX, 4: SSE or NEON); None
+    where they cannot be built."""
+    lib = library()
+    return None if lib is None else lib.vector_lanes()
 
 
 def panel_width() -> int:

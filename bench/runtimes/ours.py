@@ -39,6 +39,7 @@ class OursDriver(MlxDriver):
             "device": str(mx.default_device()),
             "moe_dispatch": moe.moe_dispatch(),
             "compile_layers": _compiles_layers(model_module),
+            "cpu_kernel_lanes": _cpu_kernel_lanes(mx),
         }
 
     # -- loading -------------------------------------------------------------------------------------------------
@@ -157,6 +158,15 @@ def _compiles_layers(model_module) -> bool | None:
     from mlx_dgemma.cpu import RowBlocks
 
     return model_module.compiles_layers(RowBlocks(256))
+
+
+def _cpu_kernel_lanes(mx) -> int | None:
+    """Floats per vector in our C kernels as built here (None: not on the CPU, not built, or a tree before them)."""
+    from mlx_dgemma import host_kernels
+
+    if mx.default_device().type != mx.cpu or not hasattr(host_kernels, "vector_lanes"):
+        return None
+    return host_kernels.vector_lanes()
 
 
 def _version(distribution: str) -> str | None:
