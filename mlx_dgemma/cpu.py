@@ -81,7 +81,10 @@ def cpu_streams(count: int) -> list[mx.Stream]:
 
 
 def cpu_cores() -> int:
-    """Cores to spread CPU work over (the row blocks of a step)."""
+    """Cores to spread CPU work over (the row blocks of a step, the C kernels' threads): those this process may
+    run on (`taskset`, a container's cpuset), where the system says."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
     return os.cpu_count() or 1
 
 

@@ -21,8 +21,8 @@ Packed, even the dense products run at about 110 GFLOP/s a core here, against
 OpenBLAS's 80–90 on the same shapes (which packs its operands on every call).
 
 The C file is compiled at first use with the system's C compiler (`cc`, or
-`$CC`) for this machine (`-march=native`) and cached under
-~/.cache/mlx-dgemma (or `$XDG_CACHE_HOME`). Without a compiler the CPU keeps
+`$CC`) for this machine (`-march=native`), in its own vector width, and cached
+under ~/.cache/mlx-dgemma (or `$XDG_CACHE_HOME`), per source, compiler and CPU. Without a compiler the CPU keeps
 MLX's "grouped" MoE dispatch and its matmuls.
 """
 
@@ -31,6 +31,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -80,6 +81,25 @@ def _cache_dir() -> Path:
     return Path(root) / "mlx-dgemma"
 
 
+def _processor() -> str:
+    """What -march=native builds for: the CPU's model and instruction sets, so that a cache shared between
+    machines (a network home, a copied image) never hands one CPU a library built for another's instructions."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            lines = [line for line in info if line.startswith(("model name", "flags", "Features", "CPU part"))]
+        return "".join(dict.fromkeys(lines))
+    except OSError:
+        pass
+    brand = platform.processor()
+    if sys.platform == "darwin":  # processor() says only "arm"
+        try:
+            command = ["sysctl", "-n", "machdep.cpu.brand_string"]
+            brand = subprocess.run(command, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return f"{platform.machine()} {brand}"
+
+
 def _built_library() -> Path:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if compiler is None:
@@ -87,7 +107,8 @@ def _built_library() -> Path:
     source = SOURCE.read_bytes()
     errors = []
     for flags in _FLAG_SETS:
-        key = hashlib.sha256(source + repr((compiler, flags, sys.platform)).encode()).hexdigest()[:16]
+        identity = repr((compiler, flags, sys.platform, _processor()))
+        key = hashlib.sha256(source + identity.encode()).hexdigest()[:16]
         suffix = ".dylib" if sys.platform == "darwin" else ".so"
         for directory in (_cache_dir(), Path(tempfile.gettempdir()) / "mlx-dgemma"):
             target = directory / f"host_kernels-{key}{suffix}"

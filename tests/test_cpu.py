@@ -119,3 +119,13 @@ def test_fast_exp_is_exp_to_float32_rounding():
     # Below float32's normal range the result is 0 or a tiny number, never garbage.
     assert (ours[~normal] >= 0).all() and (ours[~normal] < 2e-38).all()
     assert ours[-3] < 2e-38 and ours[-2] == ours[-1] == 1.0
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this system")
+def test_cpu_cores_are_the_ones_this_process_may_use():
+    """Held to one core (as `taskset` or a container's cpuset does), the CPU path spreads its work over one."""
+    first = min(os.sched_getaffinity(0))
+    code = f"import os; os.sched_setaffinity(0, {{{first}}}); from mlx_dgemma import cpu; print(cpu.cpu_cores())"
+    held = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert held.stdout.strip() == "1", held.stderr
+    assert cpu.cpu_cores() == len(os.sched_getaffinity(0))

@@ -353,3 +353,12 @@ def test_the_library_is_built_once_into_the_cache(width, monkeypatch, tmp_path):
     stamp = built.stat().st_mtime_ns
     assert host_kernels._built_library() == built and built.stat().st_mtime_ns == stamp
     assert host_kernels.library() is not None and host_kernels.panel_width() == width
+
+
+def test_the_cache_keeps_one_library_per_processor(width, monkeypatch, tmp_path):
+    """A cache shared between machines (a network home) must not hand one CPU another's -march=native build."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    here = host_kernels._built_library()
+    monkeypatch.setattr(host_kernels, "_processor", lambda: "a CPU with other instructions")
+    elsewhere = host_kernels._built_library()
+    assert elsewhere != here and here.is_file() and elsewhere.is_file()
