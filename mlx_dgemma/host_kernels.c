@@ -10,7 +10,7 @@
 
    Written with GCC/Clang vector extensions in the machine's own vector width (AVX-512, AVX, or 128-bit SSE and
    NEON), so that no vector operation is split into pieces: GCC expands a vector wider than the hardware's one
-   lane at a time, 35 times slower. A tile's sums are sized to the vector registers that width comes with. */
+   lane at a time (the products ran 40 times slower so). A tile's sums are sized to that width's registers. */
 
 #include <stddef.h>
 #include <stdint.h>
@@ -85,8 +85,8 @@ static inline __attribute__((always_inline)) void tile_product(const int rows, c
         break
 
 /* y (rows, out; row stride y_stride) = x (rows given by pointers, in each) @ W.T, where output columns
-   p * PANEL .. p * PANEL + PANEL - 1 of W.T's row i are the PANEL floats at w + p * panel_step + i * step. Tile
-   columns by tile columns, so each panel is read from memory once and from cache for the later tiles. */
+   p * PANEL .. p * PANEL + PANEL - 1 of W.T's row i are the PANEL floats at w + p * panel_step + i * step.
+   TILE_COLUMNS of a panel's columns at a time, so each is read from memory once and from cache for later tiles. */
 static void panel_product(const float *const *x, int rows, int in, const float *w, size_t panel_step, size_t step,
                           int out, float *y, size_t y_stride) {
     for (int p = 0; p < out / PANEL; p++) {
