@@ -99,25 +99,15 @@ def rms_normalize(x: mx.array, eps: float) -> mx.array:
     return rms_norm(x, None, eps)
 
 
-# A column of 1/n per width n: the CPU's float32 RMS norms sum their squares with it (see `rms_norm`).
-_mean_columns: dict[int, mx.array] = {}
-
-
 def rms_norm(x: mx.array, weight: mx.array | None, eps: float) -> mx.array:
-    """x / sqrt(mean(x²) + eps), times `weight` when given.
+    """x / sqrt(mean(x²) + eps), times `weight` when given: MLX's fused norm, row by row.
 
-    MLX's fused `rms_norm`, except in float32 on the CPU: its reduction over
-    the last axis is not vectorised there (about 1 ns an element), so the mean
-    of the squares is a matmul against a column of 1/n instead. A block of
-    128 × 512: 62 µs against 110–135 µs; the same to float32 rounding.
+    (On the CPU a matmul against a column of 1/n sums the squares faster, but a
+    BLAS's matrix-vector product rounds some rows differently by how many rows
+    it is given, and so by how many row blocks a step has: the same seed gave
+    other tokens with 3 cores than with 2.)
     """
-    if not on_cpu() or x.dtype != mx.float32:
-        return mx.fast.rms_norm(x, weight, eps)
-    width = x.shape[-1]
-    if width not in _mean_columns:
-        _mean_columns[width] = mx.full((width, 1), 1 / width, dtype=mx.float32)
-    normed = x * mx.rsqrt((x * x) @ _mean_columns[width] + eps)
-    return normed if weight is None else normed * weight
+    return mx.fast.rms_norm(x, weight, eps)
 
 
 class RotaryEmbedding(nn.Module):

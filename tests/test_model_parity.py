@@ -13,7 +13,8 @@ from checkpoints import build_reference_model, save_reference_checkpoint
 from transformers.cache_utils import DynamicCache
 
 import mlx_dgemma
-from mlx_dgemma import cpu, moe, set_moe_dispatch
+from mlx_dgemma import cpu, host_vocab, moe, set_moe_dispatch
+from mlx_dgemma import layers as layers_module
 from mlx_dgemma import model as model_module
 from mlx_dgemma.host_kernels import PackedEmbedding, PackedLinear, PackedSwitchLinear, panel_width
 
@@ -124,6 +125,27 @@ def test_decoder_logits_with_and_without_self_conditioning(small):
     # Denoising leaves the cache as it was.
     assert cache.offset == prompt.shape[1]
     assert max_error(ours.denoise(to_mx(canvas), cache), first) < TOLERANCE
+
+
+def test_the_numbers_do_not_depend_on_the_cores(small, monkeypatch):
+    """The same logits, bit for bit, however many cores a step is spread over (row blocks, shares of the C
+    kernels' work): the same seed gives the same tokens on a machine with 3 cores as with 2."""
+    _, ours = small
+    vocab, canvas_length = ours.text_config.vocab_size, ours.config.canvas_length
+    generator = torch.Generator().manual_seed(5)
+    prompt = to_mx(random_ids(generator, vocab, 1, 2 * ours.text_config.sliding_window + 3))
+    canvas = to_mx(random_ids(generator, vocab, 1, canvas_length))
+    runs = []
+    for cores in (1, 2, 3, 5):
+        monkeypatch.setattr(cpu, "block_count", lambda length, cores=cores: min(cores, length))
+        for module in (model_module, layers_module, moe, host_vocab):
+            monkeypatch.setattr(module, "cpu_cores", lambda cores=cores: cores)
+        cache = ours.make_cache()
+        ours.encode(prompt, cache)
+        first = ours.denoise(canvas, cache)
+        runs.append((np.array(first), np.array(ours.denoise(canvas, cache, first / 0.6))))
+    for cores, (first, second) in zip((2, 3, 5), runs[1:]):
+        assert np.array_equal(first, runs[0][0]) and np.array_equal(second, runs[0][1]), cores
 
 
 def test_second_and_third_canvas_appended_through_the_encoder(small):
