@@ -83,7 +83,14 @@ ACTIVATIONS = {
 
 
 class RMSNorm(nn.Module):
-    """RMS norm whose weight multiplies directly (Gemma 4 stores w, not w - 1)."""
+    """RMS norm whose weight multiplies directly (Gemma 4 stores w, not w - 1).
+
+    MLX's fused norm, row by row, on every device. (On the CPU a matmul against
+    a column of 1/n sums the squares faster, but a BLAS's matrix-vector product
+    rounds some rows differently by how many rows it is given, and so by how
+    many row blocks a step has: the same seed gave other tokens with 3 cores
+    than with 2.)
+    """
 
     def __init__(self, dims: int, eps: float):
         super().__init__()
@@ -91,23 +98,12 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def __call__(self, x: mx.array) -> mx.array:
-        return rms_norm(x, self.weight, self.eps)
+        return mx.fast.rms_norm(x, self.weight, self.eps)
 
 
 def rms_normalize(x: mx.array, eps: float) -> mx.array:
-    """Scale-free RMS norm (value states, router input, self-conditioning output)."""
-    return rms_norm(x, None, eps)
-
-
-def rms_norm(x: mx.array, weight: mx.array | None, eps: float) -> mx.array:
-    """x / sqrt(mean(x²) + eps), times `weight` when given: MLX's fused norm, row by row.
-
-    (On the CPU a matmul against a column of 1/n sums the squares faster, but a
-    BLAS's matrix-vector product rounds some rows differently by how many rows
-    it is given, and so by how many row blocks a step has: the same seed gave
-    other tokens with 3 cores than with 2.)
-    """
-    return mx.fast.rms_norm(x, weight, eps)
+    """Scale-free RMS norm (value states, router input, self-conditioning output), as RMSNorm computes it."""
+    return mx.fast.rms_norm(x, None, eps)
 
 
 class RotaryEmbedding(nn.Module):
