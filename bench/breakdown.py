@@ -47,6 +47,10 @@ LAYER_PART_GROUPS = ("attention", "dense MLP", "MoE", "feed-forward in C", "laye
 MODEL_METHODS = {
     "_embed": ("embedding lookup", "embedding"),
     "_soft_embeddings": ("self-conditioning: probs @ embeddings", "self-conditioning"),
+    "_conditioned_on_host": (
+        "self-conditioning in C: embedding lookup, probs @ embeddings, MLP, norms",
+        "self-conditioning",
+    ),
 }
 SAMPLING = "sampling: head, soft-cap, vocab-wide math per row block; draw of accepted positions; decisions"
 # Ablations: the whole step again with these calls answered from the real step's recorded outputs; the time
@@ -60,7 +64,10 @@ ABLATIONS = {
     "MoE router": (("Router", "__call__"),),
     "feed-forward in C (dense MLPs + experts)": (("Experts", "on_host"),),
     "decoder layers in C": (("TransformerLayer", "_on_host"),),
-    "self-conditioning: probs @ embeddings": (("Model", "_soft_embeddings"),),
+    "self-conditioning: probs @ embeddings (in C: with the lookup, MLP and norms)": (
+        ("Model", "_soft_embeddings"),
+        ("Model", "_conditioned_on_host"),
+    ),
 }
 # Parts timed only for scale, not in the sum: they overlap the parts that are.
 FOR_SCALE = "for scale"

@@ -1,5 +1,5 @@
 /* The CPU's matmul-heavy blocks, for host_kernels.py (which compiles this file at first use): the experts, the dense
-   MLPs, the tied head and self-conditioning's probs @ E, and attention layers whole.
+   MLPs, the tied head, self-conditioning (probs @ E and its MLP), and attention layers whole.
 
    A BLAS packs both operands of every call into its own layout. An expert's matrix meets only the few dozen
    tokens routed to it, so that packing, a pass over its whole weight per call, cost more than the arithmetic;
@@ -487,5 +487,41 @@ void after_feed_forward(const float *residual, const float *dense_out, const flo
         for (int i = 0; i < hidden; i++) mixed[i] += experts_normed[i];
         rms_norm(mixed, out + row, hidden, post_feedforward, eps);
         for (int i = 0; i < hidden; i++) out[row + i] = (residual[row + i] + out[row + i]) * scalar;
+    }
+}
+
+/* The decoder's input (rows, hidden) for `rows` canvas positions (self-conditioning): each token's embedding, row ids[t] of
+   the table packed as the head reads it (vocab / PANEL, hidden, PANEL), times scale; plus, where soft (rows, hidden)
+   is given (probs @ E, expected_embedding's), the gated MLP of norm(soft * scale) * pre_norm; the sum normed without
+   a weight. gate and up packed (inner / PANEL, hidden, PANEL), down (hidden / PANEL, inner, PANEL). MLP_ROWS rows at
+   a time; scratch: MLP_ROWS * (hidden + 3 * inner) floats. */
+void conditioned_embeddings(const int32_t *ids, const float *table, int hidden, float scale, const float *soft,
+                            const float *pre_norm, const float *gate, const float *up, int inner, const float *down,
+                            float eps, int rows, float *scratch, float *out) {
+    float *normed = scratch, *mlp_scratch = scratch + (size_t)MLP_ROWS * hidden;
+    for (int start = 0; start < rows; start += MLP_ROWS) {
+        const int group = rows - start < MLP_ROWS ? rows - start : MLP_ROWS;
+        float *group_out = out + (size_t)start * hidden;
+        if (soft) {
+            const float *inputs[MLP_ROWS];
+            for (int r = 0; r < group; r++) {
+                float *row = normed + (size_t)r * hidden;
+                const float *sums = soft + (size_t)(start + r) * hidden;
+                for (int i = 0; i < hidden; i++) row[i] = sums[i] * scale;
+                rms_norm(row, row, hidden, pre_norm, eps);
+                inputs[r] = row;
+            }
+            gated_mlp(inputs, group, hidden, gate, up, inner, down, mlp_scratch, group_out);
+        }
+        for (int r = 0; r < group; r++) {
+            const int32_t id = ids[start + r];
+            const float *embedding = table + (size_t)(id / PANEL) * hidden * PANEL + id % PANEL;
+            float *row = group_out + (size_t)r * hidden;
+            if (soft)
+                for (int i = 0; i < hidden; i++) row[i] = embedding[(size_t)i * PANEL] * scale + row[i];
+            else
+                for (int i = 0; i < hidden; i++) row[i] = embedding[(size_t)i * PANEL] * scale;
+            rms_norm(row, row, hidden, NULL, eps);
+        }
     }
 }

@@ -156,6 +156,8 @@ def _load(path: Path) -> ctypes.CDLL:
     real = ctypes.c_float
     lib.after_attention.argtypes = [pointer] * 2 + [integer] * 3 + [pointer] * 5 + [integer, real] + [pointer] * 4
     lib.after_feed_forward.argtypes = [pointer] * 3 + [integer] * 3 + [pointer] * 3 + [real, real, pointer]
+    lib.conditioned_embeddings.argtypes = [pointer, pointer, integer, real] + [pointer] * 4 + [integer, pointer, real]
+    lib.conditioned_embeddings.argtypes += [integer, pointer, pointer]
     return lib
 
 
@@ -297,6 +299,39 @@ def embedding_packable(embedding: nn.Module, width: int) -> bool:
 
 
 @dataclass(frozen=True)
+class ConditioningWeights:
+    """Self-conditioning's weights for `conditioned_embeddings`: its pre-norm's weight, its MLP's packed gate, up and
+    down, and the norms' epsilon."""
+
+    pre_norm: np.ndarray
+    gate: np.ndarray
+    up: np.ndarray
+    down: np.ndarray
+    eps: float
+
+
+def conditioned_embeddings(
+    ids: np.ndarray, soft: np.ndarray | None, table: np.ndarray, scale: float, weights: ConditioningWeights
+) -> np.ndarray:
+    """The decoder's input (rows, hidden) on the calling thread: norm(E[ids] · scale + MLP(norm(soft · scale))), the
+    MLP's term only where `soft` (rows, hidden), probs @ E (`PackedEmbedding.expected_embedding`), is given.
+    ids (rows,) token ids; table the embedding packed as `PackedEmbedding` holds it."""
+    lib, w = library(), weights
+    ids = np.ascontiguousarray(ids, dtype=np.int32)
+    hidden, inner = table.shape[1], w.down.shape[1]
+    rows = len(ids)
+    out = np.empty((rows, hidden), dtype=np.float32)
+    scratch = np.empty(lib.mlp_rows() * (hidden + 3 * inner), dtype=np.float32)
+    soft = None if soft is None else np.ascontiguousarray(soft, dtype=np.float32)
+    lib.conditioned_embeddings(
+        ids.ctypes.data, table.ctypes.data, hidden, scale, None if soft is None else soft.ctypes.data,
+        w.pre_norm.ctypes.data, w.gate.ctypes.data, w.up.ctypes.data, inner, w.down.ctypes.data, w.eps, rows,
+        scratch.ctypes.data, out.ctypes.data,
+    )  # fmt: skip
+    return out
+
+
+@dataclass(frozen=True)
 class DenseMLP:
     """A dense gated MLP's inputs (rows, hidden) and packed weights, for `feed_forward`."""
 
@@ -417,34 +452,33 @@ class AttentionWeights:
     eps: float
 
 
-def attention(
+@dataclass(frozen=True)
+class _Projections:
+    """An attention layer's projected new positions and its cached states, as `attention_forward` reads them."""
+
+    queries: np.ndarray  # (batch, length, heads, dim)
+    new_keys: np.ndarray  # (batch, kv_heads, length, dim)
+    packed_keys: np.ndarray  # (batch, kv_heads, padded / width, dim, width): cached and new keys, zero padding
+    values: np.ndarray  # (batch, kv_heads, positions, dim): cached and new
+    heads: int
+    kv_heads: int
+    before: int  # cached positions
+    positions: int  # cached and new
+    padded: int  # positions rounded up to a panel
+
+
+def _projected(
     xs: list[np.ndarray],
     starts: list[int],
     rotations: np.ndarray,
     cached: tuple[np.ndarray, np.ndarray] | None,
-    masks: list[np.ndarray | None],
     weights: AttentionWeights,
-    threads: int,
-    input_norm: np.ndarray | None = None,
-    finish: Callable[[int, int, np.ndarray], None] | None = None,
-) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
-    """A whole attention layer over row blocks, in C: projections, q/k/v norms, RoPE, grouped-query attention
-    (scale 1) over the cached states and every block's, the output projection.
-
-    xs: per block, its normed inputs (batch, block, hidden) float32, the block's first position at `starts` (from
-    the first new one); rotations (length, head_dim): per new position, RoPE's cos then sin of its angles; cached:
-    the cache's keys and values (batch, kv_heads, cached, head_dim), or None; masks per block, None or bool
-    (batch|1, 1, block|1, cached + length), True where a query sees a key. Returns each block's output (batch,
-    block, hidden), and the new positions' keys and values (batch, kv_heads, length, head_dim) for the cache.
-
-    Two passes over the cores: every block's projections (and the cached states, packed and copied beside the new
-    ones); then attention and the output projection, a few tiles of queries per task. `input_norm`, when given, is
-    the weight of an RMS norm the inputs take first. The blocks' outputs are views of one (rows, hidden) array, the
-    blocks' rows one after another (batch row by batch row within each); `finish(first, last, that array)`, when
-    given, runs on its rows first..last-1 as soon as a task has them.
-    """
+    input_norm: np.ndarray | None,
+) -> _Projections:
+    """`attention`'s first pass over the cores: every block's projections, q/k/v norms and RoPE, and the cached
+    states packed and copied beside the new ones. xs float32, C-contiguous."""
     lib = library()
-    width, tile = lib.panel_width(), lib.attention_rows()
+    width = lib.panel_width()
     batch, hidden = xs[0].shape[0], xs[0].shape[2]
     length, dim = rotations.shape
     heads, kv_heads = weights.q_proj.shape[0] * width // dim, weights.k_proj.shape[0] * width // dim
@@ -456,7 +490,6 @@ def attention(
     packed_keys = np.empty((batch, kv_heads, padded // width, dim, width), dtype=np.float32)
     packed_keys[:, :, -1] = 0.0  # the padding keys' columns
     values = np.empty((batch, kv_heads, positions, dim), dtype=np.float32)
-    xs = [np.ascontiguousarray(x, dtype=np.float32) for x in xs]
     rotations = np.ascontiguousarray(rotations, dtype=np.float32)
     if cached is not None:
         cached = tuple(_rows_in_place(states) for states in cached)
@@ -485,6 +518,54 @@ def attention(
     if before:
         tasks += [(None, head) for head in np.ndindex(batch, kv_heads)]
     in_parallel(prepare, *zip(*tasks))
+    return _Projections(queries, new_keys, packed_keys, values, heads, kv_heads, before, positions, padded)
+
+
+def attention_states(
+    xs: list[np.ndarray], starts: list[int], rotations: np.ndarray, weights: AttentionWeights
+) -> tuple[np.ndarray, np.ndarray]:
+    """The keys and values of new positions alone (batch, kv_heads, length, head_dim), as `attention` makes them:
+    what the encoder's last layer needs of its attention. xs, starts and rotations as `attention` takes them."""
+    xs = [np.ascontiguousarray(x, dtype=np.float32) for x in xs]
+    states = _projected(xs, starts, rotations, None, weights, None)
+    return states.new_keys, states.values
+
+
+def attention(
+    xs: list[np.ndarray],
+    starts: list[int],
+    rotations: np.ndarray,
+    cached: tuple[np.ndarray, np.ndarray] | None,
+    masks: list[np.ndarray | None],
+    weights: AttentionWeights,
+    threads: int,
+    input_norm: np.ndarray | None = None,
+    finish: Callable[[int, int, np.ndarray], None] | None = None,
+) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """A whole attention layer over row blocks, in C: projections, q/k/v norms, RoPE, grouped-query attention
+    (scale 1) over the cached states and every block's, the output projection.
+
+    xs: per block, its normed inputs (batch, block, hidden) float32, the block's first position at `starts` (from
+    the first new one); rotations (length, head_dim): per new position, RoPE's cos then sin of its angles; cached:
+    the cache's keys and values (batch, kv_heads, cached, head_dim), or None; masks per block, None or bool
+    (batch|1, 1, block|1, cached + length), True where a query sees a key. Returns each block's output (batch,
+    block, hidden), and the new positions' keys and values (batch, kv_heads, length, head_dim) for the cache.
+
+    Two passes over the cores: every block's projections (and the cached states, packed and copied beside the new
+    ones); then attention and the output projection, a few tiles of queries per task. `input_norm`, when given, is
+    the weight of an RMS norm the inputs take first. The blocks' outputs are views of one (rows, hidden) array, the
+    blocks' rows one after another (batch row by batch row within each); `finish(first, last, that array)`, when
+    given, runs on its rows first..last-1 as soon as a task has them.
+    """
+    lib = library()
+    tile = lib.attention_rows()
+    batch, hidden = xs[0].shape[0], xs[0].shape[2]
+    length, dim = rotations.shape
+    xs = [np.ascontiguousarray(x, dtype=np.float32) for x in xs]
+    states = _projected(xs, starts, rotations, cached, weights, input_norm)
+    queries, packed_keys, values = states.queries, states.packed_keys, states.values
+    heads, kv_heads, positions, padded = states.heads, states.kv_heads, states.positions, states.padded
+    w = weights
 
     query_steps = np.array([length * heads * dim, dim, heads * dim], dtype=np.int64)
     value_steps = np.array([kv_heads * positions * dim, positions * dim, dim], dtype=np.int64)
@@ -515,7 +596,7 @@ def attention(
             finish(row + first, row + last, flat)
 
     in_parallel(attend, *zip(*tasks))
-    return outs, new_keys, values[:, :, before:]
+    return outs, states.new_keys, values[:, :, states.before :]
 
 
 @dataclass(frozen=True)

@@ -194,6 +194,14 @@ class Attention(nn.Module):
 
     def states(self, blocks: RowBlocks, xs: list[mx.array], offset: int) -> tuple[mx.array, mx.array]:
         """Keys and values of every block's positions, put together (batch, kv_heads, length, head_dim)."""
+        if self.runs_on_host(xs[0].dtype):
+            rotations = self.rope.rotations(offset, sum(x.shape[1] for x in xs))
+            mx.eval(xs, rotations)
+            views = [np.asarray(x) for x in xs]
+            keys, values = host_kernels.attention_states(
+                views, blocks.starts, np.asarray(rotations), self.host_weights()
+            )
+            return mx.array(keys), mx.array(values)
         states = blocks.map(lambda x, start: self.keys_and_values(x, offset + start), xs, blocks.starts)
         return blocks.join([k for k, _ in states], axis=2), blocks.join([v for _, v in states], axis=2)
 
@@ -410,17 +418,16 @@ def gate_and_up(mlp: nn.Module, x: mx.array) -> tuple[mx.array, mx.array]:
     return mlp.gate_proj(x), mlp.up_proj(x)
 
 
-class SelfConditioning(nn.Module):
-    """Mixes the previous step's soft prediction into the canvas embeddings."""
+class SelfConditioning(GatedMLP):
+    """Mixes the previous step's soft prediction into the canvas embeddings: a gated MLP of the normed soft
+    embeddings, added to the canvas's own. On the CPU, packed at load (`pack_for_host`), it runs in C with the
+    embedding lookup (host_kernels.conditioned_embeddings)."""
 
     def __init__(self, config: TextConfig):
-        super().__init__()
+        super().__init__(config.hidden_size, config.intermediate_size, config.hidden_activation)
         self.pre_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
-        self.act = ACTIVATIONS[config.hidden_activation]
         self.eps = config.rms_norm_eps
+        self._host_views = host_kernels.HostViews(lambda views: host_kernels.ConditioningWeights(*views, self.eps))
 
     def __call__(self, embeddings: mx.array, soft_embeddings: mx.array | None) -> mx.array:
         # With no previous prediction the signal is zero and the MLP of zero is
@@ -430,6 +437,12 @@ class SelfConditioning(nn.Module):
             gate, up = gate_and_up(self, normed)
             embeddings = embeddings + self.down_proj(self.act(gate) * up)
         return rms_normalize(embeddings, self.eps)
+
+    def host_weights(self) -> host_kernels.ConditioningWeights:
+        """The weights as the C kernels read them: host views, made again only when a weight is replaced."""
+        return self._host_views(
+            [self.pre_norm.weight, self.gate_proj.packed, self.up_proj.packed, self.down_proj.packed]
+        )
 
 
 def embedding_scale(hidden_size: int, dtype: mx.Dtype) -> mx.array:

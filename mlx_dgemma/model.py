@@ -384,13 +384,17 @@ class Model(nn.Module):
         cache.check_batch(batch)
         offset = cache.offset
         blocks = RowBlocks(length)
-        embeddings = blocks.map(self._embed, blocks.split(canvas_ids))
-        soft = [None] * len(blocks)
+        probs = None
         if self_conditioning_logits is not None:
-            soft = self._soft_embeddings(blocks, self_conditioning_logits, from_logits=True)
+            probs = self._block_probs(blocks, self_conditioning_logits, from_logits=True)
         elif self_conditioning_probs is not None:
-            soft = self._soft_embeddings(blocks, self_conditioning_probs, from_logits=False)
-        hs = blocks.map(self.model.decoder.self_conditioning, embeddings, soft)
+            probs = self._block_probs(blocks, self_conditioning_probs, from_logits=False)
+        if self._conditions_on_host(probs):
+            hs = self._conditioned_on_host(blocks, canvas_ids, probs)
+        else:
+            embeddings = blocks.map(self._embed, blocks.split(canvas_ids))
+            soft = [None] * len(blocks) if probs is None else self._soft_embeddings(blocks, probs)
+            hs = blocks.map(self.model.decoder.self_conditioning, embeddings, soft)
         # Layers keeping the same number of cached positions share one mask; it spans every query.
         masks = {cached: self._decoder_mask(cache, cached, length) for cached in {lc.length for lc in cache.layers}}
         for layer, layer_cache in zip(self.layers, cache.layers):
@@ -424,26 +428,58 @@ class Model(nn.Module):
         table = self.embed_tokens
         return table if isinstance(table, PackedEmbedding) and dtype == mx.float32 and on_cpu() else None
 
-    def _soft_embeddings(
+    def _block_probs(
         self, blocks: RowBlocks, prediction: mx.array | list[mx.array], from_logits: bool
     ) -> list[mx.array]:
-        """softmax(prediction) (or the probabilities as given) @ embeddings × scale, per row block."""
+        """The previous prediction as probabilities per row block (the softmax taken here when it comes as logits)."""
         if isinstance(prediction, list) and len(prediction) != len(blocks):
             prediction = RowBlocks.join(prediction)
         if not isinstance(prediction, list):
             prediction = blocks.split(prediction)
         if from_logits:
             prediction = blocks.map(lambda block: mx.softmax(block.astype(mx.float32), axis=-1), prediction)
-        table = self.host_embedding(prediction[0].dtype)
+        return prediction
+
+    def _soft_embeddings(self, blocks: RowBlocks, probs: list[mx.array]) -> list[mx.array]:
+        """probs @ embeddings × scale, per row block."""
+        table = self.host_embedding(probs[0].dtype)
         if table is None:
-            return blocks.map(self._expected_embedding, prediction)
+            return blocks.map(self._expected_embedding, probs)
         # In C, a thread per block (on the CPU, the probabilities are in host memory already).
-        mx.eval(prediction)
+        mx.eval(probs)
         scale = embedding_scale(self.text_config.hidden_size, mx.float32)
         sums = in_parallel(
-            lambda block: table.expected_embedding(np.asarray(block).reshape(-1, block.shape[-1])), prediction
+            lambda block: table.expected_embedding(np.asarray(block).reshape(-1, block.shape[-1])), probs
         )
-        return [mx.array(out).reshape(*block.shape[:-1], -1) * scale for out, block in zip(sums, prediction)]
+        return [mx.array(out).reshape(*block.shape[:-1], -1) * scale for out, block in zip(sums, probs)]
+
+    def _conditions_on_host(self, probs: list[mx.array] | None) -> bool:
+        """Whether the C kernels make the decoder's input here: the embedding table and self-conditioning's MLP
+        packed for them, float32 probabilities."""
+        dtype = mx.float32 if probs is None else probs[0].dtype
+        conditioning = self.model.decoder.self_conditioning
+        return self.host_embedding(dtype) is not None and conditioning.runs_on_host(dtype)
+
+    def _conditioned_on_host(
+        self, blocks: RowBlocks, canvas_ids: mx.array, probs: list[mx.array] | None
+    ) -> list[mx.array]:
+        """The decoder's input in C, a thread per row block: the embedding lookup, probs @ E, self-conditioning's
+        MLP and norms (host_kernels.conditioned_embeddings). No MLX op runs between them."""
+        table, conditioning = self.embed_tokens, self.model.decoder.self_conditioning
+        weights, packed = conditioning.host_weights(), np.asarray(table.packed)
+        scale = embedding_scale(self.text_config.hidden_size, mx.float32).item()
+        ids = blocks.split(canvas_ids)
+        probs = probs or [None] * len(blocks)
+        mx.eval(ids, [block for block in probs if block is not None])
+
+        def block_input(ids: mx.array, block_probs: mx.array | None) -> np.ndarray:
+            soft = None
+            if block_probs is not None:
+                soft = table.expected_embedding(np.asarray(block_probs).reshape(-1, block_probs.shape[-1]))
+            return host_kernels.conditioned_embeddings(np.asarray(ids).reshape(-1), soft, packed, scale, weights)
+
+        outs = in_parallel(block_input, ids, probs)
+        return [mx.array(out).reshape(*block.shape, -1) for out, block in zip(outs, ids)]
 
     def _expected_embedding(self, probs: mx.array) -> mx.array:
         """probs @ embeddings × scale: the expected embedding of the last prediction."""

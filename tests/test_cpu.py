@@ -109,6 +109,43 @@ def test_rms_norm_rows_do_not_depend_on_the_row_blocks():
     assert done.stdout.split() == ["2", "0.0", "3", "0.0", "5", "0.0", "7", "0.0"], done.stdout
 
 
+def test_a_float32_step_does_not_depend_on_the_cores_with_openblas(tmp_path):
+    """The same logits, bit for bit, over 1, 2, 3 and 5 cores, with OpenBLAS loaded as bench/ loads it, where the C
+    kernels run the layers (heads that fill their panels): self-conditioning and the encoder's last layer run in C
+    too, so no BLAS call is left whose rounding could depend on how many rows a block holds. (MLX's own float32
+    matmuls, where a layer cannot take the kernels, go to that BLAS, whose rounding can.)"""
+    from checkpoints import build_reference_model, save_reference_checkpoint
+
+    path = save_reference_checkpoint(build_reference_model(seed=0, head_dim=32, global_head_dim=64), tmp_path / "m")
+    code = (
+        "import ctypes, sys, mlx.core as mx, numpy as np, mlx_dgemma\n"
+        "from mlx_dgemma import cpu, host_vocab, moe, layers, model\n"
+        "ours = mlx_dgemma.load_model(sys.argv[1])\n"
+        "blas = hasattr(ctypes.CDLL(None), 'openblas_get_config')\n"
+        "print(blas, all(layer.runs_on_host(mx.float32) for layer in ours.layers))\n"
+        "rng = np.random.default_rng(5)\n"
+        "prompt, canvas = mx.array(rng.integers(0, 384, (1, 27))), mx.array(rng.integers(0, 384, (1, 16)))\n"
+        "runs = []\n"
+        "for cores in (1, 2, 3, 5):\n"
+        "    cpu.block_count = lambda length, cores=cores: min(cores, length)\n"
+        "    for module in (model, layers, moe, host_vocab):\n"
+        "        module.cpu_cores = lambda cores=cores: cores\n"
+        "    cache = ours.make_cache()\n"
+        "    ours.encode(prompt, cache)\n"
+        "    first = ours.denoise(canvas, cache)\n"
+        "    runs.append(np.concatenate([np.array(first), np.array(ours.denoise(canvas, cache, first / 0.6))]))\n"
+        "print(*(float(np.abs(run - runs[0]).max()) for run in runs[1:]))\n"
+    )
+    env = dict(os.environ)
+    if os.path.isfile(OPENBLAS):
+        env["LD_PRELOAD"] = OPENBLAS
+    done = subprocess.run([sys.executable, "-c", code, str(path)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    loaded, in_c, *differences = done.stdout.split()
+    assert loaded == str(os.path.isfile(OPENBLAS)) and in_c == "True", done.stdout
+    assert differences == ["0.0", "0.0", "0.0"], done.stdout
+
+
 def _policy_in_subprocess(env: dict[str, str]) -> str:
     code = "from mlx_dgemma.cpu import reuse_freed_memory as r; print(r(), r())"
     done = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True)

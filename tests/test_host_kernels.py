@@ -154,6 +154,36 @@ def test_packed_embedding_reads_as_the_table(width, rows, panels):
     assert not host_kernels.embedding_packable(half, width)
 
 
+@pytest.mark.parametrize("rows, conditioned", [(5, False), (45, True), (70, True)])
+def test_self_conditioning_matches_float64(width, rows, conditioned):
+    """host_kernels.conditioned_embeddings against float64: the lookup in the packed table, the MLP over groups of
+    rows with a remainder, the norms; with no previous prediction, the lookup and the output norm alone."""
+    rng = np.random.default_rng(rows)
+    vocab, hidden, inner = 3 * width, 2 * width, 3 * width
+    embedding = nn.Embedding(vocab, hidden)
+    embedding.weight = mx.array(rng.standard_normal((vocab, hidden)).astype(np.float32))
+    table = host_kernels.PackedEmbedding(embedding, width)
+    mlp = GatedMLP(hidden, inner, "gelu_pytorch_tanh")
+    assert mlp.pack_for_host()
+    pre_norm = rng.uniform(0.5, 1.5, hidden).astype(np.float32)
+    weights = host_kernels.ConditioningWeights(
+        pre_norm, *(np.array(layer.packed) for layer in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)), 1e-6
+    )
+    ids = rng.integers(0, vocab, rows)
+    soft = rng.standard_normal((rows, hidden)).astype(np.float32) if conditioned else None
+    scale = float(np.float32(np.sqrt(hidden)))
+    out = host_kernels.conditioned_embeddings(ids, soft, np.array(table.packed), scale, weights)
+    expected = np.array(embedding.weight).astype(np.float64)[ids] * scale
+    if conditioned:
+        normed = rms_normed(soft.astype(np.float64) * scale, pre_norm)
+        gate, up, down = (
+            np.array(layer.weight).astype(np.float64) for layer in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        )
+        expected += (gelu_tanh(normed @ gate.T) * (normed @ up.T)) @ down.T
+    expected = rms_normed(expected, None)
+    assert out.shape == (rows, hidden) and np.abs(out - expected).max() < 1e-5
+
+
 def rms_normed(x: np.ndarray, weight: np.ndarray | None, eps: float = 1e-6) -> np.ndarray:
     normed = x / np.sqrt((x * x).mean(axis=-1, keepdims=True) + eps)
     return normed if weight is None else normed * weight
@@ -249,6 +279,11 @@ def test_attention_matches_float64(width, batch, blocks, cached, heads, kv_heads
     assert out.shape == (batch, length, hidden)
     assert np.abs(out - expected).max() < 1e-5 * np.abs(expected).max()
     assert np.abs(keys - expected_keys).max() < 1e-5 and np.abs(values - expected_values).max() < 1e-5
+    if not cached:  # the encoder's last layer takes the new states alone: the same numbers
+        alone = host_kernels.attention_states(
+            [x[:, a:b] for a, b in zip(edges, edges[1:])], list(edges[:-1]), rotations, weights
+        )
+        assert np.array_equal(alone[0], keys) and np.array_equal(alone[1], values)
 
 
 def test_attention_packs_where_its_heads_fill_the_panels(width):

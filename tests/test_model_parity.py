@@ -214,6 +214,7 @@ def test_moe_dispatches_agree(small):
         # self-conditioning run in C on the packed table whatever the dispatch.
         assert moe.moe_dispatch() == "host" and isinstance(ours.layers[0].experts.down_proj, PackedSwitchLinear)
         assert isinstance(ours.layers[0].mlp.down_proj, PackedLinear) and isinstance(ours.embed_tokens, PackedEmbedding)
+        assert ours.model.decoder.self_conditioning.runs_on_host(mx.float32)
         for dispatch in ("grouped", "gather", "tiled", "fused", "host"):
             set_moe_dispatch(dispatch)
             cache = ours.make_cache()
