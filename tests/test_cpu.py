@@ -18,6 +18,16 @@ from mlx_dgemma import cpu, layers
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
 
 
+def run_with_openblas(code: str, *args: str) -> str:
+    """What `python -c code args` prints, run with OpenBLAS preloaded where the machine has it (as bench/ runs MLX)."""
+    env = dict(os.environ)
+    if os.path.isfile(OPENBLAS):
+        env["LD_PRELOAD"] = OPENBLAS
+    done = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
 def spread() -> mx.array:
     """Values from tiny to huge, both signs, zero included."""
     magnitudes = np.concatenate([np.geomspace(1e-8, 1e4, 4000), [0.0]])
@@ -101,12 +111,8 @@ def test_rms_norm_rows_do_not_depend_on_the_row_blocks():
         "    parts = blocks.join(blocks.map(lambda part: rms_normalize(part, 1e-6), blocks.split(x)), axis=1)\n"
         "    print(count, float(np.abs(np.array(parts) - whole).max()))\n"
     )
-    env = dict(os.environ)
-    if os.path.isfile(OPENBLAS):
-        env["LD_PRELOAD"] = OPENBLAS
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["2", "0.0", "3", "0.0", "5", "0.0", "7", "0.0"], done.stdout
+    out = run_with_openblas(code)
+    assert out.split() == ["2", "0.0", "3", "0.0", "5", "0.0", "7", "0.0"], out
 
 
 def test_a_float32_step_does_not_depend_on_the_cores_with_openblas(tmp_path):
@@ -136,14 +142,10 @@ def test_a_float32_step_does_not_depend_on_the_cores_with_openblas(tmp_path):
         "    runs.append(np.concatenate([np.array(first), np.array(ours.denoise(canvas, cache, first / 0.6))]))\n"
         "print(*(float(np.abs(run - runs[0]).max()) for run in runs[1:]))\n"
     )
-    env = dict(os.environ)
-    if os.path.isfile(OPENBLAS):
-        env["LD_PRELOAD"] = OPENBLAS
-    done = subprocess.run([sys.executable, "-c", code, str(path)], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    loaded, in_c, *differences = done.stdout.split()
-    assert loaded == str(os.path.isfile(OPENBLAS)) and in_c == "True", done.stdout
-    assert differences == ["0.0", "0.0", "0.0"], done.stdout
+    out = run_with_openblas(code, str(path))
+    loaded, in_c, *differences = out.split()
+    assert loaded == str(os.path.isfile(OPENBLAS)) and in_c == "True", out
+    assert differences == ["0.0", "0.0", "0.0"], out
 
 
 def _policy_in_subprocess(env: dict[str, str]) -> str:
