@@ -11,7 +11,9 @@ machine. `host_kernels.c` keeps the weights packed from the load on and takes
   then weights and sums each token's results in the routing's order;
 - the dense MLP beside them in the same pass, 32 rows at a time;
 - the tied head and self-conditioning's probs @ E over one copy of the
-  embedding table, packed as the head reads it (`PackedEmbedding`);
+  embedding table, packed as the head reads it (`PackedEmbedding`), and the
+  decoder's input from there: the lookup, self-conditioning's MLP and norms
+  (`conditioned_embeddings`);
 - attention: projections, q/k/v norms, RoPE (by MLX's own angles), the
   softmax over the cached and new keys, the output projection;
 - and so whole decoder layers (`decoder_layer`), their norms, residuals and
