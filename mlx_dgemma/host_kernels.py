@@ -319,6 +319,9 @@ def conditioned_embeddings(
     MLP's term only where `soft` (rows, hidden), probs @ E (`PackedEmbedding.expected_embedding`), is given.
     ids (rows,) token ids; table the embedding packed as `PackedEmbedding` holds it."""
     lib, w = library(), weights
+    vocab = table.shape[0] * table.shape[2]
+    if len(ids) and not (0 <= ids.min() and ids.max() < vocab):  # the kernel reads the table at each id unchecked
+        raise ValueError(f"token ids must lie in [0, {vocab}); got {ids.min()}..{ids.max()}")
     ids = np.ascontiguousarray(ids, dtype=np.int32)
     hidden, inner = table.shape[1], w.down.shape[1]
     rows = len(ids)

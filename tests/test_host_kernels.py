@@ -182,6 +182,9 @@ def test_self_conditioning_matches_float64(width, rows, conditioned):
         expected += (gelu_tanh(normed @ gate.T) * (normed @ up.T)) @ down.T
     expected = rms_normed(expected, None)
     assert out.shape == (rows, hidden) and np.abs(out - expected).max() < 1e-5
+    for outside in (-1, vocab):  # never read past the table
+        with pytest.raises(ValueError, match="token ids"):
+            host_kernels.conditioned_embeddings(np.append(ids, outside), None, np.array(table.packed), scale, weights)
 
 
 def rms_normed(x: np.ndarray, weight: np.ndarray | None, eps: float = 1e-6) -> np.ndarray:
