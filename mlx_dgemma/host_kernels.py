@@ -481,7 +481,7 @@ def _projected(
     input_norm: np.ndarray | None,
 ) -> _Projections:
     """`attention`'s first pass over the cores: every block's projections, q/k/v norms and RoPE, and the cached
-    states packed and copied beside the new ones. xs float32, C-contiguous."""
+    states packed and copied beside the new ones."""
     lib = library()
     width = lib.panel_width()
     batch, hidden = xs[0].shape[0], xs[0].shape[2]
@@ -495,6 +495,7 @@ def _projected(
     packed_keys = np.empty((batch, kv_heads, padded // width, dim, width), dtype=np.float32)
     packed_keys[:, :, -1] = 0.0  # the padding keys' columns
     values = np.empty((batch, kv_heads, positions, dim), dtype=np.float32)
+    xs = [np.ascontiguousarray(x, dtype=np.float32) for x in xs]
     rotations = np.ascontiguousarray(rotations, dtype=np.float32)
     if cached is not None:
         cached = tuple(_rows_in_place(states) for states in cached)
@@ -531,7 +532,6 @@ def attention_states(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The keys and values of new positions alone (batch, kv_heads, length, head_dim), as `attention` makes them:
     what the encoder's last layer needs of its attention. xs, starts and rotations as `attention` takes them."""
-    xs = [np.ascontiguousarray(x, dtype=np.float32) for x in xs]
     states = _projected(xs, starts, rotations, None, weights, None)
     return states.new_keys, states.values
 
@@ -566,7 +566,6 @@ def attention(
     tile = lib.attention_rows()
     batch, hidden = xs[0].shape[0], xs[0].shape[2]
     length, dim = rotations.shape
-    xs = [np.ascontiguousarray(x, dtype=np.float32) for x in xs]
     states = _projected(xs, starts, rotations, cached, weights, input_norm)
     queries, packed_keys, values = states.queries, states.packed_keys, states.values
     heads, kv_heads, positions, padded = states.heads, states.kv_heads, states.positions, states.padded

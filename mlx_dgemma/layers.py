@@ -195,12 +195,8 @@ class Attention(nn.Module):
     def states(self, blocks: RowBlocks, xs: list[mx.array], offset: int) -> tuple[mx.array, mx.array]:
         """Keys and values of every block's positions, put together (batch, kv_heads, length, head_dim)."""
         if self.runs_on_host(xs[0].dtype):
-            rotations = self.rope.rotations(offset, sum(x.shape[1] for x in xs))
-            mx.eval(xs, rotations)
-            views = [np.asarray(x) for x in xs]
-            keys, values = host_kernels.attention_states(
-                views, blocks.starts, np.asarray(rotations), self.host_weights()
-            )
+            views, rotations, _, _ = self.host_inputs(xs, None, offset, [])
+            keys, values = host_kernels.attention_states(views, blocks.starts, rotations, self.host_weights())
             return mx.array(keys), mx.array(values)
         states = blocks.map(lambda x, start: self.keys_and_values(x, offset + start), xs, blocks.starts)
         return blocks.join([k for k, _ in states], axis=2), blocks.join([v for _, v in states], axis=2)
@@ -269,13 +265,14 @@ class Attention(nn.Module):
         return self._host_views([*arrays, self.o_proj.packed, self.q_norm.weight, self.k_norm.weight])
 
     def host_inputs(
-        self, xs: list[mx.array], cache: LayerCache, offset: int, masks: list[mx.array | None]
+        self, xs: list[mx.array], cache: LayerCache | None, offset: int, masks: list[mx.array | None]
     ) -> tuple[list[np.ndarray], np.ndarray, tuple[np.ndarray, np.ndarray] | None, list[np.ndarray | None]]:
         """What host_kernels.attention reads besides the weights, evaluated (the layer's host read) and viewed from
-        the host: the row blocks, RoPE's table for their positions, the cached keys and values, the masks."""
+        the host: the row blocks, RoPE's table for their positions, the cached keys and values (None with no cache
+        or an empty one), the masks."""
         # The C kernels turn by MLX's own RoPE angles.
         rotations = self.rope.rotations(offset, sum(x.shape[1] for x in xs))
-        cached = (cache.keys, cache.values) if cache.length else None
+        cached = (cache.keys, cache.values) if cache is not None and cache.length else None
         mx.eval(xs, rotations, cached, [mask for mask in masks if mask is not None])
         return (
             [np.asarray(x) for x in xs],
