@@ -63,7 +63,7 @@ def build_float(shape: Shape, dest: Path, seed: int = 0) -> Path:
 
 def build_quantized(shape: Shape, source: Path, dest: Path) -> Path:
     sys.path.insert(0, str(REPO))
-    from convert import convert_checkpoint
+    from mlx_dgemma.convert import convert_checkpoint
 
     start = time.perf_counter()
     convert_checkpoint(

@@ -27,8 +27,8 @@ from rich.cells import cell_len
 from rich.console import Console
 from rich.text import Text
 
-from convert.cli import convert_command
-from convert.errors import ConversionError
+from .convert.cli import convert_command
+from .convert.errors import ConversionError
 
 from .config import ConfigError, ModelConfig
 from .constrained import edit as rewrite_span

@@ -53,7 +53,7 @@ def model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def quantized_dir(model_dir, tmp_path_factory) -> Path:
     """The same checkpoint converted to MLX, experts at 4 bits."""
-    from convert import convert_checkpoint
+    from mlx_dgemma.convert import convert_checkpoint
 
     return convert_checkpoint(model_dir, tmp_path_factory.mktemp("cli") / "q4", dtype="float32", bits=4)
 

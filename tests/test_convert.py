@@ -19,10 +19,10 @@ from checkpoints import build_reference_model, save_reference_checkpoint
 from safetensors.numpy import load_file, save_file
 from typer.testing import CliRunner
 
-from convert import ConversionError, convert_checkpoint
-from convert.cli import convert_command
-from convert.layout import expected_text_shapes
-from convert.safetensors_header import read_header
+from mlx_dgemma.convert import ConversionError, convert_checkpoint
+from mlx_dgemma.convert.cli import convert_command
+from mlx_dgemma.convert.layout import expected_text_shapes
+from mlx_dgemma.convert.safetensors_header import read_header
 from mlx_dgemma import host_kernels
 from mlx_dgemma.config import ModelConfig
 
@@ -317,7 +317,7 @@ MEMORY_PROBE = textwrap.dedent(
     """
     import json, re, sys
     import mlx.core as mx
-    from convert import convert_checkpoint
+    from mlx_dgemma.convert import convert_checkpoint
 
     def status_kb(field):
         return int(re.search(field + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
@@ -561,7 +561,7 @@ def test_offline_hub_id_fails_fast_with_one_line(tmp_path, monkeypatch):
     assert "nobody-here/no-such-diffusiongemma" in message and "HF_HUB_OFFLINE" in message
     assert "\n" not in message
 
-    app = "import typer; from convert.cli import convert_command; typer.run(convert_command)"
+    app = "import typer; from mlx_dgemma.convert.cli import convert_command; typer.run(convert_command)"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     done = subprocess.run(
         [sys.executable, "-c", app, "nobody-here/no-such-diffusiongemma", str(tmp_path / "out")],

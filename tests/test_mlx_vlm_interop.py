@@ -12,7 +12,7 @@ from mlx.utils import tree_flatten
 from test_precision import agreement, our_logits, reference_logits
 
 import mlx_dgemma
-from convert import convert_checkpoint
+from mlx_dgemma.convert import convert_checkpoint
 
 mlx_vlm_convert = pytest.importorskip("mlx_vlm.convert")
 

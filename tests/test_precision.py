@@ -25,7 +25,7 @@ from checkpoints import build_reference_model, save_reference_checkpoint
 from transformers.cache_utils import DynamicCache
 
 import mlx_dgemma
-from convert import convert_checkpoint
+from mlx_dgemma.convert import convert_checkpoint
 from mlx_dgemma import cpu, sampler
 from mlx_dgemma.sampler import BlockSampler, SamplerSettings, SeededNoise
 

@@ -195,7 +195,7 @@ def _mixed_recipe(bits: int, group_size: int) -> Callable:
     import mlx.nn as nn
 
     try:
-        from convert.quantize import Recipe
+        from mlx_dgemma.convert.quantize import Recipe
 
         recipe = Recipe.parse("mixed", bits, group_size)
 
