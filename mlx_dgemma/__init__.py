@@ -5,6 +5,7 @@ into the cache) -> `Model.denoise` (canvas logits) -> sampler -> text.
 """
 
 from .cache import EncoderCache
+from .backends.cuda import CudaOptions
 from .config import ConfigError, ModelConfig
 from .constrained import FillResult, edit, fill_template, infill
 from .generate import (
@@ -17,19 +18,15 @@ from .generate import (
     generate,
     stream_generate,
 )
-from .kernels import prefer_larger_cuda_graphs
 from .loader import LoadError, load, load_model
 from .model import Model
-from .moe import moe_dispatch, set_moe_dispatch
 from .sampler import Noise, SamplerSettings, SeededNoise
-
-# Before MLX's first launch, which reads the setting (no imported module launches anything).
-prefer_larger_cuda_graphs()
 
 __all__ = [
     "Chat",
     "Commit",
     "ConfigError",
+    "CudaOptions",
     "Done",
     "Draft",
     "EncoderCache",
@@ -48,7 +45,5 @@ __all__ = [
     "infill",
     "load",
     "load_model",
-    "moe_dispatch",
-    "set_moe_dispatch",
     "stream_generate",
 ]

@@ -67,18 +67,30 @@ def span_of_lines(text: str, lines: str) -> tuple[int, int]:
 
 
 def write_in_place(path: Path, text: str) -> Path:
-    """Replace `path` atomically, keeping the old version as `path` + '.bak'. Returns the backup's path."""
+    """Replace `path` atomically, keeping the old version as `path` + '.bak'. Returns the backup's path.
+
+    A failure raises an OSError whose one-line message names `path` (or its backup), never the
+    temporary file, which is removed: that name means nothing to the user.
+    """
     backup = path.with_name(path.name + ".bak")
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    temporary: str | None = None
+    target = path
     try:
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(handle, "w", encoding="utf-8") as file:
             file.write(text)
             file.flush()
             os.fsync(file.fileno())
         shutil.copymode(path, temporary)
+        target = backup
         shutil.copy2(path, backup)
+        target = path
         os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+    except BaseException as error:
+        if temporary is not None:
+            Path(temporary).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            reason = error.strerror or "the write failed"
+            raise OSError(f"cannot write {target}: {reason}") from None
         raise
     return backup

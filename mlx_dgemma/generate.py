@@ -86,18 +86,30 @@ def default_settings(model: Model) -> SamplerSettings:
     return settings or SamplerSettings.from_generation_config({}, model.text_config)
 
 
+def checked_token_ids(ids: Sequence[int], vocab_size: int) -> list[int]:
+    """`ids` as a list, refused when one is outside the vocabulary (an embedding lookup does not check)."""
+    bad = [token for token in ids if not 0 <= token < vocab_size]
+    if bad:
+        raise ValueError(f"token id {bad[0]} is outside the vocabulary (0 to {vocab_size - 1})")
+    return list(ids)
+
+
 def prompt_tokens(
-    tokenizer: TokenizerWrapper, prompt_or_messages: str | Sequence[Message] | Sequence[int], thinking: bool
+    tokenizer: TokenizerWrapper,
+    prompt_or_messages: str | Sequence[Message] | Sequence[int],
+    thinking: bool,
+    vocab_size: int,
 ) -> list[int]:
     """Token ids for a plain prompt (one user turn), a message list, or ids as they are."""
     if isinstance(prompt_or_messages, str):
         prompt_or_messages = [{"role": "user", "content": prompt_or_messages}]
     items = list(prompt_or_messages)
     if items and all(isinstance(item, int) for item in items):
-        return items
+        return checked_token_ids(items, vocab_size)
     if not all(isinstance(item, dict) for item in items) or not items:
         raise ValueError("prompt must be text, a non-empty list of chat messages, or a list of token ids")
-    return encode_text(tokenizer, render_chat(tokenizer, items, add_generation_prompt=True, thinking=thinking))
+    rendered = render_chat(tokenizer, items, add_generation_prompt=True, thinking=thinking)
+    return checked_token_ids(encode_text(tokenizer, rendered), vocab_size)
 
 
 def check_context(model: Model, cached: int, new_prompt: int, settings: SamplerSettings) -> None:
@@ -191,7 +203,7 @@ def stream_generate(
     t_min, t_max, stability_threshold, confidence_threshold, seed, max_new_tokens.
     """
     settings = default_settings(model).updated(**params)
-    ids = prompt_tokens(tokenizer, prompt_or_messages, thinking)
+    ids = prompt_tokens(tokenizer, prompt_or_messages, thinking, model.text_config.vocab_size)
     check_context(model, 0, len(ids), settings)
     turn = _Turn(model, tokenizer, settings, noise)
     with wired_limit(model):

@@ -24,7 +24,10 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .backends.cuda import CudaOptions
 
 from .config import ModelConfig
 from .generate import PREFILL_CHUNK
@@ -134,17 +137,76 @@ def model_bytes(path: str | Path) -> int:
     return sum(file.stat().st_size for file in _safetensors_files(Path(path)))
 
 
-def _read_header(file: Path) -> dict[str, Any]:
+class WeightsFileError(ValueError):
+    """A *.safetensors file that is not one, or is cut short; the message is one line."""
+
+
+# Real headers are a few MB at most; a larger length field is random bytes or corruption.
+MAX_HEADER_BYTES = 100_000_000
+
+
+def read_safetensors_header(file: Path) -> dict[str, Any]:
+    """name -> {dtype, shape, data_offsets} of a safetensors file, checked against the file's size.
+
+    The format: an 8-byte little-endian header length, that many bytes of JSON,
+    then the tensors' data, which each entry's data_offsets locate. Raises
+    `WeightsFileError` when the file is not safetensors or its data is cut short.
+    """
+    size = file.stat().st_size
     with file.open("rb") as handle:
         prefix = handle.read(8)
         if len(prefix) < 8:
-            raise ValueError(f"{file} has no safetensors header")
+            raise WeightsFileError(f"cannot read {file}: {size} bytes, too short for a safetensors file")
         (length,) = struct.unpack("<Q", prefix)
-        if length > min(100_000_000, file.stat().st_size - 8):
-            raise ValueError(f"{file} has a corrupt safetensors header")
-        header = json.loads(handle.read(length))
+        if length > MAX_HEADER_BYTES or 8 + length > size:
+            raise WeightsFileError(
+                f"cannot read {file}: not a safetensors file, or cut short (a {length}-byte header in {size} bytes)"
+            )
+        raw = handle.read(length)
+    try:
+        header = json.loads(raw)
+    except ValueError:  # bad JSON, or bytes that are not UTF-8
+        header = None
+    if not isinstance(header, dict):
+        raise WeightsFileError(f"cannot read {file}: not a safetensors file (its header is not a JSON object)")
     header.pop("__metadata__", None)
+    data_end = max((_data_end(file, name, entry) for name, entry in header.items()), default=0)
+    if 8 + length + data_end > size:
+        raise WeightsFileError(
+            f"cannot read {file}: cut short, {size} bytes on disk where its header needs {8 + length + data_end}"
+        )
     return header
+
+
+def _data_end(file: Path, name: str, entry: Any) -> int:
+    """Where a header entry's data ends (relative to the data section), once the entry is checked."""
+    try:
+        shape = [int(size) for size in entry["shape"]]
+        begin, end = (int(offset) for offset in entry["data_offsets"])
+        dtype = entry["dtype"]
+    except (TypeError, KeyError, ValueError):
+        raise WeightsFileError(f"cannot read {file}: a malformed header entry for tensor {name}") from None
+    count = 1
+    for size in shape:
+        count *= size
+    itemsize = _DTYPE_BYTES.get(dtype)
+    # Dtypes this table lacks (newer float formats) are left to the loader; offsets must still be in order.
+    if min(shape, default=0) < 0 or not 0 <= begin <= end or (itemsize and end - begin != count * itemsize):
+        raise WeightsFileError(
+            f"cannot read {file}: tensor {name}'s data offsets {begin}..{end} do not match its shape {shape}"
+        )
+    return end
+
+
+def check_weights(path: str | Path) -> list[Path]:
+    """The checkpoint's *.safetensors files, each header checked (`read_safetensors_header`); raises
+    `WeightsFileError` for none or a broken one. Reads headers only: instant even for 50 GB."""
+    files = _safetensors_files(Path(path))
+    if not files:
+        raise WeightsFileError(f"no *.safetensors weights in {path}")
+    for file in files:
+        read_safetensors_header(file)
+    return files
 
 
 def _all_tensor_headers(path: Path) -> dict[str, dict[str, Any]] | None:
@@ -152,7 +214,7 @@ def _all_tensor_headers(path: Path) -> dict[str, dict[str, Any]] | None:
     tensors: dict[str, dict[str, Any]] = {}
     try:
         for file in _safetensors_files(path):
-            tensors.update(_read_header(file))
+            tensors.update(read_safetensors_header(file))
     except (OSError, ValueError):
         return None  # the loader reports a broken file with a better message
     return tensors
@@ -349,16 +411,18 @@ def check_fits(path: str | Path, context: int = DEFAULT_CONTEXT) -> MemoryEstima
     return estimate
 
 
-def dense_weights_that_fit(path: str | Path, estimate: MemoryEstimate) -> tuple[str, int]:
-    """`load_model`'s dense_weights for a checkpoint that fits as stored (`estimate`), and the bytes loading so
-    adds: "auto", unless this device dequantizes the dense layers (CUDA) and the extra bytes would not fit,
-    then "quantized" (adding none)."""
-    from .loader import dense_weights_here
+def cuda_options_that_fit(path: str | Path, estimate: MemoryEstimate) -> tuple[CudaOptions | None, int]:
+    """`load_model`'s cuda_options for a checkpoint that fits as stored (`estimate`), and the bytes the CUDA
+    plug-in adds: None (its defaults) where it does not run or its dequantized dense layers fit, else options
+    that keep those layers quantized (adding none)."""
+    from .backends import cuda
 
-    if dense_weights_here("auto") != "dequantized":
-        return "auto", 0
+    if not cuda.available():
+        return None, 0
     extra = dequantized_dense_bytes(path)
-    return ("auto", extra) if estimate.total + extra <= available_memory()[0] else ("quantized", 0)
+    if estimate.total + extra <= available_memory()[0]:
+        return None, extra
+    return cuda.CudaOptions(dequantize_dense=False), 0
 
 
 # ----------------------------------------------------------------- descriptions

@@ -11,36 +11,33 @@ from reference_sampler import reference_noise
 from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig
 
 import mlx_dgemma
-from mlx_dgemma import cpu, layers, moe, sampler
-from mlx_dgemma import model as model_module
+from mlx_dgemma.backends import cuda
 from mlx_dgemma.sampler import BlockSampler, SamplerSettings, SeededNoise
 
 EOS, PAD = 1, 0
 
-
-@pytest.fixture(autouse=True, params=["default", "3 row blocks", "GPU code path"])
-def row_blocks(request, monkeypatch):
-    """Every parity test runs as this machine splits the canvas, again cut into 3 blocks on 3 CPU streams,
-    and again down the code path a GPU takes (one block, fused step math, every position drawn, the
-    next step launched ahead, tanh soft-cap, CUDA's grouped attention, gathered MoE, each decoder layer as two
-    compiled graphs around its attention), here on the CPU."""
-    if request.param == "3 row blocks":
-        monkeypatch.setattr(cpu, "block_count", lambda length: 3)
-    elif request.param == "GPU code path":
-        for module in (cpu, layers, moe, sampler, model_module):
-            monkeypatch.setattr(module, "on_cpu", lambda: False)
-        monkeypatch.setattr(model_module, "COMPILE_LAYERS", True)
-        monkeypatch.setattr(layers, "on_cuda", lambda: True)  # CUDA's grouped attention
+# The CUDA plug-in's replacements that are plain MLX (grouped attention; dense layers merged: a float checkpoint
+# has nothing to dequantize), which any backend can run.
+PORTABLE_PLUGIN = cuda.CudaOptions(fused_experts=False, router_kernel=False)
 
 
 @pytest.fixture(scope="module", params=["heads of 16", "heads of 32"])
-def pair(request, tmp_path_factory):
-    """The small shape, and with heads of 32 (64 on the full layers), which the CPU's C attention takes."""
+def checkpoint(request, tmp_path_factory):
+    """The small shape, and with heads of 32 (64 on the full layers)."""
     wide = dict(head_dim=32, global_head_dim=64) if request.param == "heads of 32" else {}
     reference = build_reference_model(seed=11, **wide).eval()
     reference.config._attn_implementation = "eager"
-    path = save_reference_checkpoint(reference, tmp_path_factory.mktemp("sampler"))
-    return reference, mlx_dgemma.load_model(path)
+    return reference, save_reference_checkpoint(reference, tmp_path_factory.mktemp("sampler"))
+
+
+@pytest.fixture(scope="module", params=["the core graph", "with the CUDA plug-in's portable parts"])
+def pair(request, checkpoint):
+    """Every parity test runs on the graph every backend runs, and again with the plug-in's MLX-only parts."""
+    reference, path = checkpoint
+    model = mlx_dgemma.load_model(path)
+    if request.param != "the core graph":
+        cuda.apply(model, PORTABLE_PLUGIN)
+    return reference, model
 
 
 def run_reference(reference, ids, mask, noise, settings: SamplerSettings):
@@ -163,32 +160,13 @@ class ProtocolOnlyNoise:
         return self.inner.gumbel(canvas, step, shape)
 
 
-class RowsAtNoise(ProtocolOnlyNoise):
-    """A noise source with `gumbel_at` too, but not `gumbel_rows`."""
-
-    def gumbel_at(self, canvas, step, shape, positions):
-        return self.inner.gumbel_at(canvas, step, shape, positions)
-
-
-@pytest.mark.parametrize("source", [ProtocolOnlyNoise, RowsAtNoise])
-def test_noise_without_gumbel_rows_draws_the_same_tokens(pair, source):
-    """A user's noise source draws what SeededNoise's chunked path does: with the protocol's two methods one whole
-    draw is asked per step; with `gumbel_at` the CPU asks for the accepted rows only (made whole on the main
-    thread), while a GPU still draws every position."""
+def test_a_noise_source_of_the_protocol_draws_the_same_tokens(pair):
+    """A user's noise source is asked for one whole draw per step and gives SeededNoise's tokens."""
     _, ours = pair
     settings = SamplerSettings(steps=5, max_new_tokens=16, stability_threshold=0)
-    ids, noise = prompt(4, batch=2), source(4)
+    ids, noise = prompt(4, batch=2), ProtocolOnlyNoise(4)
     tokens, _, _ = run_ours(ours, ids, None, noise, settings)
     expected, _, _ = run_ours(ours, ids, None, SeededNoise(4), settings)
     np.testing.assert_array_equal(tokens, expected)
-    # One whole draw per step where one is asked for (the last step's speculative successor is never launched).
-    whole_draws = source is ProtocolOnlyNoise or not sampler.on_cpu()
-    assert noise.gumbel_calls == ([(0, step) for step in range(1, 6)] if whole_draws else [])
-
-
-def test_drawn_rows_are_rows_of_the_whole_draw():
-    noise, shape = SeededNoise(9), (2, 20, 33)
-    whole = np.array(noise.gumbel(1, 4, shape)).reshape(-1, 33)
-    for positions in ([0], [39], [3, 21, 7], list(range(40))):
-        drawn = noise.gumbel_at(1, 4, shape, mx.array(positions))
-        np.testing.assert_array_equal(np.array(drawn), whole[positions])
+    # The last step's speculative successor is never launched.
+    assert noise.gumbel_calls == [(0, step) for step in range(1, 6)]

@@ -17,7 +17,7 @@ from .layout import Role, classify, expected_text_shapes
 from .quantize import Recipe, convert_tensor, module_path, parse_dtype
 from .safetensors_header import TensorInfo
 from .source import SIDE_FILES, SourceCheckpoint, resolve_source
-from .writer import DEFAULT_MAX_SHARD_BYTES, ShardWriter, make_staging_dir, publish
+from .writer import DEFAULT_MAX_SHARD_BYTES, ShardWriter, publish, remove_stale_dirs, staging_dir
 
 Progress = Callable[[int, int, str], None]
 
@@ -52,6 +52,8 @@ def convert_checkpoint(
     if max_shard_bytes <= 0:
         raise ConversionError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
     dst = Path(dst).expanduser()
+    # First, as it may put back an old DST that a killed run had moved aside.
+    remove_stale_dirs(dst)
     if (dst.exists() or dst.is_symlink()) and not force:
         raise ConversionError(f"{dst} exists; pass --force to overwrite")
     root = resolve_source(src, revision)
@@ -59,16 +61,12 @@ def convert_checkpoint(
     source = SourceCheckpoint.open(root)
     plan = plan_tensors(source, plan_recipe, text_only)
 
-    staging = make_staging_dir(dst)
-    try:
+    with staging_dir(dst) as staging:
         module_bits = write_tensors(plan, staging, target_dtype, plan_recipe, max_shard_bytes, progress)
         config = output_config(source.raw_config, plan_recipe, module_bits, dtype, text_only)
         _write_json(staging / "config.json", config)
         copy_side_files(root, staging)
         publish(staging, dst)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return dst
 
 

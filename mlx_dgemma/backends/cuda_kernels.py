@@ -2,7 +2,7 @@
 
 MLX's CUDA `gather_qmm` multiplies one row at a time, reading the expert's
 weights again for every row; at the released shape that is most of a step.
-Here the rows come in tiles that share an expert (`moe.tile_layout`), and one
+Here the rows come in tiles that share an expert (a layout kernel of its own), and one
 thread block multiplies a whole tile by 128 of the expert's output columns on
 the tensor cores (`mma.sync` m16n8k16, bf16 in, float32 accumulation), so the
 weights are read once per tile.
@@ -29,7 +29,6 @@ says when.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from functools import cache
 
@@ -83,31 +82,11 @@ __device__ __forceinline__ uint32_t dg_pair(const uint32_t* p, int j) {
 """
 
 
-# Ops per CUDA graph that MLX records before launching it (MLX's default is 20). A step of ours is about two
-# thousand ops and its time on the H200 is the host's; at 100 the host took 16 against 20 ms to queue a step
-# (bench/RESULTS.md).
-CUDA_OPS_PER_GRAPH = 100
-
-
-def prefer_larger_cuda_graphs() -> None:
-    """Under CUDA, let MLX record CUDA_OPS_PER_GRAPH ops per graph unless the user set MLX_MAX_OPS_PER_BUFFER.
-
-    MLX reads the variable once, at its first launch: this runs when mlx_dgemma is imported. Elsewhere (Metal,
-    the CPU) nothing changes.
-    """
-    cuda = getattr(mx, "cuda", None)
-    if cuda is not None and cuda.is_available():
-        os.environ.setdefault("MLX_MAX_OPS_PER_BUFFER", str(CUDA_OPS_PER_GRAPH))
-
-
-def on_cuda() -> bool:
-    """Whether MLX's default device is a CUDA GPU."""
-    return mx.default_device().type == mx.gpu and mx.cuda.is_available()
-
-
 def available() -> bool:
     """Whether the kernels can run here: MLX's default device is a CUDA GPU with bf16 `mma.sync` (sm_80 and up)."""
-    return on_cuda() and _compute_capability() >= 8
+    cuda = getattr(mx, "cuda", None)
+    on_cuda = mx.default_device().type == mx.gpu and cuda is not None and cuda.is_available()
+    return on_cuda and _compute_capability() >= 8
 
 
 @cache
@@ -117,7 +96,7 @@ def _compute_capability() -> int:
 
 
 def layout_tiles(entries: int, experts: int, tile_rows: int) -> int:
-    """Tiles in the tiled buffer of `entries` (token, choice) pairs: room for any routing (see moe.tile_layout)."""
+    """Tiles in the tiled buffer of `entries` (token, choice) pairs: room for any routing ."""
     return -(-(entries + experts * (tile_rows - 1)) // tile_rows)
 
 
@@ -454,7 +433,7 @@ _STAGED_MATMUL_SOURCE = """
 """
 
 # One block. Entries (token, choice) are counted per expert, each expert's rows start at a multiple of TILE
-# (the same layout as moe.tile_layout), and each entry takes the next free row of its expert. Which row an entry
+# , and each entry takes the next free row of its expert. Which row an entry
 # gets inside its expert depends on the order of the atomic adds; no result does, since every row is multiplied
 # on its own and each token's results are combined in choice order.
 _LAYOUT_SOURCE = """
@@ -588,9 +567,8 @@ COMBINE_THREADS = 64
 ROUTER_THREADS = 128
 
 
-# Which matmul the fused pipeline uses: "staged" (operands through shared memory; where its static shared
-# memory fits) or "registers".
-FUSED_MATMUL = "staged"
+# The fused pipeline's matmul takes its operands through shared memory where its static shared memory fits
+# ("staged"), else straight into registers.
 _STATIC_SHARED_BYTES = 48 * 1024
 
 
@@ -664,7 +642,7 @@ def fused_experts(
     def tile_matmul(rows: mx.array, layer, glu: bool) -> mx.array:
         _, columns, words = layer.weight.shape
         depth = words * 8
-        staged = FUSED_MATMUL == "staged" and staged_fits(depth, tile_rows)
+        staged = staged_fits(depth, tile_rows)
         return _compiled(FUSED_QMM["staged" if staged else "registers"])(
             inputs=[rows, layer.weight, layer.scales, layer.biases, tile_experts, used, sources],
             template=[
