@@ -19,12 +19,12 @@ from checkpoints import build_reference_model, save_reference_checkpoint
 from safetensors.numpy import load_file, save_file
 from typer.testing import CliRunner
 
+from mlx_dgemma import host_kernels
+from mlx_dgemma.config import ModelConfig
 from mlx_dgemma.convert import ConversionError, convert_checkpoint
 from mlx_dgemma.convert.cli import convert_command
 from mlx_dgemma.convert.layout import expected_text_shapes
 from mlx_dgemma.convert.safetensors_header import read_header
-from mlx_dgemma import host_kernels
-from mlx_dgemma.config import ModelConfig
 
 # Dimensions divisible by 32/64 so that most linears quantize; experts.down_proj
 # (last dim 64) stays float at group size 128.
