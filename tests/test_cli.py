@@ -30,6 +30,8 @@ from tokenizer_fixture import write_tokenizer
 
 import mlx_dgemma.memory as memory
 from mlx_dgemma import cli
+from mlx_dgemma.cli import common, views
+from mlx_dgemma.cli import info as info_command
 from mlx_dgemma.config import ModelConfig
 
 CONTEXT = 256  # the test checkpoints' max_position_embeddings: small, so "beyond the context" is cheap
@@ -203,6 +205,10 @@ def test_chat_in_a_terminal(model_dir, env, tmp_path):
         term.send("\x03")
         assert b"reply interrupted" in term.expect(r"interrupted[^\n]*")
         term.expect(PROMPT, timeout=10)
+        # /stats speaks of the interrupted reply, not of the one before it.
+        term.send("/stats\r")
+        stats = term.expect(PROMPT)
+        assert b"the last reply was interrupted: no statistics" in stats and b"finish_reason" not in stats
 
         # The conversation survived; the next turn works.
         term.send("/set steps=4 max_tokens=16\r")
@@ -392,9 +398,9 @@ def test_info(model_dir, quantized_dir, capsys):
 
 
 def test_info_counts_the_dense_layers_cuda_dequantizes(quantized_dir, capsys, monkeypatch):
-    from mlx_dgemma import loader
+    from mlx_dgemma.backends import cuda
 
-    monkeypatch.setattr(loader, "on_cuda", lambda: True)
+    monkeypatch.setattr(cuda, "available", lambda: True)
     code, out, _ = run_main(capsys, "info", "--json", str(quantized_dir))
     facts = json.loads(out)["memory"]
     assert code == 0 and facts["dense_layers"] == "dequantized"
@@ -405,7 +411,7 @@ def test_info_counts_the_dense_layers_cuda_dequantizes(quantized_dir, capsys, mo
 
 
 def test_info_says_when_a_model_does_not_fit(model_dir, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "available_memory", lambda: (500, "test memory"))
+    monkeypatch.setattr(info_command, "available_memory", lambda: (500, "test memory"))
     code, out, _ = run_main(capsys, "info", str(model_dir))
     assert code == 0
     assert "500 B (test memory): does NOT fit" in out
@@ -427,22 +433,26 @@ def test_cuda_keeps_dense_layers_quantized_when_dequantized_would_not_fit(
     model_dir, quantized_dir, capsys, monkeypatch, room
 ):
     """Under CUDA the dense layers are dequantized at load, unless that would not fit: then they stay quantized."""
-    from mlx_dgemma import loader
+    from mlx_dgemma.backends import cuda
 
-    monkeypatch.setattr(loader, "on_cuda", lambda: True)
+    monkeypatch.setattr(cuda, "available", lambda: True)
     extra = memory.dequantized_dense_bytes(quantized_dir)
     assert extra > 0 and memory.dequantized_dense_bytes(model_dir) == 0
     needed = memory.check_fits(quantized_dir).total
     available = needed + (2 * extra if room == "both" else extra // 2)
     monkeypatch.setattr(memory, "available_memory", lambda: (available, "test memory"))
     asked = []
-    real_load = cli.load
-    monkeypatch.setattr(cli, "load", lambda path, **kwargs: asked.append(kwargs) or real_load(path, **kwargs))
+
+    def load(path, **kwargs):  # the choice is all this test needs: the CUDA plug-in cannot run here
+        asked.append(kwargs)
+        raise ValueError("stopped before loading")
+
+    monkeypatch.setattr(common, "load", load)
     notes = []
-    monkeypatch.setattr(cli, "_status", notes.append)  # shown only on a terminal
-    code, out, _ = run_main(capsys, "generate", "--model", str(quantized_dir), *FAST, "hi")
-    assert code == 0 and out.strip()
-    assert asked == [{"dense_weights": "auto" if room == "both" else "quantized"}]
+    monkeypatch.setattr(common, "status", notes.append)  # shown only on a terminal
+    code, _, err = run_main(capsys, "generate", "--model", str(quantized_dir), *FAST, "hi")
+    assert_one_line_error(code, err, "stopped before loading")
+    assert asked == [{"cuda_options": None if room == "both" else cuda.CudaOptions(dequantize_dense=False)}]
     assert any("keeping the dense layers quantized" in note for note in notes) == (room == "only quantized")
 
 
@@ -475,7 +485,7 @@ def test_dequantized_dense_bytes_is_what_loading_adds(quantized_dir):
 
 def test_a_model_too_big_for_the_machine_is_refused_before_loading(model_dir, capsys, monkeypatch):
     monkeypatch.setattr(memory, "available_memory", lambda: (500, "test memory"))
-    monkeypatch.setattr(cli, "load", lambda *a, **k: pytest.fail("loaded a model that cannot fit"))
+    monkeypatch.setattr(common, "load", lambda *a, **k: pytest.fail("loaded a model that cannot fit"))
     code, _, err = run_main(capsys, "generate", "--model", str(model_dir), *FAST, "hi")
     assert_one_line_error(code, err, "more than this machine's 500 B (test memory)")
 
@@ -554,7 +564,7 @@ def test_default_model_offline_names_the_way_out(env, tmp_path):
     err = result.stderr.decode()
     assert result.returncode == 1
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
-    assert cli.DEFAULT_MODEL in err and "--model PATH" in err and "HF_HUB_OFFLINE" in err
+    assert cli.DEFAULT_MODEL in err and "pass a local checkpoint directory" in err and "HF_HUB_OFFLINE" in err
 
 
 # ---------------------------------------------------------------- help
@@ -582,7 +592,7 @@ def test_help(command, options, capsys, monkeypatch):
 
 
 def test_parse_assignments():
-    assert cli.parse_assignments(["steps=8", "T-MIN=0.25", "max_tokens=5", "entropy_bound=1"]) == {
+    assert common.parse_assignments(["steps=8", "T-MIN=0.25", "max_tokens=5", "entropy_bound=1"]) == {
         "steps": 8,
         "t_min": 0.25,
         "max_new_tokens": 5,
@@ -596,7 +606,7 @@ def test_parse_assignments():
         ("seed=-1", ">= 0"),
     ]:
         with pytest.raises(ValueError, match=message):
-            cli.parse_assignments([bad])
+            common.parse_assignments([bad])
 
 
 def render(stream: str, width: int) -> list[str]:
@@ -640,9 +650,9 @@ def render(stream: str, width: int) -> list[str]:
 
 @pytest.mark.parametrize("width", [12, 20, 80])
 def test_drafts_are_redrawn_in_place_and_leave_only_the_committed_text(width, monkeypatch):
-    monkeypatch.setattr(cli.shutil, "get_terminal_size", lambda *a: os.terminal_size((width, 8)))
+    monkeypatch.setattr(views.shutil, "get_terminal_size", lambda *a: os.terminal_size((width, 8)))
     out = io.StringIO()
-    view = cli._LiveReply(out)
+    view = views.LiveReply(out)
     view.start()
     commits = ["Once upon a time, ", "x" * (width - len("Once upon a time, ") % width), "there was\na canvas.\n", "End"]
     drafts = ["short", "a draft much longer than one row of this terminal " * 3, "two\nlines", "\x1b[31mred?", ""]
@@ -659,13 +669,13 @@ def test_drafts_are_redrawn_in_place_and_leave_only_the_committed_text(width, mo
 
 def test_thinking_is_dimmed_before_the_answer():
     out = io.StringIO()
-    view = cli._PlainReply(out, style=True)
+    view = views.PlainReply(out, style=True)
     view.commit("", "Let me think.")
     view.commit("Answer", "")
     view.finish()
-    assert out.getvalue() == f"{cli.DIM}Let me think.{cli.UNDIM}\n\nAnswer\n"
+    assert out.getvalue() == f"{views.DIM}Let me think.{views.UNDIM}\n\nAnswer\n"
     plain = io.StringIO()
-    view = cli._PlainReply(plain, style=False)
+    view = views.PlainReply(plain, style=False)
     view.commit("Yes", "Hmm. ")
     view.finish()
     assert plain.getvalue() == "Hmm. \n\nYes\n"
@@ -730,3 +740,225 @@ def test_bad_positions_and_spans(args, fragment, model_dir, tmp_path, capsys):
     code, _, err = run_main(capsys, *filled, "-m", str(model_dir))
     assert_one_line_error(code, err, fragment)
     assert path.read_text() == SOURCE
+
+
+# ---------------------------------------------------------------- prompts that are not UTF-8
+
+
+def test_a_prompt_that_is_not_utf8_is_one_line(model_dir, env):
+    """As an argument or on stdin: one error line and exit 1, not the tokenizer's traceback."""
+    as_argument = subprocess.run(
+        [*dgemma("generate", "--model", str(model_dir), *FAST), b"caf\xe9"], capture_output=True, env=env
+    )
+    on_stdin = subprocess.run(
+        dgemma("generate", "--model", str(model_dir), *FAST), input=b"caf\xe9\n", capture_output=True, env=env
+    )
+    for result in (as_argument, on_stdin):
+        assert result.stdout == b""
+        assert_one_line_error(result.returncode, result.stderr.decode(), "the prompt is not valid UTF-8 (byte 0xe9")
+
+
+def test_a_prompt_that_is_not_utf8_on_a_strict_stdin(model_dir, capsys, monkeypatch):
+    """A stdin that decodes strictly (no surrogateescape) gives the same one line."""
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"caf\xe9\n"), encoding="utf-8", errors="strict"))
+    code, out, err = run_main(capsys, "generate", "--model", str(model_dir), *FAST)
+    assert_one_line_error(code, err, "the prompt is not valid UTF-8")
+    assert out == ""
+
+
+def test_chat_refuses_a_line_that_is_not_utf8_and_goes_on(model_dir, env):
+    """Piped (or typed where line editing passes bytes through): an error line per bad line, then the next turn.
+
+    GNU readline on a UTF-8 terminal drops undecodable bytes itself, so a terminal shows no such line.
+    """
+    script = b"caf\xe9 au lait\n/system \xff\nhello there\n/history\n/quit\n"
+    result = subprocess.run(
+        dgemma("chat", "--model", str(model_dir), *FAST), input=script, capture_output=True, env=env
+    )
+    out, err = result.stdout.decode(), result.stderr.decode()
+    assert result.returncode == 0, err
+    errors = err.strip().splitlines()
+    assert len(errors) == 2 and all(line.startswith("error: the line is not valid UTF-8") for line in errors), err
+    assert len(re.findall(STATS, out)) == 1  # the valid line got its reply
+    assert "user: hello there" in out and "user: caf" not in out and "system:" not in out
+
+
+# ---------------------------------------------------------------- /stats after an interrupted reply
+
+
+class _FakeChat:
+    """Replies from a script: a Done result, or a KeyboardInterrupt part-way (as Ctrl-C raises it)."""
+
+    def __init__(self, script):
+        self.script = list(script)
+        self.messages = []
+
+    def stream(self, text, drafts=False):
+        from mlx_dgemma.generate import Commit, Done, GenerationResult, GenerationStats
+
+        outcome = self.script.pop(0)
+        yield Commit(text="partial ", thinking="", tokens=[1, 2])
+        if outcome == "interrupt":
+            raise KeyboardInterrupt
+        yield Done(GenerationResult("partial ", "", [1, 2], "stop", GenerationStats(generation_tokens=2)))
+
+
+def test_stats_after_an_interrupted_reply_are_not_the_previous_replys():
+    from mlx_dgemma.cli.chat import ChatRepl
+
+    out = io.StringIO()
+    repl = ChatRepl(_FakeChat(["done", "interrupt"]), out, live=False, interactive=False)
+    repl.command("/stats")
+    assert "no reply yet" in out.getvalue()
+    repl.reply("first")
+    repl.command("/stats")
+    assert "last reply   2 tokens, finish_reason stop" in out.getvalue()
+    out.truncate(0)
+    repl.reply("second")
+    assert "reply interrupted" in out.getvalue()
+    repl.command("/stats")
+    shown = out.getvalue()
+    assert "the last reply was interrupted: no statistics" in shown and "finish_reason" not in shown
+
+
+# ---------------------------------------------------------------- broken weight files
+
+
+def _with_weights(model_dir: Path, root: Path, data: bytes) -> Path:
+    """A copy of the checkpoint whose model.safetensors holds `data`."""
+    root.mkdir()
+    for file in model_dir.iterdir():
+        (root / file.name).write_bytes(data if file.name == "model.safetensors" else file.read_bytes())
+    return root
+
+
+def _header(entries: dict) -> bytes:
+    raw = json.dumps(entries).encode()
+    return struct.pack("<Q", len(raw)) + raw
+
+
+@pytest.mark.parametrize(
+    ("weights", "fragment"),
+    [
+        (lambda good: os.urandom(len(good) // 4), "not a safetensors file"),
+        (lambda good: good[: len(good) // 2], "cut short"),
+        (lambda good: good[:5], "too short for a safetensors file"),
+        (lambda good: struct.pack("<Q", 12) + b"{not json!!}" + b"\0" * 64, "header is not a JSON object"),
+        (lambda good: _header({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 12]}}) + b"\0" * 16, "w's"),
+        (lambda good: _header({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}) + b"\0" * 8, "cut short"),
+        (lambda good: _header({"w": {"shape": [4]}}), "malformed header entry for tensor w"),
+    ],
+    ids=["random-bytes", "truncated", "shorter-than-8-bytes", "not-json", "offsets-vs-shape", "data-cut", "malformed"],
+)
+def test_info_refuses_broken_weights(weights, fragment, model_dir, tmp_path, capsys):
+    """No "fits" for a file that is not a whole safetensors file: one line, exit 1 (and so for generate)."""
+    broken = _with_weights(model_dir, tmp_path / "broken", weights((model_dir / "model.safetensors").read_bytes()))
+    code, out, err = run_main(capsys, "info", str(broken))
+    assert_one_line_error(code, err, fragment)
+    assert "model.safetensors" in err and out == ""
+    code, out, err = run_main(capsys, "generate", "--model", str(broken), *FAST, "hi")
+    assert_one_line_error(code, err, fragment)
+
+
+def test_info_refuses_a_checkpoint_without_weights(model_dir, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.json").write_bytes((model_dir / "config.json").read_bytes())
+    code, _, err = run_main(capsys, "info", str(empty))
+    assert_one_line_error(code, err, "no *.safetensors weights in")
+
+
+def test_the_header_check_reads_what_safetensors_reads(model_dir, quantized_dir):
+    from safetensors import safe_open
+
+    for path in (model_dir, quantized_dir):
+        for file in memory.check_weights(path):
+            header = memory.read_safetensors_header(file)
+            with safe_open(str(file), "np") as handle:
+                assert set(header) == set(handle.keys())
+                assert all(list(handle.get_slice(name).get_shape()) == header[name]["shape"] for name in header)
+
+
+# ---------------------------------------------------------------- a mistyped local path
+
+
+@pytest.mark.parametrize("command", [["info"], ["convert"], ["generate", "hi", "--model"]])
+def test_a_mistyped_path_is_named_as_such(command, env, tmp_path):
+    """`ck/q4x` reads as a repo id; the error says there is no such directory, with a hint every command can take."""
+    env = {**env, "HF_HOME": str(tmp_path / "hf")}
+    args = [*command, "ck/q4x"] + ([str(tmp_path / "out")] if command == ["convert"] else [])
+    result = subprocess.run(dgemma(*args), capture_output=True, env=env, cwd=tmp_path)
+    err = result.stderr.decode()
+    assert_one_line_error(result.returncode, err, "there is no local directory ck/q4x")
+    assert "pass a local checkpoint directory" in err and "--model" not in err and "Error" not in err
+
+
+def test_an_unreachable_hub_is_named_without_the_exception_class(monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from mlx_dgemma.loader import LoadError, resolve_model_path
+
+    def unreachable(*args, **kwargs):
+        raise LocalEntryNotFoundError("An error happened while trying to locate the files on the Hub ...")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", unreachable)
+    with pytest.raises(LoadError) as raised:
+        resolve_model_path("ck/q4x")
+    message = str(raised.value)
+    assert "there is no local directory ck/q4x" in message and "the hub cannot be reached" in message
+    assert "LocalEntryNotFoundError" not in message and "--model" not in message
+
+
+# ---------------------------------------------------------------- a failed --in-place write
+
+
+@pytest.mark.parametrize("failure", ["read-only directory", "mkstemp refused"])
+def test_a_failed_in_place_write_keeps_the_result(failure, model_dir, tmp_path, capsys, monkeypatch):
+    """The generated text goes to stdout, the error names the file (not the temporary one), FILE is unchanged."""
+    import mlx_dgemma.files as files
+
+    folder = tmp_path / "src"
+    folder.mkdir()
+    path = folder / "code.py"
+    path.write_text(SOURCE)
+    if failure == "read-only directory":
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only directories")
+        folder.chmod(0o555)
+    else:  # what mkstemp raises in a read-only directory, for root too
+
+        def refused(prefix, suffix, dir):
+            raise PermissionError(13, "Permission denied", f"{dir}/{prefix}k2j4h6{suffix}")
+
+        monkeypatch.setattr(files, "tempfile", type("T", (), {"mkstemp": staticmethod(refused)}))
+    args = ["infill", str(path), "--at", "4", "--tokens", "6", "-m", str(model_dir), "--steps", "3"]
+    try:
+        code, out, err = run_main(capsys, *args, "--in-place")
+    finally:
+        folder.chmod(0o755)
+    assert_one_line_error(code, err, f"cannot write {path}: Permission denied")
+    assert ".tmp" not in err and "stdout" in err
+    assert out == run_main(capsys, *args)[1]  # the result, as without --in-place
+    assert path.read_text() == SOURCE and sorted(p.name for p in folder.iterdir()) == ["code.py"]
+
+
+# ---------------------------------------------------------------- --version and the default model in --help
+
+
+def test_version(capsys):
+    from importlib.metadata import version
+
+    code, out, err = run_main(capsys, "--version")
+    assert code == 0 and err == ""
+    assert out.strip() == f"dgemma (mlx-dgemma) {version('mlx-dgemma')}"
+
+
+@pytest.mark.parametrize("command", ["chat", "generate", "info", "infill", "edit"])
+def test_help_shows_the_default_model_in_full_at_80_columns(command, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    code, out, _ = run_main(capsys, command, "--help")
+    assert code == 0
+    assert cli.DEFAULT_MODEL in out
+    assert max(len(line) for line in out.splitlines()) <= 80
