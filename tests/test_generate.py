@@ -165,6 +165,17 @@ def test_prompt_beyond_the_context_is_refused_before_work(checkpoint):
         generate(model, tokenizer, [int(i) for i in long_ids], max_new_tokens=64)
 
 
+@pytest.mark.parametrize("token", [999999, -1, "vocab_size"])
+def test_token_ids_outside_the_vocabulary_are_refused(checkpoint, token):
+    """An id past the embedding table is refused up front: the lookup itself would read out of bounds."""
+    _, model, tokenizer, _ = checkpoint
+    token = model.text_config.vocab_size if token == "vocab_size" else token
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        generate(model, tokenizer, [5, token], max_new_tokens=16, steps=2)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        generate(model, tokenizer, [token])
+
+
 def test_chunked_prefill_equals_one_pass(checkpoint):
     _, model, _, _ = checkpoint
     ids = mx.array(np.random.default_rng(1).integers(30, 300, size=(1, 45)))

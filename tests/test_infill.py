@@ -9,19 +9,11 @@ from checkpoints import build_reference_model, save_reference_checkpoint
 from tokenizer_fixture import write_tokenizer
 
 import mlx_dgemma
-from mlx_dgemma import cpu
 from mlx_dgemma.constrained import edit, fill_template, infill, parse_template
 from mlx_dgemma.sampler import BlockSampler, Pins, SamplerSettings, SeededNoise, StepDraft
 from mlx_dgemma.tokenizer import encode_text
 
 CANVAS = 16
-
-
-@pytest.fixture(autouse=True, params=["default", "3 row blocks"])
-def row_blocks(request, monkeypatch):
-    """Every test runs as this machine cuts the canvas, and again in 3 row blocks (pins drawn per block)."""
-    if request.param != "default":
-        monkeypatch.setattr(cpu, "block_count", lambda length: min(3, length))
 
 
 @pytest.fixture(scope="module")
@@ -32,22 +24,22 @@ def loaded(tmp_path_factory):
 
 
 class Recorder:
-    """Wraps the decoder call (model.denoise_hidden) to record every canvas the model is given."""
+    """Wraps the decoder call (model.denoise) to record every canvas the model is given."""
 
     def __init__(self, model):
         self.model, self.inputs = model, []
-        self._denoise = model.denoise_hidden
+        self._denoise = model.denoise
 
     def __enter__(self):
         def recording(canvas, cache, *args, **kwargs):
             self.inputs.append(np.array(canvas))
             return self._denoise(canvas, cache, *args, **kwargs)
 
-        self.model.denoise_hidden = recording
+        self.model.denoise = recording
         return self
 
     def __exit__(self, *exc):
-        del self.model.denoise_hidden
+        del self.model.denoise
 
 
 def test_pinned_positions_never_change(loaded):
@@ -126,13 +118,12 @@ def test_eos_and_pad_in_free_positions_mean_nothing(loaded):
     eos = model.generation_settings.eos_token_ids[0]
     always_eos = mx.full((vocab,), -30.0).at[eos].add(60.0)
 
-    model.head = lambda hidden: mx.broadcast_to(always_eos, (*hidden.shape[:2], vocab))
-    # The CPU's sampler runs the head in C on the packed table; without one it calls `head`.
-    model.host_embedding = lambda dtype: None
+    # A head that always predicts EOS: every free position's draw and argmax is EOS.
+    model.logits = lambda hidden: mx.broadcast_to(always_eos, (*hidden.shape[:2], vocab))
     try:
         result = fill_template(model, tokenizer, "x", "A{{hole:4}}B", steps=3)
     finally:
-        del model.head, model.host_embedding
+        del model.logits
     assert result.fills == [""] and result.text == "AB" and result.tokens == []
 
 

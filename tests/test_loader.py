@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import mlx.core as mx
 import pytest
 from checkpoints import build_reference_model, save_reference_checkpoint
 
@@ -40,6 +41,18 @@ def test_weights_that_do_not_match_the_config(checkpoint, tmp_path):
     assert "do not match config.json" in one_line(raised.value)
 
 
+def test_a_missing_tensor_is_named(checkpoint, tmp_path):
+    broken = shutil.copytree(checkpoint, tmp_path / "missing")
+    (file,) = broken.glob("*.safetensors")
+    weights = mx.load(str(file))
+    missing = "model.decoder.layers.2.self_attn.k_norm.weight"
+    del weights[missing]
+    mx.save_safetensors(str(file), weights, metadata={"format": "pt"})
+    with pytest.raises(LoadError) as raised:
+        mlx_dgemma.load_model(broken)
+    assert "do not match config.json" in one_line(raised.value) and missing in str(raised.value)
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
@@ -66,7 +79,7 @@ def test_missing_directory_and_offline_hub(monkeypatch, tmp_path):
     with pytest.raises(LoadError) as raised:
         resolve_model_path("someone/not-cached-anywhere")
     text = one_line(raised.value)
-    assert "--model PATH" in text and "HF_HUB_OFFLINE" in text
+    assert "local checkpoint directory" in text and "HF_HUB_OFFLINE" in text
 
 
 def test_both_config_spellings_give_the_same_shapes(tmp_path):

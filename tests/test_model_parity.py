@@ -1,32 +1,32 @@
 """The MLX model against the transformers reference on random-weight checkpoints.
 
-Float32 checkpoints: logits and encoder caches to 1e-4 absolute.
+Float32 checkpoints: logits and encoder caches to 1e-4 absolute, on the graph every backend runs and again with
+the CUDA plug-in's pure-MLX parts applied. A quantized checkpoint: the plug-in's dequantized, merged dense layers
+give the quantized core model's logits to float32 rounding.
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
-from checkpoints import build_reference_model, save_reference_checkpoint
+from checkpoints import SMALL_TEXT, build_reference_model, save_reference_checkpoint
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 from transformers.cache_utils import DynamicCache
 
 import mlx_dgemma
-from mlx_dgemma import cpu, host_vocab, moe, set_moe_dispatch
-from mlx_dgemma import layers as layers_module
-from mlx_dgemma import model as model_module
-from mlx_dgemma.host_kernels import PackedEmbedding, PackedLinear, PackedSwitchLinear, panel_width
+from mlx_dgemma.backends import cuda
+from mlx_dgemma.config import ModelConfig
+from mlx_dgemma.convert import convert_checkpoint
+from mlx_dgemma.model import Attention, expected_embedding
 
 TOLERANCE = 1e-4
 
-
-@pytest.fixture(autouse=True, params=["default", "3 row blocks"])
-def row_blocks(request, monkeypatch):
-    """Every test runs as this machine cuts the positions, and again in 3 row blocks on 3 CPU streams
-    (encoder, decoder and MoE, each block with its own queries, rows of the mask and share of the experts)."""
-    if request.param != "default":
-        monkeypatch.setattr(cpu, "block_count", lambda length: min(3, length))
+# The plug-in's replacements that are plain MLX (grouped attention, dense layers dequantized and merged), which any
+# backend runs; the fused experts and the router kernel need a CUDA GPU (test_kernels.py).
+PORTABLE_PLUGIN = cuda.CudaOptions(fused_experts=False, router_kernel=False)
 
 
 def to_mx(tensor: torch.Tensor) -> mx.array:
@@ -65,18 +65,35 @@ class ReferenceRun:
         ).logits
 
 
-# On the CPU, heads of 16 take MLX's attention; heads of 32 (64 on the full layers) fill the C kernels' panels and
-# take host_kernels.attention.
+# Heads of 16, and of 32 (64 on the full layers): MLX picks its attention kernels by head size.
 HEAD_SHAPES = {"heads of 16": {}, "heads of 32": dict(head_dim=32, global_head_dim=64)}
 
 
 @pytest.fixture(scope="module", params=list(HEAD_SHAPES))
-def small(request, tmp_path_factory):
+def checkpoint(request, tmp_path_factory):
     """The default small shape (and with wider heads), written in the released layout across several shards."""
     reference = build_reference_model(seed=0, **HEAD_SHAPES[request.param]).eval()
     reference.config._attn_implementation = "eager"
-    path = save_reference_checkpoint(reference, tmp_path_factory.mktemp("small"), max_shard_size="200KB")
-    return reference, mlx_dgemma.load_model(path)
+    return reference, save_reference_checkpoint(reference, tmp_path_factory.mktemp("small"), max_shard_size="200KB")
+
+
+def load(path, plugin: bool):
+    model = mlx_dgemma.load_model(path)
+    if plugin:
+        cuda.apply(model, PORTABLE_PLUGIN)
+    return model
+
+
+@pytest.fixture(scope="module", params=["the core graph", "with the CUDA plug-in's portable parts"])
+def small(request, checkpoint):
+    """Every parity test runs on the core graph, and again with the plug-in's pure-MLX parts."""
+    reference, path = checkpoint
+    model = load(path, plugin=request.param != "the core graph")
+    if request.param != "the core graph":
+        # A float checkpoint has nothing to dequantize: only the attention changes.
+        assert all(isinstance(layer.self_attn, cuda.GroupedAttention) for layer in model.layers)
+        assert "fused_qkv" not in model.layers[0].self_attn
+    return reference, model
 
 
 def random_ids(generator: torch.Generator, vocab: int, *shape: int) -> torch.Tensor:
@@ -127,27 +144,6 @@ def test_decoder_logits_with_and_without_self_conditioning(small):
     assert max_error(ours.denoise(to_mx(canvas), cache), first) < TOLERANCE
 
 
-def test_the_numbers_do_not_depend_on_the_cores(small, monkeypatch):
-    """The same logits, bit for bit, however many cores a step is spread over (row blocks, shares of the C
-    kernels' work): the same seed gives the same tokens on a machine with 3 cores as with 2."""
-    _, ours = small
-    vocab, canvas_length = ours.text_config.vocab_size, ours.config.canvas_length
-    generator = torch.Generator().manual_seed(5)
-    prompt = to_mx(random_ids(generator, vocab, 1, 2 * ours.text_config.sliding_window + 3))
-    canvas = to_mx(random_ids(generator, vocab, 1, canvas_length))
-    runs = []
-    for cores in (1, 2, 3, 5):
-        monkeypatch.setattr(cpu, "block_count", lambda length, cores=cores: min(cores, length))
-        for module in (model_module, layers_module, moe, host_vocab):
-            monkeypatch.setattr(module, "cpu_cores", lambda cores=cores: cores)
-        cache = ours.make_cache()
-        ours.encode(prompt, cache)
-        first = ours.denoise(canvas, cache)
-        runs.append((np.array(first), np.array(ours.denoise(canvas, cache, first / 0.6))))
-    for cores, (first, second) in zip((2, 3, 5), runs[1:]):
-        assert np.array_equal(first, runs[0][0]) and np.array_equal(second, runs[0][1]), cores
-
-
 def test_second_and_third_canvas_appended_through_the_encoder(small):
     reference, ours = small
     vocab, canvas_length = reference.config.text_config.vocab_size, reference.config.canvas_length
@@ -192,113 +188,69 @@ def test_left_padded_batch_of_two(small):
     assert cache.valid is not None and not bool(cache.valid[1, :6].any())
 
 
-def test_attention_runs_in_c_where_its_heads_fill_the_panels(small):
-    """Heads of 32 take the C kernels' attention, and with it the whole layer in C (host_kernels.decoder_layer)."""
-    _, ours = small
-    for layer in ours.layers:
-        attention = layer.self_attn
-        fills = attention.head_dim % panel_width() == 0
-        assert attention.runs_on_host(mx.float32) == fills and layer.runs_on_host(mx.float32) == fills
-        assert isinstance(attention.q_proj, PackedLinear) == fills and ("fused_qkv" in attention) is False
-
-
-def test_moe_dispatches_agree(small):
-    _, ours = small
-    vocab, canvas_length = ours.text_config.vocab_size, ours.config.canvas_length
-    generator = torch.Generator().manual_seed(5)
-    prompt, canvas = random_ids(generator, vocab, 2, 20), random_ids(generator, vocab, 2, canvas_length)
-    results = {}
-    try:
-        # The fused dispatch (our CUDA kernels) takes the tiled path off CUDA; "host" (the CPU's feed-forward blocks
-        # in C) runs the experts and dense MLPs load_model packed, the others read them unpacked. The head and
-        # self-conditioning run in C on the packed table whatever the dispatch.
-        assert moe.moe_dispatch() == "host" and isinstance(ours.layers[0].experts.down_proj, PackedSwitchLinear)
-        assert isinstance(ours.layers[0].mlp.down_proj, PackedLinear) and isinstance(ours.embed_tokens, PackedEmbedding)
-        assert ours.model.decoder.self_conditioning.runs_on_host(mx.float32)
-        for dispatch in ("grouped", "gather", "tiled", "fused", "host"):
-            set_moe_dispatch(dispatch)
-            cache = ours.make_cache()
-            ours.encode(to_mx(prompt), cache)
-            results[dispatch] = np.array(ours.denoise(to_mx(canvas), cache))
-    finally:
-        set_moe_dispatch(None)
-    # Float32 rounding only: the dispatches sum in different orders, and six random layers amplify it. With the
-    # wider heads, "host" runs the whole layer in C (its norms and router too): up to 4e-5 from MLX's, within the
-    # reference's tolerance.
-    assert np.abs(results["grouped"] - results["gather"]).max() < 1e-5
-    for dispatch in ("tiled", "fused", "host"):
-        assert np.abs(results[dispatch] - results["gather"]).max() < TOLERANCE
-
-
-def test_compiled_layers_match_reference(small, monkeypatch):
-    """CUDA's compiled decoder layers, forced here in one block: reference logits, one trace per dispatch, and none
-    for a new position."""
-    reference, ours = small
-    monkeypatch.setattr(cpu, "block_count", lambda length: 1)
-    monkeypatch.setattr(model_module, "COMPILE_LAYERS", True)
-    vocab, canvas_length = ours.text_config.vocab_size, ours.config.canvas_length
-    generator = torch.Generator().manual_seed(9)
-    prompt, canvas = random_ids(generator, vocab, 1, 17), random_ids(generator, vocab, 1, canvas_length)
-    run, cache = ReferenceRun(reference), ours.make_cache()
-    run.encode(prompt)
-    ours.encode(to_mx(prompt), cache)
-    expected = run.denoise(canvas)
-    layer = ours.layers[0]
-    traces = []
-    trace = layer._input_graphs.function
-    monkeypatch.setattr(layer._input_graphs, "function", lambda *args: traces.append(args) or trace(*args))
-    layer._input_graphs.graphs.clear()
-    layer._output_graphs.graphs.clear()
-    try:
-        for dispatch in ("gather", "tiled"):
-            set_moe_dispatch(dispatch)
-            for _ in range(2):
-                assert max_error(ours.denoise(to_mx(canvas), cache), expected) < TOLERANCE
-        # A later chunk moves the canvas's positions: the same traces serve it.
-        more = random_ids(generator, vocab, 1, 5)
-        run.encode(more)
-        ours.encode(to_mx(more), cache)
-        assert max_error(ours.denoise(to_mx(canvas), cache), run.denoise(canvas)) < TOLERANCE
-    finally:
-        set_moe_dispatch(None)
-    assert [key[0][0] for key in layer._output_graphs.graphs] == ["gather", "tiled"]
-    assert len(traces) == 2
-
-
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 @pytest.mark.parametrize("heads, kv_heads, head_dim", [(16, 8, 64), (16, 2, 128), (4, 4, 16)])
 def test_grouped_attention_is_mlx_attention(dtype, heads, kv_heads, head_dim):
-    """CUDA's attention (each KV head's queries in one matmul) computes what MLX's composed attention does."""
-    from mlx_dgemma.layers import grouped_attention
-
+    """The plug-in's attention (each KV head's queries in one matmul) computes what MLX's attention does."""
     keys = mx.random.split(mx.random.key(3), 5)
     q = mx.random.normal((2, heads, 24, head_dim), key=keys[0]).astype(dtype)
     k, v = (mx.random.normal((2, kv_heads, 40, head_dim), key=key).astype(dtype) for key in keys[1:3])
     padding = (mx.random.uniform(shape=(2, 1, 1, 40), key=keys[3]) > 0.3) | (mx.arange(40) == 0)
     causal = (mx.arange(40)[None, :] <= mx.arange(16, 40)[:, None])[None, None]
+    grouped, core = attention_module(cuda.GroupedAttention), attention_module(Attention)
     for mask in (None, padding, causal):
-        expected = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
-        assert mx.array_equal(grouped_attention(q, k, v, mask), expected)
+        assert mx.array_equal(grouped.attend(q, k, v, mask), core.attend(q, k, v, mask))
 
 
-@pytest.mark.parametrize("how", ["quantized", "quantized:3", "quantized:8", "dequantized:1", "dequantized:3"])
-def test_self_conditioning_product_in_vocabulary_slices(how):
-    """Self-conditioning's product with the quantized table, in slices or dequantized slice by slice, equals the
-    product with the dequantized table."""
-    embedding = mlx_dgemma.model.nn.Embedding(1000, 128)
+def attention_module(kind: type) -> Attention:
+    """An attention layer of the small shape (`attend` reads only its inputs' shapes)."""
+    text = ModelConfig.from_dict({"model_type": "diffusion_gemma", "text_config": dict(SMALL_TEXT)}).text
+    module = Attention(text, text.layers[0])
+    module.__class__ = kind
+    return module
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("mask_shape", [None, (2, 1, 12, 20), (2, 1, 1, 20)])
+def test_attention_is_softmax_of_the_scores(mask_shape, dtype):
+    """Attention.attend (MLX's fused SDPA) is softmax(q kᵀ) v with scale 1, query head h reading KV head
+    h // (heads / kv_heads), under a boolean mask per query or per key (the decoder's padding mask)."""
+    rng = np.random.default_rng(0)
+    shapes = [(2, 8, 12, 16), (2, 2, 20, 16), (2, 2, 20, 16)]  # 8 query heads over 2 KV heads
+    as_mx = [mx.array(rng.normal(size=shape).astype(np.float32)).astype(dtype) for shape in shapes]
+    # The reference reads the inputs as rounded to `dtype`, in float64.
+    q, k, v = (np.array(x.astype(mx.float32)).astype(np.float64) for x in as_mx)
+    k, v = np.repeat(k, 4, axis=1), np.repeat(v, 4, axis=1)
+    scores = q @ k.swapaxes(-1, -2)
+    mask = None
+    if mask_shape is not None:
+        allowed = rng.random(mask_shape) < 0.6
+        allowed[..., 0] = True  # every query sees at least one key
+        scores = np.where(allowed, scores, -np.inf)
+        mask = mx.array(allowed)
+    weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    expected = (weights / weights.sum(axis=-1, keepdims=True)) @ v
+    ours = attention_module(Attention).attend(*as_mx, mask)
+    assert ours.dtype == dtype and ours.shape == expected.shape
+    # bf16: the probabilities are rounded to bf16 before the value product.
+    tolerance = 1e-5 if dtype == mx.float32 else 5e-2
+    np.testing.assert_allclose(np.array(ours.astype(mx.float32)), expected, atol=tolerance)
+
+
+@pytest.mark.parametrize("bits", [None, 8, 4])
+def test_expected_embedding_is_probabilities_times_the_table(bits):
+    """Self-conditioning's soft embedding, probs @ E, read straight from a quantized table equals the product
+    with the dequantized table."""
+    embedding = nn.Embedding(1000, 128)
     embedding.weight = mx.random.normal((1000, 128), key=mx.random.key(0)) * 0.05
-    quantized = mlx_dgemma.model.nn.QuantizedEmbedding.from_embedding(embedding, group_size=64, bits=8)
+    table = embedding.weight
+    if bits is not None:
+        embedding = nn.QuantizedEmbedding.from_embedding(embedding, group_size=64, bits=bits)
+        table = mx.dequantize(embedding.weight, embedding.scales, embedding.biases, group_size=64, bits=bits)
     probs = mx.softmax(3 * mx.random.normal((2, 16, 1000), key=mx.random.key(1)), axis=-1)
-    dense = mx.dequantize(quantized.weight, quantized.scales, quantized.biases, group_size=64, bits=8)
-    soft = model_module.embedding_product(probs, quantized, how)
-    assert soft.shape == (2, 16, 128) and soft.dtype == probs.dtype
-    assert float(mx.abs(soft - probs @ dense).max()) < 1e-6
-
-
-@pytest.mark.parametrize("how", ["dequant", "quantized:0", "dequantized:x", "8"])
-def test_embedding_product_settings_are_checked(how):
-    with pytest.raises(ValueError, match="quantized:N"):
-        model_module.parse_product(how)
+    soft = expected_embedding(embedding, probs)
+    assert soft.shape == (2, 16, 128) and soft.dtype == mx.float32
+    assert float(mx.abs(soft - probs @ table).max()) < 1e-6
 
 
 VARIANTS = {
@@ -324,43 +276,67 @@ VARIANTS = {
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_other_configurations(variant, tmp_path):
+    """Each configuration on the core graph and with the plug-in's portable parts."""
     overrides = dict(VARIANTS[variant])
     spelling = overrides.pop("spelling", "released")
     reference = build_reference_model(seed=7, canvas_length=12, **overrides).eval()
     reference.config._attn_implementation = "eager"
-    ours = mlx_dgemma.load_model(save_reference_checkpoint(reference, tmp_path, spelling=spelling))
+    path = save_reference_checkpoint(reference, tmp_path, spelling=spelling)
+    models = [load(path, plugin=False), load(path, plugin=True)]
     vocab = reference.config.text_config.vocab_size
     generator = torch.Generator().manual_seed(8)
-    run, cache = ReferenceRun(reference), ours.make_cache()
+    run, caches = ReferenceRun(reference), [model.make_cache() for model in models]
     for length in (23, 12):
         chunk = random_ids(generator, vocab, 1, length)
         run.encode(chunk)
-        ours.encode(to_mx(chunk), cache)
         canvas = random_ids(generator, vocab, 1, 12)
         first = run.denoise(canvas)
-        assert max_error(ours.denoise(to_mx(canvas), cache), first) < TOLERANCE
-        assert max_error(ours.denoise(to_mx(canvas), cache, to_mx(first)), run.denoise(canvas, first)) < TOLERANCE
+        second = run.denoise(canvas, first)
+        for ours, cache in zip(models, caches):
+            ours.encode(to_mx(chunk), cache)
+            assert max_error(ours.denoise(to_mx(canvas), cache), first) < TOLERANCE
+            assert max_error(ours.denoise(to_mx(canvas), cache, to_mx(first)), second) < TOLERANCE
 
 
-@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
-@pytest.mark.parametrize("masked", [False, True])
-def test_cpu_attention_equals_the_fused_kernel(masked, dtype):
-    """The CPU's grouped attention computes what MLX's fused kernel (the GPU path) does."""
-    from mlx_dgemma.layers import attend
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    """An 8-bit checkpoint with float32 scales (so dequantizing is exact) and attention biases (merged too)."""
+    reference = build_reference_model(seed=13, attention_bias=True)
+    source = save_reference_checkpoint(reference, tmp_path_factory.mktemp("quantized-src"))
+    out = tmp_path_factory.mktemp("quantized") / "out"
+    return convert_checkpoint(source, out, dtype="float32", bits=8, group_size=32, recipe="uniform")
 
-    rng = np.random.default_rng(0)
-    queries = mx.array(rng.normal(size=(2, 8, 12, 16)).astype(np.float32)).astype(dtype)
-    keys = mx.array(rng.normal(size=(2, 2, 20, 16)).astype(np.float32)).astype(dtype)
-    values = mx.array(rng.normal(size=(2, 2, 20, 16)).astype(np.float32)).astype(dtype)
-    mask = None
-    if masked:
-        allowed = rng.random((2, 1, 12, 20)) < 0.7
-        allowed[..., 0] = True  # every query sees at least one key
-        mask = mx.array(allowed)
-    fused = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=1.0, mask=mask)
-    with mx.stream(mx.cpu):
-        ours = attend(queries, keys, values, mask)
-    # bf16: the weights are rounded to bf16 once before the value product (the fused kernel keeps float32).
-    tolerance = 2e-6 if dtype == mx.float32 else 2e-2
-    assert ours.dtype == dtype
-    np.testing.assert_allclose(np.array(ours.astype(mx.float32)), np.array(fused.astype(mx.float32)), atol=tolerance)
+
+def test_dequantized_dense_layers_give_the_quantized_logits(quantized):
+    """The plug-in dequantizes every quantized dense layer and merges q/k/v (q/k on full layers, which have no
+    value projection) and gate/up into one matmul each; the logits are the quantized core model's."""
+    core, merged = load(quantized, plugin=False), load(quantized, plugin=True)
+    assert isinstance(core.layers[0].self_attn.q_proj, nn.QuantizedLinear)
+    for layer, shape in zip(merged.layers, merged.text_config.layers):
+        attention = layer.self_attn
+        assert isinstance(attention, cuda.MergedQKV) and isinstance(attention, cuda.GroupedAttention)
+        projections = ["q_proj", "k_proj", "v_proj"] if shape.is_sliding else ["q_proj", "k_proj"]
+        assert ("v_proj" in attention) == shape.is_sliding
+        rows = sum(attention[name].weight.shape[0] for name in projections)
+        assert attention.fused_qkv.weight.shape[0] == rows and attention.fused_qkv.bias.shape == (rows,)
+        assert attention.fused_qkv.weight.dtype == mx.float32
+        assert type(attention.o_proj) is nn.Linear  # dequantized, not merged
+        assert isinstance(layer.mlp, cuda.MergedGateUp) and type(layer.mlp.fused_gate_up) is nn.Linear
+        # The experts stay quantized (the fused kernels' business), and so does the tied table.
+        assert isinstance(layer.experts.gate_up_proj, QuantizedSwitchLinear)
+    assert isinstance(merged.model.decoder.self_conditioning, cuda.MergedGateUp)
+    assert isinstance(merged.embed_tokens, nn.QuantizedEmbedding)
+
+    vocab, canvas_length = merged.text_config.vocab_size, merged.config.canvas_length
+    generator = torch.Generator().manual_seed(14)
+    caches = [core.make_cache(), merged.make_cache()]
+    for length in (29, canvas_length):
+        chunk = to_mx(random_ids(generator, vocab, 2, length))
+        canvas = to_mx(random_ids(generator, vocab, 2, canvas_length))
+        for model, cache in zip((core, merged), caches):
+            model.encode(chunk, cache)
+        expected = core.denoise(canvas, caches[0])
+        ours = merged.denoise(canvas, caches[1])
+        assert float(mx.abs(ours - expected).max()) < 1e-4
+        expected_second = core.denoise(canvas, caches[0], expected / 0.6)
+        assert float(mx.abs(merged.denoise(canvas, caches[1], expected / 0.6) - expected_second).max()) < 1e-4

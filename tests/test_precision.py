@@ -15,8 +15,6 @@ and bfloat16 against the reference run in bfloat16 itself: min cosine 0.999.
 
 from __future__ import annotations
 
-from functools import partial
-
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -26,8 +24,14 @@ from transformers.cache_utils import DynamicCache
 
 import mlx_dgemma
 from mlx_dgemma.convert import convert_checkpoint
-from mlx_dgemma import cpu, sampler
-from mlx_dgemma.sampler import BlockSampler, SamplerSettings, SeededNoise
+from mlx_dgemma.sampler import (
+    BlockSampler,
+    SamplerSettings,
+    SeededNoise,
+    StepState,
+    _compiled_decisions,
+    _step_decisions,
+)
 
 TOLERANCES = {
     # name: (convert options, min cosine, mean cosine, top-1 agreement)
@@ -106,18 +110,15 @@ def test_bfloat16_matches_the_reference_in_bfloat16(setup):
     assert worst >= 0.999
 
 
-@pytest.mark.parametrize("blocks", [None, 3])
 @pytest.mark.parametrize("name", ["bfloat16", "4-bit mixed"])
-def test_generation_runs_on_reduced_precision_conversions(setup, name, blocks, monkeypatch):
-    """The whole sampler on bf16 weights and bf16-scaled quantized weights (self-conditioning in bf16),
-    as this machine cuts the canvas and in 3 row blocks."""
-    if blocks is not None:
-        monkeypatch.setattr(cpu, "block_count", lambda length: blocks)
+def test_generation_runs_on_reduced_precision_conversions(setup, name):
+    """The whole sampler on bf16 weights and bf16-scaled quantized weights (self-conditioning in bf16)."""
     _, source, prompt, _, _, factory = setup
     options = TOLERANCES[name][0]
     model = mlx_dgemma.load_model(
-        convert_checkpoint(source, factory.mktemp(f"gen-{name.replace(' ', '-')}-{blocks}") / "o", **options)
+        convert_checkpoint(source, factory.mktemp(f"gen-{name.replace(' ', '-')}") / "o", **options)
     )
+    assert model.embedding_dtype == mx.bfloat16
     cache = model.make_cache()
     model.encode(mx.array(prompt.numpy()), cache)
     settings = SamplerSettings(steps=3, max_new_tokens=32, eos_token_ids=(1,), pad_token_id=0)
@@ -127,38 +128,67 @@ def test_generation_runs_on_reduced_precision_conversions(setup, name, blocks, m
     assert ((tokens >= 0) & (tokens < 384)).all()
 
 
-@pytest.mark.parametrize("dtype", [None, mx.bfloat16])
-def test_fused_step_graphs_equal_the_plain_ops(dtype):
-    """The GPU's compiled step math (vocabulary pass per dtype, then decisions) computes what the CPU's plain ops do."""
+def decision_inputs(dtype: mx.Dtype, later: bool, pinned: bool):
+    """`_step_decisions`'s inputs for a batch of two: a first step (no conditioning, no history), or a later one
+    whose second row has already finished; with or without pinned positions."""
     generator = np.random.default_rng(0)
     shape = (2, 16, 384)
-    finished = mx.array([False, True])
-    vocab_args = (
-        mx.array(generator.normal(size=shape).astype(np.float32) * 3) / mx.array(0.6),
-        mx.array(generator.gumbel(size=shape).astype(np.float32)),
-        finished,
-        mx.array(generator.random(size=shape).astype(np.float32)).astype(dtype or mx.float32),
+
+    def tokens() -> mx.array:
+        return mx.array(generator.integers(0, 384, shape[:2]).astype(np.int32))
+
+    logits = mx.array(generator.normal(size=shape).astype(np.float32) * 3)
+    gumbel = mx.array(generator.gumbel(size=shape).astype(np.float32))
+    pins = (None, None)
+    if pinned:
+        pins = (mx.array(generator.random(shape[:2]) < 0.3), tokens())
+    state = StepState(tokens(), tokens(), None, mx.array([False, False]), None)
+    if later:
+        conditioning = mx.array(generator.normal(size=shape).astype(np.float32)).astype(dtype)
+        # A history holding the argmax canvas this step will find: stable, so confidence decides the live row.
+        argmax = mx.argmax(logits, axis=-1).astype(mx.int32)
+        if pinned:
+            argmax = mx.where(pins[0], pins[1], argmax)
+        state = StepState(tokens(), tokens(), conditioning, mx.array([False, True]), argmax[None])
+    return logits, mx.array(0.6, dtype=mx.float32), gumbel, tokens(), state, pins
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("later", [False, True], ids=["first step", "later step"])
+@pytest.mark.parametrize("pinned", [False, True], ids=["free", "pinned"])
+def test_compiled_step_decisions_equal_the_plain_ops(dtype, later, pinned):
+    """The sampler's compiled step math (one graph per conditioning dtype) computes what `_step_decisions`'s plain
+    ops do."""
+    logits, temperature, gumbel, fresh, state, pins = decision_inputs(dtype, later, pinned)
+    thresholds = (2.5, 2.0)  # an entropy budget that accepts some draws and renoises others
+    plain = _step_decisions(logits, temperature, gumbel, fresh, state, *pins, *thresholds, dtype)
+    state_arrays = (state.canvas, state.argmax, state.self_conditioning_logits, state.finished, state.history)
+    compiled = StepState(
+        *_compiled_decisions(dtype)(logits, temperature, gumbel, fresh, state_arrays, pins, thresholds)
     )
-    plain = sampler._vocab_math(*vocab_args, conditioning_dtype=dtype)
-    fused = mx.compile(partial(sampler._vocab_math, conditioning_dtype=dtype))(*vocab_args)
-    decision_args = (
-        *plain[:3],
-        mx.array(generator.integers(0, 384, shape[:2])),
-        mx.array(generator.integers(0, 384, shape[:2])),
-        finished,
-        mx.full((1, *shape[:2]), -1, dtype=mx.int32),
-        mx.array(generator.integers(0, 384, shape[:2])),
-        None,
-        None,
-        0.5,
-        1,
-        2.0,
+    for name in ("canvas", "argmax", "finished", "history"):
+        a, b = getattr(plain, name), getattr(compiled, name)
+        assert (a is None) == (b is None) == (name == "history" and not later), name
+        if a is not None:
+            assert a.dtype == b.dtype and mx.array_equal(a, b), name
+    assert plain.self_conditioning_logits.dtype == compiled.self_conditioning_logits.dtype == dtype
+    np.testing.assert_allclose(
+        np.array(plain.self_conditioning_logits.astype(mx.float32)),
+        np.array(compiled.self_conditioning_logits.astype(mx.float32)),
+        rtol=1e-5,
+        atol=1e-6,
     )
-    plain += sampler._decision_math(*decision_args)
-    fused += mx.compile(sampler._decision_math)(*decision_args)
-    for a, b in zip(plain, fused):
-        assert a.dtype == b.dtype
-        np.testing.assert_allclose(np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32)), rtol=1e-5, atol=1e-6)
-    # The finished row kept its previous conditioning.
-    kept, previous = plain[3][1].astype(mx.float32), vocab_args[3][1].astype(mx.float32)
-    np.testing.assert_array_equal(np.array(kept), np.array(previous))
+    # Some draws accepted and some renoised, so the comparison covers both.
+    accepted = np.array(plain.canvas) == np.array(mx.argmax(logits / temperature + gumbel, axis=-1))
+    assert accepted[0].any() and not accepted[0].all()
+    if later:
+        # The finished row kept its canvas, draft and conditioning; the other row's stable, confident draft ends it.
+        for name in ("canvas", "argmax", "self_conditioning_logits"):
+            assert mx.array_equal(getattr(compiled, name)[1], getattr(state, name)[1]), name
+        assert compiled.finished.tolist() == [True, True]
+    if pinned:
+        # Pinned positions hold their tokens in every live row.
+        live = np.array(~state.finished)[:, None]
+        where = np.array(pins[0]) & live
+        for name in ("canvas", "argmax"):
+            np.testing.assert_array_equal(np.array(getattr(compiled, name))[where], np.array(pins[1])[where])
