@@ -22,16 +22,24 @@ from typing import Any
 from . import orchestrate, report
 from .build import MARKER, is_complete
 from .runtimes import REQUIRES
-from .shapes import PRESETS, QUICK_SETTINGS, RunSpec, Settings, Shape, parse_setting, parse_shape
+from .shapes import PRESETS, QUICK_SETTINGS, RunSpec, Settings, Shape, parse_shape
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "bench" / "out"
 OPENBLAS = Path("/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0")
 RUNTIMES = ("us", "mlx-vlm", "reference")
 MLX_RUNTIMES = ("us", "mlx-vlm")
-
-# mlx_dgemma.moe.DISPATCHES, plus "auto" (the per-backend default); not imported, to keep --help fast.
-MOE_DISPATCHES = ("auto", "gather", "tiled", "grouped", "fused", "host")
+# Options of earlier versions, refused with the reason rather than argparse's bare "unrecognized arguments".
+REMOVED_OPTIONS = {
+    "--moe-dispatch": "there are no MoE dispatches any more: every backend runs one MLX graph (on CUDA, see "
+    "--cuda-plugin)",
+    "--compile-layers": "our decoder layers have no compile switch any more",
+    "--dense-weights": "dequantizing the dense layers is part of the CUDA plug-in now (--cuda-plugin)",
+    "--set": "mlx_dgemma has no module settings any more; set environment variables in the shell",
+    "--moe-compare": "there are no MoE dispatches to compare any more",
+    "--no-breakdown": "there is no per-component breakdown any more",
+    "--breakdown-repeats": "there is no per-component breakdown any more",
+}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -39,6 +47,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m bench",
         description="Benchmark mlx-dgemma (us) against mlx-vlm and the transformers reference, each in its own "
         "process, on the same checkpoint and settings. Prints a table, writes JSON, Markdown and a PNG chart.",
+        epilog="python -m bench ops ...: a subcommand of its own (bench/ops.py; python -m bench ops --help).",
     )
     parser.add_argument("--runtimes", default=",".join(RUNTIMES), help="comma-separated: us, mlx-vlm, reference")
     parser.add_argument(
@@ -54,7 +63,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--repeats", type=int, help="fixed-step generations per runtime (default 3: cold, warm per-step, timed)"
     )
     parser.add_argument("--prefill-repeats", type=int, help="warm prefills timed (default 3)")
-    parser.add_argument("--breakdown-repeats", type=int, help="repeats per timed part of our step (default 5)")
     parser.add_argument("--prompt-tokens", type=int, help="prompt length (default 512)")
     parser.add_argument("--canvases", type=int, help="canvases per generation (default 1)")
     parser.add_argument("--seed", type=int, help="seed for prompt, weights and noise (default 0)")
@@ -62,28 +70,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--bits", type=int, choices=(4, 8), help="quantize the MLX runtimes' weights (mixed recipe)")
     parser.add_argument("--group-size", type=int, choices=(32, 64, 128), help="quantization group size (64)")
     parser.add_argument("--synthetic", action="store_true", help="random weights built in memory, no checkpoint")
-    parser.add_argument("--moe-dispatch", choices=MOE_DISPATCHES, help="force our MoE dispatch")
     parser.add_argument(
-        "--compile-layers",
-        choices=("auto", "on", "off"),
-        help="our decoder layers as compiled graphs around attention (auto: our default, on under CUDA)",
+        "--cuda-plugin",
+        choices=("on", "off"),
+        default="on",
+        help="our CUDA plug-in (mlx_dgemma.backends.cuda: fused experts, router kernel, dequantized dense layers, "
+        "grouped attention, larger CUDA graphs) at load: CudaOptions(enabled=...). Changes nothing off CUDA "
+        "(default on)",
     )
-    parser.add_argument(
-        "--dense-weights",
-        choices=("auto", "quantized", "dequantized"),
-        help="our quantized dense layers (attention, dense MLPs): as they are, dequantized at load, or auto (our "
-        "default: dequantized under CUDA)",
-    )
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="MODULE.NAME=VALUE",
-        help="set a module attribute of mlx_dgemma in our runtime (e.g. moe.ROUTER_KERNEL=0), or an environment "
-        "variable of our worker (e.g. env.MLX_MAX_OPS_PER_BUFFER=20)",
-    )
-    parser.add_argument("--moe-compare", action="store_true", help="also time our MoE block under every dispatch")
-    parser.add_argument("--no-breakdown", action="store_true", help="skip the per-component breakdown of our step")
     parser.add_argument("--no-adaptive", action="store_true", help="skip the adaptive-stopping generation")
     parser.add_argument("--out", type=Path, default=None, help=f"output directory (default {DEFAULT_OUT})")
     parser.add_argument("--rebuild", action="store_true", help="rebuild the checkpoint even if cached")
@@ -104,6 +98,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="run each runtime alone, start to exit, instead of interleaving their phases",
     )
+    for item in sys.argv[1:] if argv is None else argv:
+        option = item.split("=", 1)[0]
+        if option in REMOVED_OPTIONS:
+            parser.error(f"{option} was removed: {REMOVED_OPTIONS[option]}")
     return parser.parse_args(argv)
 
 
@@ -123,30 +121,13 @@ def resolve(args: argparse.Namespace) -> tuple[Shape, Settings, list[str]]:
         "adaptive_steps": args.adaptive_steps,
         "repeats": args.repeats,
         "prefill_repeats": args.prefill_repeats,
-        "breakdown_repeats": args.breakdown_repeats,
         "prompt_tokens": args.prompt_tokens,
         "canvases": args.canvases,
         "seed": args.seed,
-        "moe_dispatch": args.moe_dispatch,
-        "compile_layers": args.compile_layers,
-        "dense_weights": args.dense_weights,
     }
     settings = replace(base, **{k: v for k, v in overrides.items() if v is not None})
-    ours = {}
-    for item in args.set:
-        try:
-            target, values = parse_setting(item)
-        except ValueError as error:
-            raise SystemExit(f"--set {error}") from None
-        if len(values) != 1:
-            raise SystemExit(f"--set {item!r}: one value")
-        ours[target] = values[0]
-    settings = replace(settings, our_settings=ours)
     settings = replace(
-        settings,
-        moe_compare=args.moe_compare or settings.moe_compare,
-        breakdown=settings.breakdown and not args.no_breakdown,
-        adaptive=settings.adaptive and not args.no_adaptive,
+        settings, cuda_plugin=args.cuda_plugin == "on", adaptive=settings.adaptive and not args.no_adaptive
     )
     runtimes = [name.strip() for name in args.runtimes.split(",") if name.strip()]
     unknown = sorted(set(runtimes) - set(RUNTIMES))
@@ -190,7 +171,7 @@ def git_state() -> dict[str, Any]:
 
     try:
         modified = git("status", "--porcelain", "--untracked-files=no").splitlines()
-        diff = git("diff", "HEAD", "--", "mlx_dgemma", "convert")
+        diff = git("diff", "HEAD", "--", "mlx_dgemma")
         return {
             "commit": git("rev-parse", "--short", "HEAD"),
             "modified": [line[3:] for line in modified],  # tracked files changed since the commit
@@ -284,6 +265,11 @@ def unavailable(name: str, shape: Shape) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "ops":
+        from .ops import main as ops_main  # only this subcommand needs it
+
+        return ops_main(argv[1:])
     args = parse_args(argv)
     shape, settings, runtimes = resolve(args)
     out = (args.out or DEFAULT_OUT).resolve()
@@ -293,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     document: dict[str, Any] = {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python -m bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
+        "command": "python -m bench " + " ".join(shlex.quote(a) for a in argv),
         "machine": machine(),
         "git": git_state(),
         "shape": shape.to_json(),
@@ -346,8 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         f"prompt {settings.prompt_tokens}, canvas {shape.canvas_length}"
     )
     table = report.side_by_side(document["runtimes"], settings.to_json())
-    breakdown = report.breakdown_table((document["runtimes"].get("us") or {}).get("breakdown"))
-    markdown = f"## {title}\n\n`{document['command']}`\n\n{table}\n\n### Where our step's time goes\n\n{breakdown}\n"
+    markdown = f"## {title}\n\n`{document['command']}`\n\n{table}\n"
     stem.with_suffix(".md").write_text(markdown)
     png = (
         None

@@ -6,13 +6,13 @@
 `mx.fast.cuda_kernel` wraps a kernel's body in a signature it writes itself
 and compiles it at first use with NVRTC, against device headers that MLX
 keeps inside libmlx.so. This tool does the same for every kernel of
-`mlx_dgemma.kernels` at the shapes the released model and the bench shape
+`mlx_dgemma.backends.cuda_kernels` at the shapes the released model and the bench shape
 use: it takes the headers out of the given libmlx.so (an mlx-cuda build,
 e.g. unpacked from shared/device/mlx-cuda), writes each kernel's source the
 way MLX does, compiles it for `--arch` and prints the registers, shared
 memory and spills ptxas reports. Exit status 1 if any kernel fails to
 compile. It says nothing about whether a kernel computes the right thing:
-only a GPU run does (python -m bench.moe).
+only a GPU run does.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ BENCH = {"hidden": 512, "inner": 256, "experts": 32, "top_k": 4}
 
 def variants():
     """(kernel, input dtypes, template) for every kernel at the shapes we run."""
-    from mlx_dgemma import kernels
+    from mlx_dgemma.backends import cuda_kernels as kernels
 
     b, u, i, f = "bfloat16", "uint32", "int32", "float32"
     matmul = (b, u, b, b, u, i)

@@ -10,18 +10,13 @@ import statistics
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 
 class Skip(Exception):
     """This runtime cannot run this configuration (or is not installed); not a failure."""
-
-
-def mlx_environment() -> dict[str, str]:
-    """MLX's environment variables in this process (MLX reads them once, at its first launch)."""
-    return {name: value for name, value in os.environ.items() if name.startswith("MLX_")}
 
 
 def median(values: list[float]) -> float | None:
@@ -39,18 +34,6 @@ def summary(values: list[float]) -> dict[str, Any]:
         "n": len(values),
         "samples": [round(v, 6) for v in values],
     }
-
-
-def time_repeated(run: Callable[[], Any], sync: Callable[[Any], None], repeats: int, warmup: int = 1) -> list[float]:
-    """Wall times of `sync(run())`, after `warmup` untimed calls."""
-    for _ in range(warmup):
-        sync(run())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        sync(run())
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def maxrss_gb() -> float:
@@ -94,7 +77,6 @@ class Recorder:
             "phases": {},
             "phase_errors": {},
             "env": {},
-            "breakdown": None,
         }
         self.save()
 

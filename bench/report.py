@@ -1,4 +1,4 @@
-"""The side-by-side table (Markdown), the breakdown table and the PNG chart."""
+"""The side-by-side table (Markdown) and the PNG chart."""
 
 from __future__ import annotations
 
@@ -31,6 +31,16 @@ def _probe(result: dict[str, Any]) -> Any:
     probes = (result.get("metrics") or {}).get("machine_probe_gflops") or []
     values = [f"{value:.0f}" for _, value in probes if value]
     return " → ".join(values) if values else None
+
+
+def _cuda_plugin(result: dict[str, Any]) -> Any:
+    """Ours only: "on" (applied), "off", or "on (not CUDA: unused)"."""
+    env = result.get("env") or {}
+    if "cuda_plugin" not in env:
+        return None
+    if env["cuda_plugin"] != "on" or env.get("cuda_plugin_applied"):
+        return env["cuda_plugin"]
+    return "on (not CUDA: unused)"
 
 
 def metric_rows(settings: dict[str, Any]) -> list[tuple[str, Getter, str | None, str]]:
@@ -69,7 +79,7 @@ def metric_rows(settings: dict[str, Any]) -> list[tuple[str, Getter, str | None,
         ("other processes' CPU load, cores (worst phase)", _get(*m, "foreign_cores_max"), None, "{:.2f}"),
         ("machine probe, GFLOP/s (numpy fp32 matmul at start → end)", _probe, None, "{}"),
         ("OpenBLAS loaded", _get("env", "openblas_loaded"), None, "{}"),
-        ("our C kernels' vector width, floats (16: AVX-512)", _get("env", "cpu_kernel_lanes"), None, "{}"),
+        ("our CUDA plug-in (--cuda-plugin)", _cuda_plugin, None, "{}"),
     ]
 
 
@@ -132,50 +142,8 @@ def side_by_side(results: dict[str, dict[str, Any]], settings: dict[str, Any]) -
     return text
 
 
-def breakdown_table(breakdown: dict[str, Any] | None) -> str:
-    if not breakdown:
-        return "(no breakdown)"
-    if breakdown.get("rows") is None:
-        return f"(breakdown unavailable: {breakdown})"
-    step, forward = breakdown.get("step_ms"), breakdown.get("decoder_forward_ms")
-    lines = []
-    if step:
-        lines.append(
-            f"Whole step timed the same way (decoder, head, vocabulary math, draw, decisions): **{step:.1f} ms**"
-            + (f"; decoder forward alone (to the final norm) {forward:.1f} ms." if forward else ".")
-        )
-    if breakdown.get("row_blocks"):
-        lines.append(
-            f"The step ran on {breakdown['row_blocks']} row block(s), one stream each, in parallel."
-            + "".join(
-                f" For scale, {name} alone, all positions on one stream: {ms:.1f} ms."
-                for name, ms in (breakdown.get("serial_ms") or {}).items()
-            )
-        )
-    lines += ["", "| component | ms per step | share | calls per step |", "|---|---:|---:|---:|"]
-    for row in breakdown["rows"]:
-        share = f"{100 * row['share']:.1f}%" if row.get("share") is not None else ""
-        lines.append(f"| {row['component']} | {row['ms']:.1f} | {share} | {row['calls']} |")
-    groups = breakdown.get("groups_ms") or {}
-    lines += ["", "By group: " + ", ".join(f"{k} {v:.1f} ms" for k, v in groups.items()) + "."]
-    if breakdown.get("ablated_ms"):
-        lines.append(
-            "In-step cost by ablation (the whole step's time saved when these calls return the real step's recorded "
-            "outputs instead): " + ", ".join(f"{k} {v:.1f} ms" for k, v in breakdown["ablated_ms"].items()) + "."
-        )
-    if breakdown.get("compare"):
-        lines.append(
-            "MoE dispatch comparison: " + ", ".join(f"{k}: {v:.1f} ms" for k, v in breakdown["compare"].items()) + "."
-        )
-    if breakdown.get("errors"):
-        lines.append("Parts that could not be timed: " + "; ".join(f"{k}: {v}" for k, v in breakdown["errors"].items()))
-    if breakdown.get("method"):
-        lines.append(f"Method: {breakdown['method']}.")
-    return "\n".join(lines)
-
-
 def chart(results: dict[str, dict[str, Any]], settings: dict[str, Any], title: str, path: Path) -> Path | None:
-    """A PNG with step time, tokens/s and our step breakdown; None (with a warning) without matplotlib."""
+    """A PNG with step time and tokens/s; None (with a warning) without matplotlib."""
     try:
         import matplotlib
 
@@ -186,7 +154,7 @@ def chart(results: dict[str, dict[str, Any]], settings: dict[str, Any], title: s
         return None
     names = list(results)
     colors = {"us": "#1f77b4", "mlx-vlm": "#ff7f0e", "reference": "#2ca02c"}
-    fig, axes = plt.subplots(1, 3, figsize=(16, 5))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5))
 
     step = [_get("metrics", "step_s", "median")(results[n]) for n in names]
     ax = axes[0]
@@ -206,16 +174,6 @@ def chart(results: dict[str, dict[str, Any]], settings: dict[str, Any], title: s
     ax.set_title("tokens/s (higher is better)")
     ax.legend()
 
-    ax = axes[2]
-    breakdown = (results.get("us") or {}).get("breakdown") or {}
-    groups = {k: v for k, v in (breakdown.get("groups_ms") or {}).items() if v > 0}
-    if groups:
-        labels = list(groups)[::-1]
-        ax.barh(labels, [groups[k] for k in labels], color="#1f77b4")
-        ax.set_title("our step, by part (ms)")
-    else:
-        ax.set_axis_off()
-        ax.set_title("our step breakdown: not measured")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -11,11 +11,7 @@ a dense MLP beside a top-k mixture of experts, a big vocabulary, canvas 256).
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
-import os
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -119,60 +115,6 @@ PRESETS = {
 }
 
 
-def parse_setting(text: str) -> tuple[str, list[Any]]:
-    """ "module.NAME=A,B" -> ("module.NAME", [A, B]), numbers as numbers: a module attribute of mlx_dgemma."""
-    target, _, values = text.partition("=")
-    module, _, name = target.partition(".")
-    if not (module and name and values):
-        raise ValueError(f"{text!r}: expected MODULE.NAME=VALUE")
-    return target, [_number_or_text(v) for v in values.split(",")]
-
-
-def set_our_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
-    """Set module attributes of mlx_dgemma ("module.NAME": value) or environment variables ("env.NAME": value,
-    e.g. MLX's, which it reads once, at first use: set them before any computation); returns the values they
-    replaced (None: an unset variable)."""
-    previous: dict[str, Any] = {}
-    try:
-        for target, value in settings.items():
-            module_name, name = target.split(".", 1)
-            if module_name == "env":
-                previous[target] = os.environ.get(name)
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = str(value)
-                continue
-            module = importlib.import_module(f"mlx_dgemma.{module_name}")
-            if not hasattr(module, name):
-                raise ValueError(f"{target}: mlx_dgemma.{module_name} has no {name}")
-            previous[target] = getattr(module, name)
-            setattr(module, name, value)
-    except Exception:
-        set_our_settings(previous)
-        raise
-    return previous
-
-
-@contextmanager
-def our_settings(settings: Mapping[str, Any]) -> Iterator[None]:
-    """`set_our_settings` for the duration of a block, then the previous values back."""
-    previous = set_our_settings(settings)
-    try:
-        yield
-    finally:
-        set_our_settings(previous)
-
-
-def _number_or_text(text: str) -> Any:
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
 def parse_shape(spec: str) -> Shape:
     """A preset name, a JSON object, or a path to a JSON file.
 
@@ -210,14 +152,8 @@ class Settings:
     canvases: int = 1  # canvases per generation
     repeats: int = 3  # fixed-step generations: run 0 cold, run 1 warm per-step, runs 2+ for tokens/s
     prefill_repeats: int = 3
-    breakdown_repeats: int = 5
     seed: int = 0
-    moe_dispatch: str = "auto"
-    compile_layers: str = "auto"  # on, off, or auto (our default: on under CUDA)
-    dense_weights: str = "auto"  # ours: auto, quantized or dequantized (mlx_dgemma.loader.DENSE_WEIGHTS)
-    our_settings: dict[str, Any] = field(default_factory=dict)  # "module.NAME": value, set in mlx_dgemma
-    moe_compare: bool = False
-    breakdown: bool = True
+    cuda_plugin: bool = True  # ours: CudaOptions(enabled=...) at load; nothing changes off CUDA
     adaptive: bool = True
 
     def to_json(self) -> dict[str, Any]:
@@ -228,9 +164,7 @@ class Settings:
         return cls(**data)
 
 
-QUICK_SETTINGS = Settings(
-    prompt_tokens=64, steps=4, adaptive_steps=6, repeats=3, prefill_repeats=2, breakdown_repeats=2
-)
+QUICK_SETTINGS = Settings(prompt_tokens=64, steps=4, adaptive_steps=6, repeats=3, prefill_repeats=2)
 
 
 @dataclass

@@ -21,7 +21,7 @@ The phases, the same for every runtime:
 - `prefill`: warm prefills (median);
 - `adaptive`: a generation with adaptive stopping on, capped at
   `adaptive_steps` (after an untimed 2-step adaptive warm-up);
-- `finish`: memory figures, then, for us, the per-component step breakdown.
+- `finish`: memory figures.
 The result file is rewritten after each phase, so a crash keeps what was measured.
 """
 
@@ -155,10 +155,6 @@ class Session:
         if memory.get("maxrss_gb") is not None and metrics.get("rss_after_import_gb") is not None:
             memory["maxrss_growth_gb"] = memory["maxrss_gb"] - metrics["rss_after_import_gb"]
         metrics["memory"] = memory
-        self.rec.save()
-        if self.settings.breakdown:
-            with self.rec.phase("breakdown"):
-                self.rec.data["breakdown"] = self.driver.breakdown(self.prompt)
         self.probe("end")
         self.rec.data["status"] = "partial" if self.rec.data["phase_errors"] else "ok"
         self.rec.save()

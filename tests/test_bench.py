@@ -1,122 +1,91 @@
-"""The bench harness: `python -m bench --quick` runs every runtime's code path and writes the report;
-`python -m bench.moe` times the MoE dispatches."""
+"""The bench harness: `python -m bench --quick` runs every runtime's code path and writes the report."""
 
 from __future__ import annotations
 
 import json
+import types
 
-import mlx.core as mx
+import pytest
 
-from bench.cli import main
+from bench.cli import REMOVED_OPTIONS, main
+
+CUDA_PLUGIN_ROW = "| our CUDA plug-in (--cuda-plugin) |"
 
 
 def test_quick_bench_runs_every_runtime(tmp_path):
     assert main(["--quick", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "quick.json").read_text())
-    text = json.dumps(report)
-    for runtime in ("us", "mlx-vlm", "reference"):
-        assert runtime in text
-    assert (tmp_path / "quick.md").read_text().count("|") > 20
+    runtimes = report["runtimes"]
+    assert list(runtimes) == ["us", "mlx-vlm", "reference"]
+    for name, result in runtimes.items():
+        assert result["status"] in ("ok", "skipped"), (name, result.get("error"))
+    ours = runtimes["us"]
+    assert ours["status"] == "ok"
+    metrics = ours["metrics"]
+    assert metrics["step_s"]["median"] > 0 and metrics["step_s"]["n"] > 0
+    assert metrics["fixed_tokens_per_s"] > 0 and metrics["adaptive_tokens_per_s"] > 0
+    assert all(run["tokens"] == report["shape"]["canvas_length"] for run in metrics["fixed_runs"])
+    # The plug-in's switch, on by default, recorded with whether it applied (only on CUDA).
+    assert report["settings"]["cuda_plugin"] is True
+    assert ours["env"]["cuda_plugin"] == "on"
+    assert isinstance(ours["env"]["cuda_plugin_applied"], bool)
+    # Nothing of the removed machinery in the settings or the runtimes' results.
+    text = json.dumps([report["settings"], runtimes])
+    for gone in ("breakdown", "moe_dispatch", "cpu_kernel_lanes", "our_settings", "dense_weights"):
+        assert gone not in text
+    markdown = (tmp_path / "quick.md").read_text()
+    assert markdown.count("|") > 20 and CUDA_PLUGIN_ROW in markdown
+    assert "breakdown" not in markdown.lower() and "vector width" not in markdown
     assert (tmp_path / "quick.png").stat().st_size > 1000
-    # Our step's breakdown: parts timed alone, and ablations of the whole step.
-    breakdown = report["runtimes"]["us"]["breakdown"]
-    assert not breakdown["errors"]
-    from bench.breakdown import ABLATIONS
-
-    assert set(breakdown["ablated_ms"]) == set(ABLATIONS)
-    assert all(isinstance(ms, float) for ms in breakdown["ablated_ms"].values())
 
 
-def test_moe_dispatch_choices_match_the_runtime():
-    from bench.cli import MOE_DISPATCHES
-    from mlx_dgemma.moe import DISPATCHES
-
-    assert MOE_DISPATCHES == ("auto", *DISPATCHES)
-
-
-def test_moe_probe_times_every_cpu_dispatch(tmp_path):
-    from bench.moe import main as moe_main
-
-    out = tmp_path / "moe.json"
-    shape = '{"base": "quick", "moe_intermediate_size": 64, "hidden_size": 128}'
-    assert moe_main(["--shape", shape, "--repeats", "2", "--embedding", "--router", "--out", str(out)]) == 0
-    results = json.loads(out.read_text())
-    rows = {(r["dispatch"], r["settings"].get("moe.TILE_ROWS")): r for r in results["dispatches"]}
-    # The CPU runs every dispatch but our CUDA kernels, the tiled one at three tile heights.
-    tiled = {("tiled", 8), ("tiled", 16), ("tiled", 32)}
-    assert set(rows) == {("gather", None), ("grouped", None), ("host", None), *tiled}
-    for row in rows.values():
-        assert row["error"] is None and row["median_ms"] > 0
-        assert row["max_rel_error"] < 1e-5 and row["max_rel_diff_first"] < 1e-5
-    assert [r["case"] for r in results["embedding"]] == [
-        "head, 8-bit",
-        "head, dequantized",
-        "self-conditioning, 8-bit",
-        "self-conditioning, dequantized",
-        *(f"self-conditioning, quantized in {n} slices" for n in (4, 8, 16, 32)),
-        *(f"self-conditioning, dequantized in {n} slices" for n in (4, 8, 16)),
-    ]
-    assert all(r["error"] is None and r["median_ms"] > 0 for r in results["embedding"])
-    # Off CUDA the router runs its stock ops only (our top-k kernel is CUDA's), agreeing with itself.
-    assert [(r["case"], r["same_experts"], r["max_weight_diff"]) for r in results["router"]] == [
-        ("router, stock ops", 1.0, 0.0)
-    ]
-    assert moe_main(["--shape", shape, "--dispatches", "fused"]) == 1  # CUDA only: a one-line error
+def test_ours_on_synthetic_weights_with_the_cuda_plugin_off(tmp_path):
+    arguments = ["--quick", "--runtimes", "us", "--synthetic", "--bits", "4", "--no-adaptive", "--no-chart"]
+    assert main([*arguments, "--repeats", "2", "--cuda-plugin", "off", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "quick.json").read_text())
+    ours = report["runtimes"]["us"]
+    assert ours["status"] == "ok" and ours["metrics"]["fixed_tokens_per_s"] > 0
+    assert report["shape"]["source"] == "synthetic" and report["shape"]["bits"] == 4
+    assert report["settings"]["cuda_plugin"] is False
+    assert ours["env"]["cuda_plugin"] == "off" and ours["env"]["cuda_plugin_applied"] is False
+    assert f"{CUDA_PLUGIN_ROW} off |" in (tmp_path / "quick.md").read_text()
+    assert not (tmp_path / "quick.png").exists()
 
 
-def test_step_ab_runs_every_variant(tmp_path):
-    from bench.step import main as step_main
-
-    out = tmp_path / "step.json"
-    arguments = ["--shape", "quick", "--steps", "3", "--rounds", "1", "--prompt-tokens", "16", "--out", str(out)]
-    variants = ["--dispatches", "gather,tiled", "--dense", "quantized,dequantized"]
-    vary = ["--vary", "model.SELF_CONDITIONING_PRODUCT=quantized,dequantized:2"]
-    assert step_main([*arguments, *variants, *vary]) == 0
-    rows = json.loads(out.read_text())["variants"]
-    seen = {(r["dispatch"], r["dense"], r["settings"]["model.SELF_CONDITIONING_PRODUCT"]) for r in rows}
-    assert len(rows) == len(seen) == 8
-    # One warm step per canvas after the first (the first also launches the next), one counted round.
-    assert all(not r["errors"] and r["samples"] == 2 and r["median_ms"] > 0 for r in rows)
-    # Every launch timed on the host: building the step's graph, then queueing it (mx.async_eval), put back after.
-    assert all(r["build_ms"] > 0 and r["encode_ms"] > 0 and len(r["build_s"]) >= r["samples"] for r in rows)
-    assert mx.async_eval.__name__ == "async_eval"
-    from mlx_dgemma import model as model_module
-
-    assert model_module.SELF_CONDITIONING_PRODUCT is None  # every setting put back
-    assert step_main([*arguments, "--vary", "model.NOPE"]) == 1  # a one-line error
-    assert step_main([*arguments, "--vary", "env.MLX_MAX_OPS_PER_BUFFER=20,100"]) == 1  # once a process
-    assert step_main([*arguments, "--vary", "model.NOPE=1"]) == 1  # no such setting: every variant fails
-    assert "no NOPE" in json.loads(out.read_text())["variants"][0]["errors"][0]
-    assert not hasattr(model_module, "NOPE")
+@pytest.mark.parametrize("option", sorted(REMOVED_OPTIONS))
+def test_removed_options_are_refused_with_the_reason(option, capsys, tmp_path):
+    for argument in ([option, "x"], [f"{option}=x"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(["--quick", "--out", str(tmp_path), *argument])
+        assert exit_.value.code == 2
+        assert f"error: {option} was removed: " in capsys.readouterr().err
+    assert not (tmp_path / "quick.json").exists()
 
 
-def test_bench_sets_our_settings(tmp_path):
-    arguments = ["--quick", "--runtimes", "us", "--no-breakdown", "--no-adaptive", "--no-chart", "--out", str(tmp_path)]
-    setting = "model.SELF_CONDITIONING_PRODUCT=dequantized:2"
-    assert main([*arguments, "--set", setting, "--dense-weights", "dequantized"]) == 0
-    settings = json.loads((tmp_path / "quick.json").read_text())["settings"]
-    assert settings["our_settings"] == {"model.SELF_CONDITIONING_PRODUCT": "dequantized:2"}
-    assert settings["dense_weights"] == "dequantized"
+def test_cuda_plugin_takes_on_or_off(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--quick", "--cuda-plugin", "auto"])
+    assert exit_.value.code == 2
+    assert "--cuda-plugin: invalid choice: 'auto'" in capsys.readouterr().err
 
 
-def test_our_settings_reach_environment_variables(monkeypatch):
-    import os
-
-    from bench.shapes import our_settings
-
-    monkeypatch.delenv("DGEMMA_BENCH_PROBE", raising=False)
-    monkeypatch.setenv("DGEMMA_BENCH_KEPT", "before")
-    with our_settings({"env.DGEMMA_BENCH_PROBE": 100, "env.DGEMMA_BENCH_KEPT": "during"}):
-        assert os.environ["DGEMMA_BENCH_PROBE"] == "100" and os.environ["DGEMMA_BENCH_KEPT"] == "during"
-    assert "DGEMMA_BENCH_PROBE" not in os.environ and os.environ["DGEMMA_BENCH_KEPT"] == "before"
+def test_ops_subcommand_goes_to_bench_ops(monkeypatch):
+    seen = []
+    module = types.ModuleType("bench.ops")
+    module.main = lambda argv: seen.append(argv) or 7
+    monkeypatch.setitem(__import__("sys").modules, "bench.ops", module)
+    assert main(["ops", "--anything", "x"]) == 7
+    assert seen == [["--anything", "x"]]
 
 
-def test_launch_costs_time_every_kind_of_op(tmp_path):
-    from bench.launch import main as launch_main
+def test_kernel_check_writes_every_cuda_kernel():
+    from bench.kernel_check import kernel_source, variants
+    from mlx_dgemma.backends import cuda_kernels
 
-    out = tmp_path / "launch.json"
-    assert launch_main(["--ops", "3", "--repeats", "1", "--rows", "8", "--hidden", "64", "--out", str(out)]) == 0
-    rows = json.loads(out.read_text())["rows"]
-    assert len(rows) >= 10
-    assert {"matmul bf16 (cuBLAS on CUDA)", "rms_norm", "reshape (a view)"} <= {r["op"] for r in rows}
-    assert all(r["error"] is None and r["queue_us"] > 0 and r["whole_us"] >= r["queue_us"] for r in rows)
+    names = set()
+    for kernel, dtypes, template in variants():
+        source = kernel_source(kernel, dtypes, template)
+        assert f"__global__ void custom_kernel_{kernel.name}(" in source and kernel.source in source
+        names.add(kernel.name)
+    expected = [*cuda_kernels.FUSED_QMM.values(), cuda_kernels.MOE_LAYOUT, cuda_kernels.MOE_COMBINE]
+    assert names == {kernel.name for kernel in [*expected, cuda_kernels.ROUTER_TOP_K]}

@@ -65,9 +65,6 @@ class Driver:
     def reset_peak_memory(self) -> None:
         pass
 
-    def breakdown(self, prompt: list[int]) -> dict[str, Any] | None:
-        return None
-
 
 class MlxDriver(Driver):
     """A runtime on MLX: memory comes from MLX's allocator as well as the process."""
