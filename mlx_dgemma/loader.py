@@ -15,6 +15,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import backends
 from .backends import cuda
 from .config import ConfigError, ModelConfig
 from .model import Model
@@ -111,14 +112,12 @@ def _quantization_params(config: ModelConfig, path: str) -> dict[str, Any]:
 def load_model(path: str | Path, revision: str | None = None, cuda_options: cuda.CudaOptions | None = None) -> Model:
     """Build the model from a checkpoint directory (or hub repo id).
 
-    Under MLX's CUDA backend the CUDA plug-in (backends/cuda.py) is applied with `cuda_options` (None: its
-    defaults; `CudaOptions(enabled=False)`: none of it). Elsewhere the model is the one graph every backend runs.
+    The default device's plug-in, if any, is applied (backends/): under MLX's CUDA backend the CUDA plug-in with
+    `cuda_options` (None: its defaults; `CudaOptions(enabled=False)`: none of it).
     """
     path = resolve_model_path(path, revision)
     options = cuda_options or cuda.CudaOptions()
-    plugin = options.enabled and cuda.available()
-    if plugin:
-        cuda.prepare(options)
+    backends.prepare(options)
     try:
         config = ModelConfig.from_path(path)
     except ConfigError as error:
@@ -137,8 +136,7 @@ def load_model(path: str | Path, revision: str | None = None, cuda_options: cuda
         raise LoadError(f"{path}: generation_config.json: {error}") from None
     mx.eval(model.parameters())
     del weights  # the model holds them now: what the plug-in replaces is freed as it goes
-    if plugin:
-        cuda.apply(model, options)
+    backends.apply(model, options)
     model.eval()
     return model
 

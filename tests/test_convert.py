@@ -19,7 +19,6 @@ from checkpoints import build_reference_model, save_reference_checkpoint
 from safetensors.numpy import load_file, save_file
 from typer.testing import CliRunner
 
-from mlx_dgemma import host_kernels
 from mlx_dgemma.config import ModelConfig
 from mlx_dgemma.convert import ConversionError, convert_checkpoint
 from mlx_dgemma.convert.cli import convert_command
@@ -582,93 +581,27 @@ def test_destination_may_not_hold_the_source(scratch_source):
     assert (scratch_source / "config.json").is_file()
 
 
-def test_dense_layers_dequantized_give_the_quantized_logits(source, tmp_path, monkeypatch):
-    """The float twins of the quantized dense layers (CUDA's default, bench.step --dense) compute what the
-    quantized ones do; `load_model(dense_weights=...)` puts them in place."""
+def test_dense_layers_dequantized_by_the_cuda_plugin_give_the_quantized_logits(source, tmp_path):
+    """The CUDA plug-in's float twins of the quantized dense layers, q/k/v and gate/up merged, compute what the
+    quantized layers do (plain MLX: checked here on the CPU)."""
     from mlx_dgemma import load_model
-    from mlx_dgemma.loader import dequantized_dense_layers, swap_modules
+    from mlx_dgemma.backends import cuda
 
     converted = convert_checkpoint(source, tmp_path / "out", dtype="float32", bits=4)
     model = load_model(converted)
-    twins = dequantized_dense_layers(model)
-    merged = [path for path in twins if path.rsplit(".", 1)[1].startswith("fused_")]
-    # Every 8-bit dense linear of the mixed recipe, and nothing else: not the experts, not the embedding; plus
-    # each attention's q/k/v and each gated MLP's gate/up merged, the parts viewing the merged weights.
-    assert len(twins) - len(merged) == len(model.layers) * len(EIGHT_BIT_SUFFIXES) - 1 + len(SELF_CONDITIONING)
-    assert len(merged) == 2 * len(model.layers) + 1
-    assert all(not path.startswith("model.decoder.embed_tokens") and ".experts." not in path for path in twins)
-    qkv = twins["model.decoder.layers.0.self_attn.fused_qkv"].weight
-    parts = [twins[f"model.decoder.layers.0.self_attn.{name}_proj"].weight for name in "qkv"]
-    assert mx.array_equal(mx.concatenate(parts), qkv)
     cache = model.make_cache()
     model.encode(mx.array([[5, 9, 2, 7, 11]]), cache)
     canvas = mx.array([list(range(20, 20 + model.config.canvas_length))])
     quantized = model.denoise(canvas, cache)
-    originals = swap_modules(model, twins)
-    assert type(model.layers[0].self_attn.q_proj).__name__ == "Linear"  # quantized: QuantizedLinear
-    assert all(originals[path] is None for path in merged)  # new: swapping back removes them
-    dequantized = model.denoise(canvas, cache)
-    # CUDA's compiled layers take the merged projections.
-    from mlx_dgemma import cpu
-    from mlx_dgemma import model as model_module
-
-    monkeypatch.setattr(model_module, "COMPILE_LAYERS", True)
-    monkeypatch.setattr(cpu, "block_count", lambda length: 1)
-    fused = model.denoise(canvas, cache)
-    monkeypatch.setattr(model_module, "COMPILE_LAYERS", False)
-    swap_modules(model, originals)
-    assert "fused_qkv" not in model.layers[0].self_attn and "fused_gate_up" not in model.layers[0].mlp
-    for got in (dequantized, fused):
-        assert float(mx.abs(got - quantized).max()) < 1e-4
-    assert mx.array_equal(model.denoise(canvas, cache), quantized)
-    # Loading says which: "auto" keeps them quantized off CUDA.
-    assert type(load_model(converted).layers[0].mlp.up_proj).__name__ == "QuantizedLinear"
-    dequantized_mlp = load_model(converted, dense_weights="dequantized").layers[0].mlp
-    # On the CPU the float MLPs are then packed for the C kernels, their merged projection dropped.
-    assert type(dequantized_mlp.up_proj).__name__ == ("PackedLinear" if host_kernels.library() else "Linear")
-    assert "fused_gate_up" not in dequantized_mlp or not host_kernels.library()
-    with pytest.raises(ValueError, match="choose from auto, quantized, dequantized"):
-        load_model(converted, dense_weights="bf16")
-
-
-def test_dense_layers_dequantize_one_module_at_a_time(source, tmp_path):
-    """Loading frees each quantized layer as its float twin comes in: a lower peak than both sets whole."""
-    from mlx_dgemma import load_model
-    from mlx_dgemma.loader import dequantized_dense_layers, place_dense_layers, swap_modules
-
-    converted = convert_checkpoint(source, tmp_path / "out", dtype="float32", bits=4)
-    peaks = []
-    for place in (place_dense_layers, lambda m, _: swap_modules(m, dequantized_dense_layers(m))):
-        model = load_model(converted, dense_weights="quantized")
-        mx.synchronize()
-        mx.reset_peak_memory()
-        start = mx.get_active_memory()
-        place(model, "dequantized")
-        peaks.append(mx.get_peak_memory() - start)
-        assert "fused_qkv" in model.layers[0].self_attn
-        del model
-    assert peaks[0] < peaks[1]
-
-
-@pytest.mark.parametrize("product", ["dequantized:4", "quantized:5", None])
-def test_self_conditioning_products_on_the_gpu_path_give_the_same_logits(source, tmp_path, monkeypatch, product):
-    """Self-conditioning's product in vocabulary slices (a GPU's SELF_CONDITIONING_PRODUCT; None: CUDA's
-    default, "quantized" here), run on the CPU, gives the logits of one quantized matmul."""
-    from mlx_dgemma import load_model
-    from mlx_dgemma import model as model_module
-
-    model = load_model(convert_checkpoint(source, tmp_path / "out", dtype="float32", bits=4))
-    assert type(model.embed_tokens).__name__ == "QuantizedEmbedding"
-    cache = model.make_cache()
-    model.encode(mx.array([[5, 9, 2, 7, 11]]), cache)
-    canvas = mx.array([list(range(20, 20 + model.config.canvas_length))])
-    first = model.denoise(canvas, cache)
-    expected = model.denoise(canvas, cache, first)
-    monkeypatch.setattr(model_module, "on_cpu", lambda: False)
-    monkeypatch.setattr(model_module, "SELF_CONDITIONING_PRODUCT", product)
-    products = model_module.embedding_product
-    asked = []
-    monkeypatch.setattr(model_module, "embedding_product", lambda *args: asked.append(args[2]) or products(*args))
-    got = model.denoise(canvas, cache, first)
-    assert asked == [product or "quantized"]
-    assert float(mx.abs(got - expected).max()) < 1e-4
+    conditioned = model.denoise(canvas, cache, quantized)
+    cuda.apply(model, cuda.CudaOptions(fused_experts=False, router_kernel=False, grouped_attention=False))
+    kinds = {type(module).__name__ for _, module in model.named_modules()}
+    # Every 8-bit dense linear of the mixed recipe is float now; the experts and the embedding stay quantized.
+    assert "QuantizedLinear" not in kinds and "QuantizedSwitchLinear" in kinds and "QuantizedEmbedding" in kinds
+    attention, mlp = model.layers[0].self_attn, model.layers[0].mlp
+    parts = [attention[f"{name}_proj"].weight for name in "qkv"]
+    assert mx.array_equal(mx.concatenate(parts), attention.fused_qkv.weight)
+    assert mx.array_equal(mx.concatenate([mlp.gate_proj.weight, mlp.up_proj.weight]), mlp.fused_gate_up.weight)
+    assert "fused_gate_up" in model.model.decoder.self_conditioning
+    assert float(mx.abs(model.denoise(canvas, cache) - quantized).max()) < 1e-4
+    assert float(mx.abs(model.denoise(canvas, cache, quantized) - conditioned).max()) < 1e-4
