@@ -4,8 +4,8 @@ Data flow: checkpoint -> `dgemma convert` -> `load` -> `Model.encode` (prompt
 into the cache) -> `Model.denoise` (canvas logits) -> sampler -> text.
 """
 
-from .cache import EncoderCache
 from .backends.cuda import CudaOptions
+from .cache import EncoderCache
 from .config import ConfigError, ModelConfig
 from .constrained import FillResult, edit, fill_template, infill
 from .generate import (

@@ -281,8 +281,8 @@ def _packed_bytes(tensor: _Tensor, bits: int, group: int, value_bytes: int) -> f
     return tensor.numel * bits / 8 + 2 * tensor.numel / group * value_bytes
 
 
-# What the CUDA plug-in dequantizes at load (backends/cuda.py, dequantize_dense): every quantized linear but the experts and
-# the embedding.
+# What the CUDA plug-in dequantizes at load (backends/cuda.py, dequantize_dense): every quantized linear but the
+# experts and the embedding.
 DEQUANTIZED_GROUPS = ("attention", "dense_mlp", "router", "self_conditioning")
 
 

@@ -96,7 +96,8 @@ class Attention(nn.Module):
     def __init__(self, config: TextConfig, shape: LayerShape):
         super().__init__()
         hidden, bias = config.hidden_size, config.attention_bias
-        self.num_heads, self.num_kv_heads, self.head_dim = config.num_attention_heads, shape.num_key_value_heads, shape.head_dim
+        self.num_heads, self.num_kv_heads = config.num_attention_heads, shape.num_key_value_heads
+        self.head_dim = shape.head_dim
         self.eps = config.rms_norm_eps
         self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
@@ -116,9 +117,7 @@ class Attention(nn.Module):
         values = self.v_proj(x) if "v_proj" in self else None
         return self.q_proj(x), self.k_proj(x), values
 
-    def keys_and_values(
-        self, keys: mx.array, values: mx.array | None, offset: int
-    ) -> tuple[mx.array, mx.array]:
+    def keys_and_values(self, keys: mx.array, values: mx.array | None, offset: int) -> tuple[mx.array, mx.array]:
         """Projected keys and values as the cache holds them: (batch, kv_heads, length, head_dim)."""
         raw_keys = self._heads(keys, self.num_kv_heads)
         raw_values = raw_keys if values is None else self._heads(values, self.num_kv_heads)
@@ -129,9 +128,7 @@ class Attention(nn.Module):
         """softmax(q·kᵀ) v with scale 1, grouped-query, under a boolean mask (batch|1, 1, queries|1, keys)."""
         return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=1.0, mask=mask)
 
-    def __call__(
-        self, x: mx.array, cache: LayerCache, offset: int, mask: mx.array | None, store: bool
-    ) -> mx.array:
+    def __call__(self, x: mx.array, cache: LayerCache, offset: int, mask: mx.array | None, store: bool) -> mx.array:
         """Attend over the cached states and `x`'s own; `store` keeps `x`'s states in the cache (encoder)."""
         batch, length, _ = x.shape
         queries, keys, values = self.projections(x)

@@ -287,7 +287,9 @@ def _compiled_decisions(conditioning_dtype: mx.Dtype) -> Callable:
 
         def decisions(logits, temperature, gumbel, fresh_tokens, state_arrays, pins, settings):
             state = StepState(*state_arrays)
-            new = _step_decisions(logits, temperature, gumbel, fresh_tokens, state, *pins, *settings, conditioning_dtype)
+            new = _step_decisions(
+                logits, temperature, gumbel, fresh_tokens, state, *pins, *settings, conditioning_dtype
+            )
             return new.canvas, new.argmax, new.self_conditioning_logits, new.finished, new.history
 
         _compiled[conditioning_dtype] = mx.compile(decisions)
