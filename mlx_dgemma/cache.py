@@ -12,6 +12,8 @@ so neither copies the cache at every step (what concatenating would do).
 
 from __future__ import annotations
 
+import copy
+
 import mlx.core as mx
 
 
@@ -57,6 +59,14 @@ class LayerCache:
         end = first + count
         return self._keys[:, :, self._start : end], self._values[:, :, self._start : end]
 
+    def copy(self) -> LayerCache:
+        """A cache holding the same states that later writes to either leave the other unchanged (MLX arrays
+        assigned into are replaced, not changed: the copy only needs arrays of its own)."""
+        twin = copy.copy(self)
+        if self._keys is not None:
+            twin._keys, twin._values = mx.array(self._keys), mx.array(self._values)
+        return twin
+
     def append(self, keys: mx.array, values: mx.array) -> None:
         """`extended` and `commit`: keep new states computed elsewhere (the last encoder layer's, the C kernels')."""
         self.extended(keys, values)
@@ -99,6 +109,12 @@ class EncoderCache:
 
     def __len__(self) -> int:
         return len(self.layers)
+
+    def copy(self) -> EncoderCache:
+        """An independent copy (see LayerCache.copy): a prompt's cache reused by several requests."""
+        twin = copy.copy(self)
+        twin.layers = [layer.copy() for layer in self.layers]
+        return twin
 
     def check_batch(self, batch_size: int) -> None:
         if self.batch_size is not None and batch_size != self.batch_size:

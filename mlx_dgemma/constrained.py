@@ -15,16 +15,17 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from .cache import EncoderCache
 from .generate import GenerationStats, check_context, default_settings, encode_prompt
 from .model import Model
-from .sampler import BlockSampler, Noise, Pins, SamplerSettings
+from .sampler import BlockSampler, CanvasResult, Noise, Pins, SamplerSettings, StepDraft
 from .tokenizer import encode_text, render_chat
 
 HOLE_MARKER = re.compile(r"\{\{hole:(\d+)\}\}")
@@ -64,29 +65,47 @@ def _fill(
 ) -> _Filled:
     """Denoise `slots` as canvases after `prompt_ids`; returns the committed tokens."""
     settings: SamplerSettings = default_settings(model).updated(**params)
+    slots = fill_layout(model, prompt_ids, slots, settings)
+    stats = GenerationStats()
+    cache = model.make_cache()
+    encode_prompt(model, cache, prompt_ids, stats)
+    begin = time.perf_counter()
+    tokens: list[int] = []
+    for result in fill_canvases(model, cache, slots, settings, noise):
+        if isinstance(result, CanvasResult):
+            tokens += result.tokens[0].tolist()
+            stats.canvases += 1
+            stats.denoising_steps += result.steps[0]
+    stats.record_generation(sum(slot.kind != PINNED for slot in slots), time.perf_counter() - begin)
+    return _Filled(tokens, slots, stats)
+
+
+def fill_layout(model: Model, prompt_ids: list[int], slots: list[Slot], settings: SamplerSettings) -> list[Slot]:
+    """`slots` checked (something to fill, some context, within the model's context) and cut after the canvas
+    that holds the last free slot (later canvases would only repeat fixed text)."""
     canvas = model.config.canvas_length
     last_free = max((i for i, slot in enumerate(slots) if slot.kind != PINNED), default=-1)
     if last_free < 0:
         raise ValueError("nothing to fill: every position is fixed")
     if not prompt_ids:
         raise ValueError("an empty prompt: give some context before the hole")
-    # Canvases after the one holding the last free slot would only repeat fixed text.
     slots = slots[: (last_free // canvas + 1) * canvas]
     check_context(model, 0, len(prompt_ids) + len(slots), settings.updated(max_new_tokens=1))
+    return slots
+
+
+def fill_canvases(
+    model: Model,
+    cache: EncoderCache,
+    slots: list[Slot],
+    settings: SamplerSettings,
+    noise: Noise | None,
+    drafts: bool = False,
+) -> Iterator[CanvasResult | StepDraft]:
+    """Denoise a layout (`fill_layout`'s) canvas by canvas into a cache that holds its prompt."""
+    canvas = model.config.canvas_length
     layouts = [_pins(slots[start : start + canvas]) for start in range(0, len(slots), canvas)]
-
-    stats = GenerationStats()
-    cache = model.make_cache()
-    encode_prompt(model, cache, prompt_ids, stats)
-
-    begin = time.perf_counter()
-    tokens: list[int] = []
-    for result in BlockSampler(model, settings, noise).pinned_canvases(cache, layouts):
-        tokens += result.tokens[0].tolist()
-        stats.canvases += 1
-        stats.denoising_steps += result.steps[0]
-    stats.record_generation(sum(slot.kind != PINNED for slot in slots), time.perf_counter() - begin)
-    return _Filled(tokens, slots, stats)
+    yield from BlockSampler(model, settings, noise).pinned_canvases(cache, layouts, drafts=drafts)
 
 
 def _pins(slots: Sequence[Slot]) -> Pins:
@@ -104,10 +123,14 @@ def _kept(model: Model, tokens: Sequence[int]) -> list[int]:
 
 
 def _holes(filled: _Filled, model: Model) -> list[list[int]]:
-    """The kept tokens of each run of free slots."""
+    return filled_holes(model, filled.slots, filled.tokens)
+
+
+def filled_holes(model: Model, slots: Sequence[Slot], tokens: Sequence[int]) -> list[list[int]]:
+    """The kept tokens of each run of free slots, from a layout's committed tokens."""
     runs: list[list[int]] = []
     previous_free = False
-    for slot, token in zip(filled.slots, filled.tokens):
+    for slot, token in zip(slots, tokens):
         free = slot.kind != PINNED
         if free and not previous_free:
             runs.append([])
@@ -141,13 +164,20 @@ def infill(
     The prefix is the encoded context; the hole and the suffix tokens that
     share its last canvas are laid out in the canvas, the suffix pinned.
     """
-    _check_hole(hole_tokens)
-    prompt = _bos(tokenizer) + encode_text(tokenizer, prefix)
-    slots = [Slot(FREE)] * hole_tokens + [Slot(PINNED, t) for t in encode_text(tokenizer, suffix)]
+    prompt, slots = infill_layout(tokenizer, prefix, suffix, hole_tokens)
     filled = _fill(model, prompt, slots, noise, params)
     hole = _holes(filled, model)[0]
     fill = tokenizer.decode(hole, skip_special_tokens=True)
     return FillResult(prefix + fill + suffix, [fill], hole, filled.stats)
+
+
+def infill_layout(
+    tokenizer: TokenizerWrapper, prefix: str, suffix: str, hole_tokens: int
+) -> tuple[list[int], list[Slot]]:
+    """Fill-in-the-middle as a prompt (the prefix) and a layout: the hole's free slots, then the suffix pinned."""
+    _check_hole(hole_tokens)
+    prompt = _bos(tokenizer) + encode_text(tokenizer, prefix)
+    return prompt, [Slot(FREE)] * hole_tokens + [Slot(PINNED, t) for t in encode_text(tokenizer, suffix)]
 
 
 def parse_template(template: str) -> list[str | int]:

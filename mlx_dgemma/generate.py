@@ -135,7 +135,7 @@ def prefill(
         mx.eval(cache.state)
 
 
-class _Turn:
+class Turn:
     """One reply generated into a cache that already holds its prompt."""
 
     def __init__(self, model: Model, tokenizer: TokenizerWrapper, settings: SamplerSettings, noise: Noise | None):
@@ -205,7 +205,7 @@ def stream_generate(
     settings = default_settings(model).updated(**params)
     ids = prompt_tokens(tokenizer, prompt_or_messages, thinking, model.text_config.vocab_size)
     check_context(model, 0, len(ids), settings)
-    turn = _Turn(model, tokenizer, settings, noise)
+    turn = Turn(model, tokenizer, settings, noise)
     with wired_limit(model):
         cache = model.make_cache()
         encode_prompt(model, cache, ids, turn.stats)
@@ -275,7 +275,7 @@ class Chat:
         cached = 0 if self._cache is None else self._cache.offset
         check_context(self.model, cached, len(new_ids), settings)
         self.messages.append(user)
-        turn = _Turn(self.model, self.tokenizer, settings, noise)
+        turn = Turn(self.model, self.tokenizer, settings, noise)
         try:
             with wired_limit(self.model):
                 if self._cache is None:

@@ -17,11 +17,21 @@ from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.gemma4_text import geglu, logit_softcap
+from mlx_lm.models.gemma4_text import logit_softcap
 from mlx_lm.models.switch_layers import SwitchLinear, _gather_sort, _scatter_unsort
 
 from .cache import EncoderCache, LayerCache
 from .config import LayerShape, ModelConfig, RopeConfig, TextConfig
+
+_SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
+
+
+@partial(mx.compile, shapeless=True)
+def _gelu_tanh_gate(gate: mx.array, up: mx.array) -> mx.array:
+    # PyTorch's "tanh" gelu, written out flat so that it compiles to one kernel (mlx-lm's geglu nests
+    # nn.gelu_approx's own compiled graph and makes two), with x·x·x as PyTorch computes the cube.
+    inner = _SQRT_2_OVER_PI * (gate + 0.044715 * (gate * gate * gate))
+    return 0.5 * gate * (1 + mx.tanh(inner)) * up
 
 
 @partial(mx.compile, shapeless=True)
@@ -39,10 +49,10 @@ def _relu_gate(gate: mx.array, up: mx.array) -> mx.array:
     return nn.relu(gate) * up
 
 
-# act(gate) * up, one compiled elementwise kernel each; gelu's tanh approximation is PyTorch's "tanh" gelu.
+# act(gate) * up, one compiled elementwise kernel each.
 GATES = {
-    "gelu_pytorch_tanh": geglu,
-    "gelu_new": geglu,
+    "gelu_pytorch_tanh": _gelu_tanh_gate,
+    "gelu_new": _gelu_tanh_gate,
     "gelu": _gelu_gate,
     "silu": _silu_gate,
     "relu": _relu_gate,
@@ -170,7 +180,8 @@ class Router(nn.Module):
         self.root_size = config.hidden_size**-0.5
 
     def __call__(self, x: mx.array) -> tuple[mx.array, mx.array]:
-        scores = self.proj(rms_normalize(x, self.eps) * (self.scale * self.root_size)).astype(mx.float32)
+        # One fused norm with the router's scale as its weight.
+        scores = self.proj(mx.fast.rms_norm(x, self.scale * self.root_size, self.eps)).astype(mx.float32)
         indices = mx.argpartition(-scores, kth=self.top_k - 1, axis=-1)[..., : self.top_k]
         # Softmax over the chosen scores equals the full softmax renormalised over the top k, as the reference has it.
         weights = mx.softmax(mx.take_along_axis(scores, indices, axis=-1), axis=-1)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..model import MLP, Attention, Experts, Model, Router, rms_normalize
+from ..model import MLP, Attention, Experts, Model, Router
 from . import cuda_kernels
 
 
@@ -132,7 +132,7 @@ class KernelRouter(Router):
     """The router with its top-k and weights in one kernel launch."""
 
     def __call__(self, x: mx.array) -> tuple[mx.array, mx.array]:
-        scores = self.proj(rms_normalize(x, self.eps) * (self.scale * self.root_size))
+        scores = self.proj(mx.fast.rms_norm(x, self.scale * self.root_size, self.eps))
         flat = scores.reshape(-1, scores.shape[-1])
         indices, weights = cuda_kernels.top_k_routes(flat, self.per_expert_scale, self.top_k)
         return indices.reshape(*x.shape[:-1], -1), weights.reshape(*x.shape[:-1], -1)

@@ -1,0 +1,1 @@
+"""`dgemma serve`: the local HTTP server editors and agents talk to."""
