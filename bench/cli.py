@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import hashlib
+import importlib
 import importlib.util
 import json
 import os
@@ -264,12 +265,16 @@ def unavailable(name: str, shape: Shape) -> str | None:
     return None
 
 
+# `python -m bench NAME ...` runs bench/NAME.py's main.
+SUBCOMMANDS = ("ops", "serve")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] == "ops":
-        from .ops import main as ops_main  # only this subcommand needs it
-
-        return ops_main(argv[1:])
+    if argv and argv[0] in SUBCOMMANDS:
+        # Imported only when asked for: each needs what the side-by-side run does not.
+        module = importlib.import_module(f".{argv[0]}", __package__)
+        return module.main(argv[1:])
     args = parse_args(argv)
     shape, settings, runtimes = resolve(args)
     out = (args.out or DEFAULT_OUT).resolve()

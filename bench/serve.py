@@ -1,0 +1,202 @@
+"""`dgemma serve` under concurrent clients: aggregate throughput and time to the first committed canvas.
+
+    python -m bench serve                    # quick shape, canvas 64, 1/2/4/8 clients, a few minutes on a CPU
+    python -m bench serve --help
+
+One live server (the real app on uvicorn, loopback) on a random-weight
+checkpoint with the test tokenizer. For each client count N, N clients send
+their requests at once (half chat replies of two canvases, half short infills
+through /v1/completions with a suffix), all streamed; then the same requests are
+sent one after another. Reported per N: aggregate completion tokens/s both ways,
+and the median time from a request's send to its first committed text.
+
+Then the head-of-line case: a short infill sent once a long chat reply has
+committed its first canvas, its time to first committed canvas in canvases'
+time (a canvas's time measured alone on the same server).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from .build import REPO
+from .shapes import PRESETS
+
+SUFFIX = "\n    return total\n"
+
+
+def _test_module(name: str) -> Any:
+    """A helper module of tests/ (test code, not a package), imported by path."""
+    spec = importlib.util.spec_from_file_location(f"dgemma_test_{name}", REPO / "tests" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def build_checkpoint(shape_name: str, canvas: int, folder: Path) -> Path:
+    """A random-weight checkpoint of the preset shape written by the reference, with the test tokenizer."""
+    shape = replace(PRESETS[shape_name], canvas_length=canvas)
+    checkpoints, tokenizer = _test_module("checkpoints"), _test_module("tokenizer_fixture")
+    model = checkpoints.build_reference_model(seed=0, canvas_length=canvas, **shape.text)
+    path = checkpoints.save_reference_checkpoint(model, folder / "checkpoint")
+    tokenizer.write_tokenizer(path, vocab_size=shape.text["vocab_size"])
+    return path
+
+
+class LiveServer:
+    """The app on uvicorn in a thread, on a free loopback port."""
+
+    def __init__(self, path: Path, max_concurrent: int):
+        import uvicorn
+
+        from mlx_dgemma import load
+        from mlx_dgemma.serve.app import create_app
+        from mlx_dgemma.serve.engine import Engine
+
+        model, tokenizer = load(path)
+        self.engine = Engine(model, tokenizer, max_concurrent=max_concurrent, max_queue=64)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        app = create_app(self.engine, path.name)
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.engine.close()
+
+
+def timed_request(url: str, kind: str, index: int, steps: int, canvas: int) -> dict[str, float]:
+    """One streamed request: its completion tokens, seconds to its first committed text, and in all."""
+    import httpx
+
+    body: dict[str, Any] = {"stream": True, "seed": index, "steps": steps, "stream_options": {"include_usage": True}}
+    if kind == "chat":
+        route = "/v1/chat/completions"
+        body |= {"messages": [{"role": "user", "content": f"Tell story number {index}."}], "max_tokens": 2 * canvas}
+    else:
+        route = "/v1/completions"
+        body |= {"prompt": f"def total_{index}(xs):\n    total = ", "suffix": SUFFIX, "max_tokens": canvas // 4}
+    start, first, tokens = time.perf_counter(), None, 0
+    with httpx.stream("POST", url + route, json=body, timeout=600) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            if first is None and any(_committed(choice) for choice in chunk.get("choices", [])):
+                first = time.perf_counter() - start
+    total = time.perf_counter() - start
+    return {"tokens": tokens, "first": first if first is not None else total, "total": total}
+
+
+def _committed(choice: dict[str, Any]) -> bool:
+    delta = choice.get("delta", choice)
+    return bool(delta.get("content") or delta.get("text") or delta.get("reasoning_content"))
+
+
+def level(url: str, clients: int, steps: int, canvas: int) -> dict[str, float]:
+    """N clients at once against the same requests sent one after another."""
+    kinds = ["chat" if i % 2 == 0 else "infill" for i in range(clients)]
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        together = list(pool.map(lambda i: timed_request(url, kinds[i], i, steps, canvas), range(clients)))
+    together_s = time.perf_counter() - start
+    start = time.perf_counter()
+    alone = [timed_request(url, kinds[i], i, steps, canvas) for i in range(clients)]
+    alone_s = time.perf_counter() - start
+    return {
+        "clients": clients,
+        "tokens_per_s_concurrent": sum(r["tokens"] for r in together) / together_s,
+        "tokens_per_s_one_at_a_time": sum(r["tokens"] for r in alone) / alone_s,
+        "median_first_canvas_s_concurrent": statistics.median(r["first"] for r in together),
+        "median_first_canvas_s_one_at_a_time": statistics.median(r["first"] for r in alone),
+    }
+
+
+def head_of_line(url: str, steps: int, canvas: int, repeats: int) -> dict[str, float]:
+    """A short infill behind a long chat reply: its time to first canvas, in canvases' time."""
+    alone = statistics.median(timed_request(url, "infill", 100 + i, steps, canvas)["first"] for i in range(repeats))
+    behind = []
+    for i in range(repeats):
+        long_reply = threading.Thread(target=timed_request, args=(url, "chat", 200 + i, steps, 4 * canvas))
+        long_reply.start()
+        time.sleep(alone)  # about when the reply commits its first canvas
+        behind.append(timed_request(url, "infill", 300 + i, steps, canvas)["first"])
+        long_reply.join()
+    median = statistics.median(behind)
+    return {"canvas_s": alone, "median_first_canvas_s": median, "canvases": median / alone}
+
+
+def table(levels: list[dict[str, float]], hol: dict[str, float]) -> str:
+    lines = [
+        "| clients | tokens/s, at once | tokens/s, one at a time | ratio | first canvas, median s (at once / alone) |",
+        "|---|---|---|---|---|",
+    ]
+    for row in levels:
+        ratio = row["tokens_per_s_concurrent"] / row["tokens_per_s_one_at_a_time"]
+        lines.append(
+            f"| {row['clients']} | {row['tokens_per_s_concurrent']:.1f} | {row['tokens_per_s_one_at_a_time']:.1f}"
+            f" | {ratio:.2f}× | {row['median_first_canvas_s_concurrent']:.2f} / "
+            f"{row['median_first_canvas_s_one_at_a_time']:.2f} |"
+        )
+    lines.append(
+        f"\nA short infill behind a long chat reply: first canvas after {hol['median_first_canvas_s']:.2f} s, "
+        f"{hol['canvases']:.1f} canvases' time (one canvas alone: {hol['canvas_s']:.2f} s)."
+    )
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench serve", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", choices=sorted(PRESETS), default="quick")
+    parser.add_argument("--canvas", type=int, default=64, help="canvas length of the checkpoint (default 64)")
+    parser.add_argument("--clients", default="1,2,4,8", help="comma-separated client counts")
+    parser.add_argument("--steps", type=int, default=8, help="denoising steps per canvas (default 8)")
+    parser.add_argument("--repeats", type=int, default=3, help="head-of-line repeats (default 3)")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    counts = [int(n) for n in args.clients.split(",") if n.strip()]
+    with tempfile.TemporaryDirectory() as folder:
+        path = build_checkpoint(args.shape, args.canvas, Path(folder))
+        server = LiveServer(path, max_concurrent=max(counts))
+        try:
+            timed_request(server.url, "infill", 0, args.steps, args.canvas)  # compile the graphs once
+            levels = [level(server.url, n, args.steps, args.canvas) for n in counts]
+            hol = head_of_line(server.url, args.steps, args.canvas, args.repeats)
+        finally:
+            server.close()
+    command = "python -m bench serve " + " ".join(argv if argv is not None else sys.argv[1:])
+    print(f"## dgemma serve, {args.shape} shape, canvas {args.canvas}, {args.steps} steps\n\n`{command.strip()}`\n")
+    print(table(levels, hol))
+    if args.json:
+        args.json.write_text(json.dumps({"levels": levels, "head_of_line": hol, "command": command}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
