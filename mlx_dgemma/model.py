@@ -72,27 +72,27 @@ def rms_normalize(x: mx.array, eps: float) -> mx.array:
 class RotaryEmbedding(nn.Module):
     """RoPE over the whole head, in the rotate-half layout.
 
-    "proportional" RoPE rotates only the first `partial_rotary_factor` of the
-    frequency pairs; the others get an infinite wavelength, i.e. no rotation.
+    The wavelengths are computed as the reference computes its frequencies
+    (float32 theta^(2i/d), times the factor for "linear" and "proportional"),
+    and handed to MLX's kernel: its own from `base` round differently, enough to
+    show at positions of a few hundred. "proportional" RoPE rotates only the
+    first `partial_rotary_factor` of the pairs; the others get an infinite
+    wavelength, i.e. no rotation.
     """
 
     def __init__(self, head_dim: int, rope: RopeConfig):
         super().__init__()
         self.head_dim = head_dim
-        self.base: float | None = rope.theta
-        self.scale = 1.0 / rope.factor if rope.rope_type == "linear" else 1.0
-        self._freqs = None
-        if rope.rope_type == "proportional":
-            rotated = int(rope.partial_rotary_factor * head_dim // 2)
-            exponents = mx.arange(0, 2 * rotated, 2, dtype=mx.float32) / head_dim
-            wavelengths = rope.factor * mx.power(rope.theta, exponents)
-            unrotated = mx.full((head_dim // 2 - rotated,), mx.inf)
-            self._freqs = mx.concatenate([wavelengths, unrotated])
-            self.base = None
+        pairs = head_dim // 2
+        rotated = int(rope.partial_rotary_factor * pairs) if rope.rope_type == "proportional" else pairs
+        factor = rope.factor if rope.rope_type in ("linear", "proportional") else 1.0
+        exponents = mx.arange(0, 2 * rotated, 2, dtype=mx.float32) / head_dim
+        wavelengths = factor * mx.power(mx.array(rope.theta, dtype=mx.float32), exponents)
+        self._wavelengths = mx.concatenate([wavelengths, mx.full((pairs - rotated,), mx.inf)])
 
     def __call__(self, x: mx.array, offset: int) -> mx.array:
         return mx.fast.rope(
-            x, self.head_dim, traditional=False, base=self.base, scale=self.scale, offset=offset, freqs=self._freqs
+            x, self.head_dim, traditional=False, base=None, scale=1.0, offset=offset, freqs=self._wavelengths
         )
 
 
