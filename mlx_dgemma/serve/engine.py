@@ -131,10 +131,14 @@ class Engine:
         prompt_cache_entries: int = 8,
     ):
         self.model, self.tokenizer = model, tokenizer
+        # MLX streams are per thread (MLX >= 0.31.2): an array the model left lazy on this thread (RoPE's
+        # frequencies are not parameters) cannot be evaluated on the worker's, so evaluate every one here.
+        mx.eval(model.filter_and_map(lambda _module, _key, _value: True))
         self.max_concurrent, self.max_queue = max_concurrent, max_queue
         self.prompt_cache = PromptCache(prompt_cache_entries)
         self._waiting: collections.deque[Job] = collections.deque()
         self._active: collections.deque[tuple[Job, Iterator[Event]]] = collections.deque()
+        self._advancing = 0  # the request the worker is running now (1), which `_active` lacks meanwhile
         self._wake = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._serve, name="dgemma-engine", daemon=True)
@@ -146,7 +150,7 @@ class Engine:
         """Queue `job` (from the asyncio event loop); raises QueueFull beyond `max_queue` waiting requests."""
         job._loop, job._queue = asyncio.get_running_loop(), asyncio.Queue()
         with self._wake:
-            free_slots = max(0, self.max_concurrent - len(self._active))
+            free_slots = max(0, self.max_concurrent - len(self._active) - self._advancing)
             if len(self._waiting) >= self.max_queue + free_slots:
                 raise QueueFull(f"{len(self._waiting)} requests are waiting already; try again shortly")
             self._waiting.append(job)
@@ -156,7 +160,7 @@ class Engine:
     @property
     def load(self) -> dict[str, int]:
         with self._wake:
-            return {"active": len(self._active), "waiting": len(self._waiting)}
+            return {"active": len(self._active) + self._advancing, "waiting": len(self._waiting)}
 
     def close(self) -> None:
         with self._wake:
@@ -182,8 +186,11 @@ class Engine:
                 if not self._active:
                     continue
                 job, events = self._active.popleft()
-            if self._advance(job, events):
-                with self._wake:
+                self._advancing = 1  # off `_active` while it runs, but still a request being served
+            more = self._advance(job, events)
+            with self._wake:
+                self._advancing = 0
+                if more:
                     self._active.append((job, events))
         for job, events in self._active:
             events.close()
