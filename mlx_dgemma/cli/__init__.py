@@ -18,7 +18,7 @@ from typing import Annotated
 
 import typer
 
-from . import chat, convert, edit, generate, infill, info
+from . import chat, convert, edit, generate, infill, info, serve
 from .common import DEFAULT_MODEL, DEFAULT_MODEL_EPILOG, KNOWN_ERRORS, State, one_line
 
 try:  # typer >= 0.22 ships its own copy of click; older typers use click itself
@@ -73,6 +73,7 @@ app.command("chat", epilog=DEFAULT_MODEL_EPILOG)(chat.chat)
 app.command("info", epilog=DEFAULT_MODEL_EPILOG)(info.info)
 app.command("infill", epilog=DEFAULT_MODEL_EPILOG)(infill.infill)
 app.command("edit", epilog=DEFAULT_MODEL_EPILOG)(edit.edit)
+app.command("serve", epilog=DEFAULT_MODEL_EPILOG)(serve.serve)
 
 _NO_ARGS_IS_HELP = getattr(click_errors, "NoArgsIsHelpError", ())
 

@@ -1,0 +1,114 @@
+"""`dgemma serve`: the model over HTTP, with OpenAI's, Ollama's and llama.cpp's APIs."""
+
+from __future__ import annotations
+
+import socket
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .common import DEFAULT_MODEL, ModelOption, load_checkpoint
+
+GRACEFUL_SHUTDOWN_SECONDS = 3  # requests in flight at Ctrl-C get this long, then they are cancelled
+
+
+HostOption = Annotated[
+    str, typer.Option("--host", help="Address to listen on; 0.0.0.0 opens it to the network (use --api-key).")
+]
+PortOption = Annotated[int, typer.Option("--port", "-p", min=0, max=65535, help="Port (0: any free one).")]
+ApiKeyOption = Annotated[
+    str | None,
+    typer.Option(
+        "--api-key", envvar="DGEMMA_API_KEY", help="Require 'Authorization: Bearer KEY' (all routes but /health)."
+    ),
+]
+AllowOriginOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--allow-origin",
+        metavar="ORIGIN",
+        help="A web page origin (https://app.example) allowed to call the server; repeatable; '*' for any.",
+    ),
+]
+MaxConcurrentOption = Annotated[
+    int, typer.Option("--max-concurrent", min=1, help="Requests generated at once (interleaved canvas by canvas).")
+]
+MaxQueueOption = Annotated[
+    int, typer.Option("--max-queue", min=0, help="Requests that may wait beyond those; more get HTTP 429.")
+]
+
+
+def serve(
+    model: ModelOption = DEFAULT_MODEL,
+    host: HostOption = "127.0.0.1",
+    port: PortOption = 8080,
+    api_key: ApiKeyOption = None,
+    allow_origin: AllowOriginOption = None,
+    max_concurrent: MaxConcurrentOption = 4,
+    max_queue: MaxQueueOption = 16,
+) -> None:
+    """Serve the model over HTTP for editors, agents and scripts.
+
+    OpenAI's /v1/chat/completions, /v1/completions (with suffix: fill-in-the-middle) and /v1/models;
+    Ollama's /api/generate, /api/chat and /api/tags; llama.cpp's /infill and /completion; /health.
+    Listens on 127.0.0.1 unless told otherwise. Example: dgemma serve --port 8080, then point an
+    OpenAI client at http://127.0.0.1:8080/v1
+    """
+    import uvicorn  # the server's dependencies load only for this command
+
+    from ..serve.app import create_app
+    from ..serve.engine import Engine
+
+    listener = _listen(host, port)
+    try:
+        loaded, tokenizer, _ = load_checkpoint(model, {})
+        engine = Engine(loaded, tokenizer, max_concurrent=max_concurrent, max_queue=max_queue)
+    except BaseException:
+        listener.close()
+        raise
+    name = served_name(model)
+    app = create_app(engine, name, api_key=api_key, allowed_origins=allow_origin or (), hosts=(host,))
+    config = uvicorn.Config(
+        app, log_level="warning", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS, access_log=False
+    )
+    listener.listen(socket.SOMAXCONN)  # connections made from here on wait for uvicorn instead of failing
+    print(f"serving {name} on http://{_url_host(host)}:{listener.getsockname()[1]}", flush=True)
+    try:
+        uvicorn.Server(config).run(sockets=[listener])
+    except KeyboardInterrupt:
+        pass  # uvicorn has shut down already; it re-raises the signal on its way out
+    finally:
+        engine.close()
+        listener.close()
+    print("stopped", file=sys.stderr)
+
+
+def served_name(model: str) -> str:
+    """What clients call the model: a checkpoint directory's name, or the repo id as given."""
+    path = Path(model).expanduser()
+    return path.resolve().name if path.exists() else model
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A bound socket (before loading, so a port in use is one error line at once, not after the load)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        listener = socket.socket(family, kind, proto)
+    except OSError as error:
+        raise OSError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(address)
+    except OSError as error:
+        listener.close()
+        raise OSError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+    listener.set_inheritable(True)
+    return listener
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
