@@ -4,8 +4,9 @@ MLX runs on the worker thread alone. Each admitted request is a generator of
 events (its prompt's encoding, then a `Draft` per denoising step and a `Commit`
 per canvas); the worker advances one request until it commits a canvas (or
 ends), hands its events to the request's asyncio queue, then moves on to the
-next, round robin. So no request waits for another to finish: a short infill
-that arrives behind a long reply starts after the canvas in progress. A
+next, round robin, a newly admitted request first. So no request waits for
+another to finish: a short infill that arrives behind a long reply starts after
+the canvas in progress. A long prompt's chunks take turns the same way. A
 request's randomness is its own (`SeededNoise(seed)`), so what it gets does not
 depend on who else is served. A cancelled request (its client gone) is dropped
 at its next step. Prompts are encoded in chunks, and a prompt that extends one
@@ -182,7 +183,8 @@ class Engine:
                     if job.cancelled.is_set():  # its client left while it waited
                         job._emit(None)
                         continue
-                    self._active.append((job, self._run(job)))
+                    # A newcomer goes first: its wait for a first canvas is the canvas in progress, not a round.
+                    self._active.appendleft((job, self._run(job)))
                 if not self._active:
                     continue
                 job, events = self._active.popleft()
@@ -236,8 +238,8 @@ class Engine:
         yield from self._fill(job, cache, noise, stats)
 
     def _encoded(self, job: Job, stats: GenerationStats) -> Iterator[Event]:
-        """Encode what the prompt cache lacks, a chunk at a time, each chunk's end a turn for the next request;
-        returns the cache."""
+        """Encode what the prompt cache lacks, a chunk at a time, the end of each chunk but the last a turn for
+        the next request (a long prompt does not hold the others up); returns the cache."""
         ids = job.prompt_ids
         reused, cache = self.prompt_cache.longest_prefix(ids)
         cache = cache or self.model.make_cache()
@@ -245,9 +247,10 @@ class Engine:
             check_context(self.model, 0, len(ids), job.settings)
         start = time.perf_counter()
         for begin in range(reused, len(ids), PREFILL_CHUNK):
+            if begin > reused:
+                yield Encoded(begin)
             self.model.encode(mx.array([ids[begin : begin + PREFILL_CHUNK]]), cache)
             mx.eval(cache.state)
-            yield Encoded(min(begin + PREFILL_CHUNK, len(ids)))
         elapsed = time.perf_counter() - start
         stats.prompt_tokens = len(ids) - reused
         stats.prompt_tps = stats.prompt_tokens / elapsed if elapsed > 0 else 0.0
