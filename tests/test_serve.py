@@ -44,7 +44,7 @@ from mlx_dgemma import generate, infill
 from mlx_dgemma.generate import prompt_tokens
 from mlx_dgemma.serve.app import create_app
 from mlx_dgemma.serve.engine import Engine
-from mlx_dgemma.tokenizer import encode_text
+from mlx_dgemma.tokenizer import encode_text, render_chat
 
 MODEL = "dgemma-test"
 CONTEXT = 256  # small, so "beyond the context" is cheap
@@ -678,6 +678,32 @@ def test_prompt_cache_reuse(server, engine, loaded, monkeypatch):
     assert fresh_completion.choices[0].text == completion.choices[0].text
     assert fresh_reply.choices[0].message == reply.choices[0].message
     assert fresh_completion.usage.prompt_tokens_details.cached_tokens == 0
+
+
+def test_the_next_chat_turn_reuses_the_history_with_thinking_off(server, engine, loaded, monkeypatch):
+    """With thinking off the prompt ends in an empty thought channel that the next turn's history lacks, so the
+    server keeps the cache of the history before the generation prompt too, and the next turn extends that."""
+    _, tokenizer = loaded
+    reused = []
+    longest_prefix = engine.prompt_cache.longest_prefix
+
+    def spy(ids):
+        found = longest_prefix(ids)
+        reused.append(found[0])
+        return found
+
+    monkeypatch.setattr(engine.prompt_cache, "longest_prefix", spy)
+    turns = [
+        {"role": "user", "content": "Name a river of Europe."},
+        {"role": "assistant", "content": "The Danube."},
+        {"role": "user", "content": "And one of Africa?"},
+    ]
+    session = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
+    chat(session, messages=turns[:1], seed=21, max_tokens=16)
+    reply = chat(session, messages=turns, seed=22, max_tokens=16)
+    history = render_chat(tokenizer, turns[:1], add_generation_prompt=False, thinking=False)
+    assert reused[-1] == len(encode_text(tokenizer, history)) > 0
+    assert reply.usage.prompt_tokens_details.cached_tokens == reused[-1]
 
 
 # ---------------------------------------------------------------- safety

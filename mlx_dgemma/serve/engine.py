@@ -99,6 +99,9 @@ class Job:
     prompt_ids: list[int]
     settings: SamplerSettings
     slots: list[Slot] | None = None  # a constrained layout (fill-in-the-middle); None: free generation
+    # A prompt length whose cache is worth keeping too: a chat's history before this turn's generation prompt,
+    # which the next turn's prompt extends (its full prompt, which the next turn does not, is kept anyway).
+    keep_prefix: int | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     queued_at: float = field(default_factory=time.perf_counter)
     _queue: asyncio.Queue | None = None
@@ -172,6 +175,13 @@ class Engine:
     # -- the worker thread -------------------------------------------------------------------------------------------
 
     def _serve(self) -> None:
+        try:
+            self._serve_until_stopped()
+        finally:
+            # A thread that used MLX must let go of its streams before it ends, or the process may abort at exit.
+            mx.clear_streams()
+
+    def _serve_until_stopped(self) -> None:
         while True:
             with self._wake:
                 while not self._stopping and not self._waiting and not self._active:
@@ -246,11 +256,20 @@ class Engine:
         if job.slots is None:
             check_context(self.model, 0, len(ids), job.settings)
         start = time.perf_counter()
-        for begin in range(reused, len(ids), PREFILL_CHUNK):
+        ends = set(range(reused + PREFILL_CHUNK, len(ids), PREFILL_CHUNK))
+        if reused < len(ids):  # else the whole prompt was cached
+            ends.add(len(ids))
+        if job.keep_prefix is not None and reused < job.keep_prefix < len(ids):
+            ends.add(job.keep_prefix)
+        begin = reused
+        for end in sorted(ends):
             if begin > reused:
                 yield Encoded(begin)
-            self.model.encode(mx.array([ids[begin : begin + PREFILL_CHUNK]]), cache)
+            self.model.encode(mx.array([ids[begin:end]]), cache)
             mx.eval(cache.state)
+            if end == job.keep_prefix:
+                self.prompt_cache.store(ids[:end], cache)
+            begin = end
         elapsed = time.perf_counter() - start
         stats.prompt_tokens = len(ids) - reused
         stats.prompt_tps = stats.prompt_tokens / elapsed if elapsed > 0 else 0.0

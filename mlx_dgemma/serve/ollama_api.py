@@ -25,6 +25,7 @@ from .runs import (
     Prepared,
     Server,
     Text,
+    chat_history_length,
     chat_ids,
     draft_payload,
     json_line,
@@ -185,8 +186,9 @@ def _prepare_chat(server: Server, body: OllamaChatRequest) -> Prepared:
     max_tokens = _num_predict(body)
     settings = sampler_settings(server, _settings_values(body, max_tokens), NAMES)
     ids = chat_ids(server, messages, bool(body.think))
+    history = chat_history_length(server, messages, bool(body.think), ids)
     stop = stop_strings(_options(body).stop, "options.stop")
-    return prepare_generation(server, ids, settings, stop, NAMES, max_tokens)
+    return prepare_generation(server, ids, settings, stop, NAMES, max_tokens, history)
 
 
 # ----------------------------------------------------------------- responses

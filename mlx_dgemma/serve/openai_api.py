@@ -28,6 +28,7 @@ from .runs import (
     Prepared,
     Server,
     Text,
+    chat_history_length,
     chat_ids,
     draft_payload,
     parse_body,
@@ -169,8 +170,10 @@ def _prepare_chat(server: Server, body: ChatCompletionRequest) -> Prepared:
     names = Names(prompt="messages", max_tokens="max_completion_tokens" if body.max_completion_tokens else "max_tokens")
     max_tokens = body.max_completion_tokens or body.max_tokens
     settings = _settings(server, body, max_tokens, names)
-    ids = chat_ids(server, template_messages(body.messages), thinking)
-    return prepare_generation(server, ids, settings, stop_strings(body.stop), names, max_tokens)
+    messages = template_messages(body.messages)
+    ids = chat_ids(server, messages, thinking)
+    history = chat_history_length(server, messages, thinking, ids)
+    return prepare_generation(server, ids, settings, stop_strings(body.stop), names, max_tokens, history)
 
 
 def _prepare_completion(server: Server, body: CompletionRequest) -> Prepared:

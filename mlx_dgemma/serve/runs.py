@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -85,6 +86,7 @@ class Prepared:
     settings: SamplerSettings
     slots: list[Slot] | None = None  # a fill-in-the-middle layout
     stop: tuple[str, ...] = ()
+    keep_prefix: int | None = None  # see engine.Job
 
 
 # ----------------------------------------------------------------- building a job
@@ -105,6 +107,8 @@ def sampler_settings(server: Server, values: dict[str, Any], names: Names) -> Sa
     """The checkpoint's defaults with the request's values; a bad value is a 400 naming its field."""
     base = default_settings(server.engine.model)
     given = {key: value for key, value in values.items() if value is not None}
+    # As OpenAI's and Ollama's servers do: a request without a seed gets a fresh one (a "regenerate" differs).
+    given.setdefault("seed", secrets.randbits(31))
     try:
         return base.updated(**given)
     except ValueError as error:
@@ -140,6 +144,19 @@ def chat_ids(server: Server, messages: list[dict[str, str]], thinking: bool, par
     return _checked(server, encode_text(tokenizer, rendered), param)
 
 
+def chat_history_length(server: Server, messages: list[dict[str, str]], thinking: bool, ids: list[int]) -> int | None:
+    """How many leading tokens of a chat prompt `ids` are its history without this turn's generation prompt:
+    the part the next turn's prompt extends (None where the template does not render it as a prefix)."""
+    tokenizer = server.engine.tokenizer
+    try:
+        history = encode_text(
+            tokenizer, render_chat(tokenizer, messages, add_generation_prompt=False, thinking=thinking)
+        )
+    except TemplateError:
+        return None
+    return len(history) if 0 < len(history) < len(ids) and ids[: len(history)] == history else None
+
+
 def text_ids(server: Server, prompt: str | list[int], param: str = "prompt") -> list[int]:
     """A raw prompt (no chat template) to continue: BOS and its tokens, or token ids as given."""
     if isinstance(prompt, list):
@@ -168,6 +185,7 @@ def prepare_generation(
     stop: tuple[str, ...],
     names: Names,
     max_tokens: int | None,
+    keep_prefix: int | None = None,
 ) -> Prepared:
     """A free generation after `ids`, refused when prompt and reply would not fit the context. Without a
     requested `max_tokens`, the default shrinks to the room the prompt leaves (whole canvases)."""
@@ -178,7 +196,7 @@ def prepare_generation(
     except ValueError as error:
         param = names.prompt if len(ids) >= server.context else names.max_tokens
         raise ApiError(400, str(error), param=param, code="context_length_exceeded") from None
-    return Prepared(ids, settings, None, stop)
+    return Prepared(ids, settings, None, stop, keep_prefix)
 
 
 def _fitted(server: Server, prompt: int, settings: SamplerSettings) -> SamplerSettings:
@@ -267,7 +285,7 @@ class Generation:
 
     def __init__(self, engine: Engine, prepared: Prepared, drafts: bool = False) -> None:
         self.engine, self.drafts = engine, drafts
-        self.job = Job(prepared.prompt_ids, prepared.settings, slots=prepared.slots)
+        self.job = Job(prepared.prompt_ids, prepared.settings, slots=prepared.slots, keep_prefix=prepared.keep_prefix)
         self.fill = prepared.slots is not None
         self.hole = sum(slot.kind != PINNED for slot in prepared.slots or ())
         self.scanner = StopScanner(prepared.stop)
