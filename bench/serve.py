@@ -8,7 +8,9 @@ checkpoint with the test tokenizer. For each client count N, N clients send
 their requests at once (half chat replies of two canvases, half short infills
 through /v1/completions with a suffix), all streamed; then the same requests are
 sent one after another. Reported per N: aggregate completion tokens/s both ways,
-and the median time from a request's send to its first committed text.
+the median time from a request's send to its first committed text, and, for the
+other way to share the model, the same chat prompts run as one left-padded
+denoising batch straight through the sampler (no HTTP).
 
 Then the head-of-line case: a short infill sent once a long chat reply has
 committed its first canvas, its time to first committed canvas in canvases'
