@@ -3,7 +3,7 @@
     python -m bench serve                    # quick shape, canvas 64, 1/2/4/8 clients, a few minutes on a CPU
     python -m bench serve --help
 
-One live server (the real app on uvicorn, loopback) on a random-weight
+One live server (`dgemma serve` in its own process, loopback) on a random-weight
 checkpoint with the test tokenizer. For each client count N, N clients send
 their requests at once (half chat replies of two canvases, half short infills
 through /v1/completions with a suffix), all streamed; then the same requests are
@@ -22,8 +22,10 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import signal
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -58,32 +60,39 @@ def build_checkpoint(shape_name: str, canvas: int, folder: Path) -> Path:
 
 
 class LiveServer:
-    """The app on uvicorn in a thread, on a free loopback port."""
+    """`dgemma serve` in a process of its own (the clients' threads stay out of its interpreter), on a free
+    loopback port."""
 
     def __init__(self, path: Path, max_concurrent: int):
-        import uvicorn
-
-        from mlx_dgemma import load
-        from mlx_dgemma.serve.app import create_app
-        from mlx_dgemma.serve.engine import Engine
-
-        model, tokenizer = load(path)
-        self.engine = Engine(model, tokenizer, max_concurrent=max_concurrent, max_queue=64)
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
-        app = create_app(self.engine, path.name)
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.05)
+        command = [sys.executable, "-m", "mlx_dgemma.cli", "serve", "--model", str(path), "--port", str(self.port)]
+        command += ["--max-concurrent", str(max_concurrent), "--max-queue", "64"]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.url = f"http://127.0.0.1:{self.port}"
+        self._wait_until_up()
+
+    def _wait_until_up(self, seconds: float = 300) -> None:
+        import httpx
+
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"dgemma serve exited: {self.process.stderr.read().strip()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise RuntimeError("dgemma serve did not come up")
 
     def close(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        self.engine.close()
+        self.process.send_signal(signal.SIGINT)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
 
 
 def timed_request(url: str, kind: str, index: int, steps: int, canvas: int) -> dict[str, float]:
@@ -150,16 +159,17 @@ def head_of_line(url: str, steps: int, canvas: int, repeats: int) -> dict[str, f
     return {"canvas_s": alone, "median_first_canvas_s": median, "canvases": median / alone}
 
 
-def batched(server: LiveServer, clients: int, steps: int, canvas: int) -> float:
+def batched(path: Path, clients: int, steps: int, canvas: int) -> float:
     """The other way to share the model: the same chat prompts as one left-padded batch through the sampler,
     canvas by canvas (what joining requests into one denoising batch would do); its tokens/s."""
     import mlx.core as mx
 
+    from mlx_dgemma import load
     from mlx_dgemma.generate import default_settings, prefill
     from mlx_dgemma.sampler import BlockSampler
     from mlx_dgemma.tokenizer import encode_text, render_chat
 
-    model, tokenizer = server.engine.model, server.engine.tokenizer
+    model, tokenizer = load(path)
     prompts = [
         encode_text(tokenizer, render_chat(tokenizer, [{"role": "user", "content": f"Tell story number {i}."}]))
         for i in range(clients)
@@ -178,10 +188,8 @@ def batched(server: LiveServer, clients: int, steps: int, canvas: int) -> float:
         tokens = sum(result.tokens.size for result in results if hasattr(result, "tokens"))
         return tokens, time.perf_counter() - start
 
-    # MLX streams are per thread: one thread of its own runs both (the engine's worker is idle meanwhile).
-    with ThreadPoolExecutor(1) as pool:
-        pool.submit(run).result()  # compile for this batch size
-        tokens, seconds = pool.submit(run).result()
+    run()  # compile for this batch size
+    tokens, seconds = run()
     return tokens / seconds
 
 
@@ -225,11 +233,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             timed_request(server.url, "infill", 0, args.steps, args.canvas)  # compile the graphs once
             levels = [level(server.url, n, args.steps, args.canvas) for n in counts]
-            for row in levels:
-                row["tokens_per_s_batched"] = batched(server, int(row["clients"]), args.steps, args.canvas)
             hol = head_of_line(server.url, args.steps, args.canvas, args.repeats)
         finally:
             server.close()
+        for row in levels:  # the server is gone: this process has the CPU to itself
+            row["tokens_per_s_batched"] = batched(path, int(row["clients"]), args.steps, args.canvas)
     command = "python -m bench serve " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"## dgemma serve, {args.shape} shape, canvas {args.canvas}, {args.steps} steps\n\n`{command.strip()}`\n")
     print(table(levels, hol))
