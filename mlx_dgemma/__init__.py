@@ -20,7 +20,7 @@ from .generate import (
 )
 from .loader import LoadError, load, load_model
 from .model import Model
-from .sampler import Noise, SamplerSettings, SeededNoise
+from .sampler import FastSettings, Noise, SamplerSettings, SeededNoise
 
 __all__ = [
     "Chat",
@@ -30,6 +30,7 @@ __all__ = [
     "Done",
     "Draft",
     "EncoderCache",
+    "FastSettings",
     "FillResult",
     "GenerationResult",
     "GenerationStats",

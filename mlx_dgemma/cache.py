@@ -44,6 +44,11 @@ class LayerCache:
         return None if self._values is None else self._values[:, :, self._start : self._start + self.length]
 
     @property
+    def written(self) -> int:
+        """Positions the last `extended` wrote after the kept ones and did not keep (a decoder pass's canvas)."""
+        return self._written
+
+    @property
     def buffers(self) -> list[mx.array]:
         """The key and value buffers (empty before the first chunk)."""
         return [] if self._keys is None else [self._keys, self._values]
@@ -57,6 +62,19 @@ class LayerCache:
         self._values[:, :, first : first + count] = values
         self._written = count
         end = first + count
+        return self._keys[:, :, self._start : end], self._values[:, :, self._start : end]
+
+    def rewritten(self, keys: mx.array, values: mx.array, positions: mx.array) -> tuple[mx.array, mx.array]:
+        """`extended`'s result for the canvas it last wrote, with `keys`/`values` (batch, kv_heads, n, head_dim)
+        written over its positions `positions` (batch, n) and the rest left as they were: a fast-mode step
+        forwards only some canvas positions, the others keep the states of the pass that last forwarded them."""
+        if not self._written:
+            raise ValueError("no canvas to rewrite: a pass over the whole canvas comes first")
+        first = self._start + self.length
+        where = (first + positions)[:, None, :, None]
+        self._keys = mx.put_along_axis(self._keys, where, keys, axis=2)
+        self._values = mx.put_along_axis(self._values, where, values, axis=2)
+        end = first + self._written
         return self._keys[:, :, self._start : end], self._values[:, :, self._start : end]
 
     def copy(self) -> LayerCache:

@@ -76,6 +76,7 @@ def _fill(
             tokens += result.tokens[0].tolist()
             stats.canvases += 1
             stats.denoising_steps += result.steps[0]
+            stats.positions_forwarded += result.forwarded
     stats.record_generation(sum(slot.kind != PINNED for slot in slots), time.perf_counter() - begin)
     return _Filled(tokens, slots, stats)
 

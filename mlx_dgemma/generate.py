@@ -36,6 +36,7 @@ class GenerationStats:
     denoising_steps: int = 0
     steps_per_canvas: float = 0.0
     tokens_per_forward: float = 0.0
+    positions_forwarded: int = 0  # canvas positions run through the decoder (fast mode runs fewer)
     peak_memory_gb: float = 0.0
 
     def record_generation(self, tokens: int, seconds: float) -> None:
@@ -157,6 +158,7 @@ class Turn:
                 continue
             self.stats.canvases += 1
             self.stats.denoising_steps += result.steps[0]
+            self.stats.positions_forwarded += result.forwarded
             row = result.tokens[0].tolist()
             room = self.settings.max_new_tokens - len(self.tokens)
             new = []
@@ -200,7 +202,9 @@ def stream_generate(
     """Generate a reply, yielding Draft and Commit events, then Done with the result.
 
     `params` override the checkpoint's sampler defaults: steps, entropy_bound,
-    t_min, t_max, stability_threshold, confidence_threshold, seed, max_new_tokens.
+    t_min, t_max, stability_threshold, confidence_threshold, seed, max_new_tokens,
+    and speed ("exact", the default, or "fast": see README "Fast mode") with
+    `fast` (a FastSettings).
     """
     settings = default_settings(model).updated(**params)
     ids = prompt_tokens(tokenizer, prompt_or_messages, thinking, model.text_config.vocab_size)

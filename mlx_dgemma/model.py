@@ -90,10 +90,29 @@ class RotaryEmbedding(nn.Module):
         wavelengths = factor * mx.power(mx.array(rope.theta, dtype=mx.float32), exponents)
         self._wavelengths = mx.concatenate([wavelengths, mx.full((pairs - rotated,), mx.inf)])
 
-    def __call__(self, x: mx.array, offset: int) -> mx.array:
+    def __call__(self, x: mx.array, offset: int | mx.array) -> mx.array:
+        """`x` (batch, heads, length, head_dim) rotated for positions offset, offset + 1, ...; or, with `offset` a
+        (batch, length) array, for each row's own positions (a fast-mode step's live canvas positions)."""
+        if isinstance(offset, mx.array):
+            return self._at(x, offset)
         return mx.fast.rope(
             x, self.head_dim, traditional=False, base=None, scale=1.0, offset=offset, freqs=self._wavelengths
         )
+
+    def _at(self, x: mx.array, positions: mx.array) -> mx.array:
+        # The kernel takes one offset per leading index: each (row, position) becomes a sequence of length one.
+        batch, heads, length, dim = x.shape
+        single = x.transpose(0, 2, 1, 3).reshape(batch * length, heads, 1, dim)
+        rotated = mx.fast.rope(
+            single,
+            self.head_dim,
+            traditional=False,
+            base=None,
+            scale=1.0,
+            offset=positions.reshape(-1),
+            freqs=self._wavelengths,
+        )
+        return rotated.reshape(batch, length, heads, dim).transpose(0, 2, 1, 3)
 
 
 class Attention(nn.Module):
@@ -127,7 +146,9 @@ class Attention(nn.Module):
         values = self.v_proj(x) if "v_proj" in self else None
         return self.q_proj(x), self.k_proj(x), values
 
-    def keys_and_values(self, keys: mx.array, values: mx.array | None, offset: int) -> tuple[mx.array, mx.array]:
+    def keys_and_values(
+        self, keys: mx.array, values: mx.array | None, offset: int | mx.array
+    ) -> tuple[mx.array, mx.array]:
         """Projected keys and values as the cache holds them: (batch, kv_heads, length, head_dim)."""
         raw_keys = self._heads(keys, self.num_kv_heads)
         raw_values = raw_keys if values is None else self._heads(values, self.num_kv_heads)
@@ -138,12 +159,26 @@ class Attention(nn.Module):
         """softmax(q·kᵀ) v with scale 1, grouped-query, under a boolean mask (batch|1, 1, queries|1, keys)."""
         return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=1.0, mask=mask)
 
-    def __call__(self, x: mx.array, cache: LayerCache, offset: int, mask: mx.array | None, store: bool) -> mx.array:
-        """Attend over the cached states and `x`'s own; `store` keeps `x`'s states in the cache (encoder)."""
+    def __call__(
+        self,
+        x: mx.array,
+        cache: LayerCache,
+        offset: int,
+        mask: mx.array | None,
+        store: bool,
+        positions: mx.array | None = None,
+    ) -> mx.array:
+        """Attend over the cached states and `x`'s own; `store` keeps `x`'s states in the cache (encoder).
+
+        With `positions` (batch, length), `x` holds only those positions of the canvas the last pass wrote after
+        the cache (a fast-mode step): their states replace the ones there, and they attend over the whole canvas.
+        """
         batch, length, _ = x.shape
         queries, keys, values = self.projections(x)
-        queries = self.rope(self.q_norm(self._heads(queries, self.num_heads)).transpose(0, 2, 1, 3), offset)
-        keys, values = cache.extended(*self.keys_and_values(keys, values, offset))
+        at = offset if positions is None else offset + positions
+        queries = self.rope(self.q_norm(self._heads(queries, self.num_heads)).transpose(0, 2, 1, 3), at)
+        states = self.keys_and_values(keys, values, at)
+        keys, values = cache.extended(*states) if positions is None else cache.rewritten(*states, positions)
         if store:
             cache.commit()
         out = self.attend(queries, keys, values, mask)
@@ -244,9 +279,12 @@ class DecoderLayer(nn.Module):
         mask: mx.array | None,
         store: bool,
         layer_scalar: mx.array,
+        positions: mx.array | None = None,
     ) -> mx.array:
-        """The layer over the residual stream `h`; the encoder passes its own `layer_scalar` and `store`."""
-        h = h + self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), cache, offset, mask, store))
+        """The layer over the residual stream `h`; the encoder passes its own `layer_scalar` and `store`, a fast-mode
+        step the canvas `positions` that `h` holds (see Attention)."""
+        attention = self.self_attn(self.input_layernorm(h), cache, offset, mask, store, positions)
+        h = h + self.post_attention_layernorm(attention)
         dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(h)))
         # The router reads the residual stream itself; the experts its normed copy.
         indices, weights = self.router(h)
@@ -377,11 +415,20 @@ class Model(nn.Module):
         cache.append_validity(attention_mask, length, batch)
 
     def denoise(
-        self, canvas_ids: mx.array, cache: EncoderCache, self_conditioning_logits: mx.array | None = None
+        self,
+        canvas_ids: mx.array,
+        cache: EncoderCache,
+        self_conditioning_logits: mx.array | None = None,
+        positions: mx.array | None = None,
     ) -> mx.array:
         """Float32 soft-capped logits (batch, canvas, vocab) for a canvas; the cache is unchanged.
 
         `self_conditioning_logits` is the previous step's prediction (processed logits), None on a first step.
+
+        With `positions` (batch, n), a fast-mode step: `canvas_ids` and `self_conditioning_logits` hold only
+        those positions of the canvas, and only they run through the layers; the canvas's other positions take
+        part in attention through the keys and values the passes before left after the cache (the canvas whole
+        the first time). The logits are those positions' (batch, n, vocab).
         """
         batch, length = canvas_ids.shape
         cache.check_batch(batch)
@@ -391,10 +438,11 @@ class Model(nn.Module):
             soft = expected_embedding(self.embed_tokens, probs)
             soft = soft * embedding_scale(self.text_config.hidden_size, soft.dtype)
         h = self.model.decoder.self_conditioning(self._embed(canvas_ids), soft)
+        canvas = length if positions is None else cache.layers[0].written
         # Layers keeping the same number of cached positions share one mask.
-        masks = {kept: self._decoder_mask(cache, kept, length) for kept in {lc.length for lc in cache.layers}}
+        masks = {kept: self._decoder_mask(cache, kept, canvas) for kept in {lc.length for lc in cache.layers}}
         for layer, layer_cache in zip(self.layers, cache.layers):
-            h = layer(h, layer_cache, cache.offset, masks[layer_cache.length], False, layer.layer_scalar)
+            h = layer(h, layer_cache, cache.offset, masks[layer_cache.length], False, layer.layer_scalar, positions)
         return self.logits(self.model.decoder.norm(h))
 
     def logits(self, hidden: mx.array) -> mx.array:

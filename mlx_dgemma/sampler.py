@@ -24,10 +24,54 @@ import mlx.core as mx
 from .cache import EncoderCache
 from .model import Model
 
+SPEEDS = ("exact", "fast")
+
+
+@dataclass(frozen=True)
+class FastSettings:
+    """How fast mode (`speed="fast"`) picks the canvas positions a step forwards (fast.py); README "Fast mode" gives
+    the measurements behind the defaults.
+
+    A position is *settled* once, `settle_steps` steps in a row, it kept its token and that token was the model's
+    argmax, with an entropy (of the step's processed logits, nats) below `settle_entropy`; None takes
+    entropy_bound / (canvas − 1), under which the entropy-bound sampler accepts a position whatever the others
+    hold (the positions before it sum to at most the bound), so a settled position is never renoised. Pinned
+    positions are settled from the start. A step forwards the others (the *live* ones), their count rounded up to
+    a multiple of `bucket` so that shapes repeat; settled positions keep the logits, keys and values of the pass
+    that last forwarded them. Every `refresh_every`-th step forwards the whole canvas (0: only the first does).
+    With `final_pass`, the committed canvas is the argmax of a pass over the whole canvas from the last step's
+    inputs, what the exact model predicts from them, rather than the last step's mix of fresh and kept logits.
+    """
+
+    settle_steps: int = 2
+    settle_entropy: float | None = None
+    refresh_every: int = 8
+    final_pass: bool = True
+    bucket: int = 32
+
+    def __post_init__(self) -> None:
+        checks = [
+            (isinstance(self.settle_steps, int) and self.settle_steps >= 1, "settle_steps must be an integer >= 1"),
+            (self.settle_entropy is None or self.settle_entropy >= 0, "settle_entropy must be >= 0 or None"),
+            (
+                isinstance(self.refresh_every, int) and self.refresh_every >= 0,
+                "refresh_every must be an integer >= 0",
+            ),
+            (isinstance(self.final_pass, bool), "final_pass must be True or False"),
+            (isinstance(self.bucket, int) and self.bucket >= 1, "bucket must be a positive integer"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"{message} (got {self!r})")
+
 
 @dataclass(frozen=True)
 class SamplerSettings:
-    """Sampler parameters; defaults are the reference's, a checkpoint's generation_config.json overrides them."""
+    """Sampler parameters; defaults are the reference's, a checkpoint's generation_config.json overrides them.
+
+    `speed` "exact" (the default) computes what the reference computes; "fast" forwards only the canvas
+    positions still changing (`fast` says how: FastSettings), faster and approximate.
+    """
 
     steps: int = 48
     entropy_bound: float = 0.1
@@ -39,6 +83,8 @@ class SamplerSettings:
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
     seed: int = 0
+    speed: str = "exact"
+    fast: FastSettings = FastSettings()
 
     def __post_init__(self) -> None:
         checks = [
@@ -51,6 +97,8 @@ class SamplerSettings:
             ),
             (self.confidence_threshold > 0, "confidence_threshold must be > 0"),
             (isinstance(self.max_new_tokens, int) and self.max_new_tokens > 0, "max_new_tokens must be positive"),
+            (self.speed in SPEEDS, f"speed must be one of {', '.join(SPEEDS)}"),
+            (isinstance(self.fast, FastSettings), "fast must be a FastSettings"),
         ]
         for ok, message in checks:
             if not ok:
@@ -174,6 +222,14 @@ class SeededNoise:
     def gumbel(self, canvas: int, step: int, shape: tuple[int, ...]) -> mx.array:
         return _gumbel_from_bits(self._bits(canvas, step, 1, shape))
 
+    def gumbel_rows(self, canvas: int, step: int, shape: tuple[int, int, int], positions: mx.array) -> mx.array:
+        """The rows `positions` (batch, n) of `gumbel(canvas, step, shape)`, shape (batch, length, vocab), computing
+        only those (fast mode draws for the positions it forwarded)."""
+        batch, length, vocab = shape
+        rows = mx.arange(batch, dtype=mx.uint32)[:, None] * length + positions.astype(mx.uint32)
+        counter = (rows * vocab)[..., None] + mx.arange(vocab, dtype=mx.uint32)
+        return _gumbel_from_bits(_hashed_uniform_bits(counter, self._key(canvas, step, 1)))
+
 
 def linear_temperature(cur_step: int, settings: SamplerSettings) -> mx.array:
     """The linear temperature schedule: t_min + (t_max - t_min) * (cur_step / N), `cur_step` counting the steps
@@ -228,6 +284,20 @@ class StepState:
     self_conditioning_logits: mx.array | None  # the processed logits, in the embeddings' dtype
     finished: mx.array  # rows whose denoising has stopped
     history: mx.array | None  # the last `stability_threshold` argmax canvases
+    # Fast mode only (fast.py), where a step that forwards some positions leaves `self_conditioning_logits` None:
+    logits: mx.array | None = None  # each position's logits from the pass that last forwarded it
+    temperature: mx.array | None = None  # the step's: its processed logits are logits / temperature
+    entropy: mx.array | None = None  # each position's entropy as of the pass that last forwarded it
+    streak: mx.array | None = None  # steps in a row each position kept its token, the argmax
+    settled: mx.array | None = None  # positions the next step need not forward
+    live: mx.array | None = None  # per row, how many positions are not settled
+
+    @property
+    def arrays(self) -> list[mx.array]:
+        """The arrays a step computes (for evaluation)."""
+        exact = (self.canvas, self.argmax, self.finished, self.self_conditioning_logits, self.history)
+        fast = (self.logits, self.entropy, self.streak, self.settled, self.live)
+        return [array for array in (*exact, *fast) if array is not None]
 
 
 def _step_decisions(
@@ -265,8 +335,20 @@ def _step_decisions(
     conditioning = processed.astype(conditioning_dtype)
     if state.self_conditioning_logits is not None:
         conditioning = mx.where(finished[:, None, None], state.self_conditioning_logits, conditioning)
-    # Stable-and-confident stopping: the argmax canvas unchanged over the history, and a low mean entropy.
-    history = state.history
+    finished, history = _stopping(state.history, argmax, entropy, finished, pinned, confidence_threshold)
+    return StepState(canvas, argmax, conditioning, finished, history)
+
+
+def _stopping(
+    history: mx.array | None,
+    argmax: mx.array,
+    entropy: mx.array,
+    finished: mx.array,
+    pinned: mx.array | None,
+    confidence_threshold: float,
+) -> tuple[mx.array, mx.array | None]:
+    """Stable-and-confident stopping: the argmax canvas unchanged over the history, and a low mean entropy. The rows
+    finished now, and the history with this step's argmax canvas."""
     if history is None:
         stable = mx.ones(finished.shape, dtype=mx.bool_)
     else:
@@ -274,7 +356,7 @@ def _step_decisions(
         history = mx.concatenate([history[1:], argmax[None]], axis=0)
     free = entropy.shape[-1] if pinned is None else mx.maximum((~pinned).sum(axis=-1), 1)
     confident = entropy.sum(axis=-1) / free < confidence_threshold
-    return StepState(canvas, argmax, conditioning, finished | (stable & confident), history)
+    return finished | (stable & confident), history
 
 
 _compiled: dict[mx.Dtype, Callable] = {}
@@ -323,6 +405,7 @@ class CanvasResult:
     tokens: mx.array  # committed canvas (batch, canvas), pads after EOS applied
     steps: list[int]  # denoising steps each row ran
     finished: list[bool]  # rows finished (EOS or length) after this canvas
+    forwarded: int = 0  # canvas positions each row ran through the decoder over the canvas, all passes together
 
 
 @dataclass
@@ -361,9 +444,9 @@ class BlockSampler:
             if previous is not None:
                 # The committed canvas becomes context for the next one.
                 self.model.encode(previous, cache)
-            argmax, steps = yield from self._denoise(cache, batch, index, finished, drafts)
+            argmax, steps, forwarded = yield from self._denoise(cache, batch, index, finished, drafts)
             previous, finished_now = self._commit(argmax, finished, last=index == self.max_canvases - 1)
-            yield CanvasResult(previous, steps, finished_now)
+            yield CanvasResult(previous, steps, finished_now, forwarded)
             finished = finished_now
             if all(finished):
                 return
@@ -381,8 +464,8 @@ class BlockSampler:
             batch = pins.tokens.shape[0]
             if previous is not None:
                 self.model.encode(previous, cache)
-            previous, steps = yield from self._denoise(cache, batch, index, [False] * batch, drafts, pins)
-            yield CanvasResult(previous, steps, [index == len(layouts) - 1] * batch)
+            previous, steps, forwarded = yield from self._denoise(cache, batch, index, [False] * batch, drafts, pins)
+            yield CanvasResult(previous, steps, [index == len(layouts) - 1] * batch, forwarded)
 
     def initial_state(self, batch: int, length: int, canvas_index: int, pins: Pins | None) -> StepState:
         """The entropy-bound sampler's initial canvas: uniform noise (pinned positions hold their tokens)."""
@@ -402,21 +485,31 @@ class BlockSampler:
         finished: list[bool],
         drafts: bool,
         pins: Pins | None = None,
-    ) -> Generator[StepDraft, None, tuple[mx.array, list[int]]]:
+    ) -> Generator[StepDraft, None, tuple[mx.array, list[int], int]]:
+        """Denoise one canvas: its argmax canvas, the steps each row ran, and the positions forwarded per row."""
         # A constrained layout's last canvas may be shorter than the model's.
         length = self.canvas_length if pins is None else pins.tokens.shape[1]
         settings = self.settings
+        fast = None
+        if settings.speed == "fast":
+            from .fast import FastCanvas  # fast.py builds on this module
+
+            fast = FastCanvas(self.model, cache, settings, self.noise, canvas_index, pins, length)
 
         def launch(state: StepState, step_index: int) -> StepState:
-            state = denoising_step(self.model, cache, state, settings, self.noise, canvas_index, step_index, pins)
-            mx.async_eval(state.canvas, state.argmax, state.finished, state.self_conditioning_logits, state.history)
+            if fast is None:
+                state = denoising_step(self.model, cache, state, settings, self.noise, canvas_index, step_index, pins)
+            else:
+                state = fast.step(state, step_index)
+            mx.async_eval(*state.arrays)
             return state
 
         steps = [0] * batch
         stopped = [False] * batch
         # The next step is launched before this one's stop flags are read, so the device never idles on the
         # host's round trip; if every row stops, that step is dropped.
-        pending = launch(self.initial_state(batch, length, canvas_index, pins), 1)
+        previous = self.initial_state(batch, length, canvas_index, pins)
+        pending = launch(previous, 1)
         for step_index in range(1, settings.steps + 1):
             for row in range(batch):
                 steps[row] += not (stopped[row] or finished[row])
@@ -424,11 +517,16 @@ class BlockSampler:
             if step_index < settings.steps:
                 pending = launch(state, step_index + 1)
             stopped = state.finished.tolist()  # the one host read per step
+            if fast is not None:
+                fast.observe(step_index, previous, state, stopped)
             if drafts:
                 yield StepDraft(canvas_index, step_index, state.argmax)
             if all(stopped):
                 break
-        return state.argmax, steps
+            previous = state
+        if fast is None:
+            return state.argmax, steps, length * step_index
+        return fast.committed(state.argmax), steps, fast.forwarded(step_index)
 
     def _commit(self, argmax: mx.array, finished: list[bool], last: bool) -> tuple[mx.array, list[bool]]:
         """Rows done before this canvas become all pad; rows hitting EOS are padded after it."""

@@ -18,6 +18,7 @@ from .common import (
     DEFAULT_MODEL,
     SETTABLE,
     SETTABLE_NAMES,
+    FastOption,
     MaxTokensOption,
     ModelOption,
     SeedOption,
@@ -44,6 +45,7 @@ HELP = """\
 /system [TEXT]       set the system prompt and start over; without TEXT, remove it
 /set [KEY=VALUE ...] change sampler parameters for the next replies; without arguments, show them
                      keys: {keys}
+                     speed=fast forwards only the positions still changing (approximate), speed=exact
 /stats               statistics of the last reply
 /history             the conversation so far
 /help                this help
@@ -261,6 +263,7 @@ def chat(
     steps: StepsOption = None,
     seed: SeedOption = None,
     thinking: ThinkingOption = False,
+    fast: FastOption = False,
     no_draft: Annotated[
         bool, typer.Option("--no-draft", help="Do not show the canvas refining; print each reply as it commits.")
     ] = False,
@@ -272,7 +275,7 @@ def chat(
     committed. Type /help for the commands (/reset, /system, /set, /stats,
     /history, /exit). Ctrl-C stops a reply, Ctrl-D leaves.
     """
-    params = sampler_params(assignments, max_tokens, steps, seed)
+    params = sampler_params(assignments, max_tokens, steps, seed, fast)
     if system is not None:
         check_utf8(system, "--system")
     loaded, tokenizer, path = load_checkpoint(model, params)

@@ -23,7 +23,7 @@ from ..memory import (
     cuda_options_that_fit,
     format_bytes,
 )
-from ..sampler import SamplerSettings
+from ..sampler import SPEEDS, SamplerSettings
 from ..tokenizer import TemplateError
 
 DEFAULT_MODEL = "mlx-community/diffusiongemma-26B-A4B-it-4bit"
@@ -31,8 +31,18 @@ DEFAULT_MODEL = "mlx-community/diffusiongemma-26B-A4B-it-4bit"
 # command epilogs span the terminal's width, so the name is given there instead.
 DEFAULT_MODEL_EPILOG = f"Default model: {DEFAULT_MODEL}"
 # Sampler parameters users may set, and the names they may use for them.
-SETTABLE = ("steps", "entropy_bound", "t_min", "t_max", "stability_threshold", "confidence_threshold", "seed")
+SETTABLE = (
+    "steps",
+    "entropy_bound",
+    "t_min",
+    "t_max",
+    "stability_threshold",
+    "confidence_threshold",
+    "seed",
+    "speed",
+)
 INTEGER_PARAMS = {"steps", "stability_threshold", "seed", "max_new_tokens"}
+WORD_PARAMS = {"speed": SPEEDS}
 ALIASES = {"max_tokens": "max_new_tokens"}
 SETTABLE_NAMES = (*SETTABLE, "max_tokens")
 # Errors users can cause: one `error: ...` line, no traceback (unless --debug).
@@ -85,6 +95,14 @@ SeedOption = Annotated[
 ThinkingOption = Annotated[
     bool, typer.Option("--thinking/--no-thinking", help="Let the model think before it answers (thoughts dimmed).")
 ]
+FastOption = Annotated[
+    bool,
+    typer.Option(
+        "--fast",
+        help="Fast mode: forward only the canvas positions still changing. Faster, and approximate: the text may "
+        "differ from the exact model's (README: Fast mode).",
+    ),
+]
 SetOption = Annotated[
     list[str] | None,
     typer.Option(
@@ -98,9 +116,10 @@ SetOption = Annotated[
 # ----------------------------------------------------------------- sampler parameters
 
 
-def parse_assignments(items: list[str]) -> dict[str, int | float]:
-    """`["steps=8", "t_min=0.3"]` -> {"steps": 8, "t_min": 0.3}; one-line ValueError on a bad item."""
-    params: dict[str, int | float] = {}
+def parse_assignments(items: list[str]) -> dict[str, int | float | str]:
+    """`["steps=8", "t_min=0.3", "speed=fast"]` -> {"steps": 8, "t_min": 0.3, "speed": "fast"}; one-line ValueError
+    on a bad item."""
+    params: dict[str, int | float | str] = {}
     for item in items:
         key, sep, raw = item.partition("=")
         key = key.strip().lower().replace("-", "_")
@@ -110,6 +129,11 @@ def parse_assignments(items: list[str]) -> dict[str, int | float]:
         if name not in (*SETTABLE, "max_new_tokens"):
             raise ValueError(f"unknown sampler parameter {key!r}; choose from {', '.join(SETTABLE_NAMES)}")
         raw = raw.strip()
+        if name in WORD_PARAMS:
+            if raw.lower() not in WORD_PARAMS[name]:
+                raise ValueError(f"{key} must be one of {', '.join(WORD_PARAMS[name])}, got {raw!r}")
+            params[name] = raw.lower()
+            continue
         try:
             value: int | float = int(raw) if name in INTEGER_PARAMS else float(raw)
         except ValueError:
@@ -122,13 +146,15 @@ def parse_assignments(items: list[str]) -> dict[str, int | float]:
 
 
 def sampler_params(
-    assignments: list[str] | None, max_tokens: int | None, steps: int | None, seed: int | None
-) -> dict[str, int | float]:
+    assignments: list[str] | None, max_tokens: int | None, steps: int | None, seed: int | None, fast: bool = False
+) -> dict[str, int | float | str]:
     """--set's parameters, overridden by the dedicated options that were given."""
     params = parse_assignments(assignments or [])
     for name, value in (("max_new_tokens", max_tokens), ("steps", steps), ("seed", seed)):
         if value is not None:
             params[name] = value
+    if fast:
+        params["speed"] = "fast"
     return params
 
 
@@ -201,7 +227,9 @@ def stats_line(result: GenerationResult) -> str:
 # ----------------------------------------------------------------- loading
 
 
-def load_checkpoint(name: str, params: dict[str, int | float], context: int = DEFAULT_CONTEXT) -> tuple[Any, Any, Path]:
+def load_checkpoint(
+    name: str, params: dict[str, int | float | str], context: int = DEFAULT_CONTEXT
+) -> tuple[Any, Any, Path]:
     """Resolve, check the parameters, the weight files and the memory need (for `context` tokens), then load."""
     if not Path(name).expanduser().exists() and name.count("/") == 1 and not name.startswith((".", "/", "~")):
         status(f"fetching {name} (cached after the first download)")

@@ -9,7 +9,16 @@ import typer
 from ..constrained import edit as rewrite_span
 from ..files import read_text, span_of_lines
 from ..memory import DEFAULT_CONTEXT
-from .common import DEFAULT_MODEL, ModelOption, SeedOption, StepsOption, check_utf8, load_checkpoint, sampler_params
+from .common import (
+    DEFAULT_MODEL,
+    FastOption,
+    ModelOption,
+    SeedOption,
+    StepsOption,
+    check_utf8,
+    load_checkpoint,
+    sampler_params,
+)
 from .textfile import FileArgument, InPlaceOption, emit
 
 
@@ -24,6 +33,7 @@ def edit(
     model: ModelOption = DEFAULT_MODEL,
     steps: StepsOption = None,
     seed: SeedOption = None,
+    fast: FastOption = False,
     in_place: InPlaceOption = False,
 ) -> None:
     """Rewrite lines A-B of FILE, starting from their current text instead of noise.
@@ -36,7 +46,7 @@ def edit(
     start, end = span_of_lines(text, lines)
     if instruction is not None:
         check_utf8(instruction, "--instruction")
-    params = sampler_params(None, None, steps, seed)
+    params = sampler_params(None, None, steps, seed, fast)
     loaded, tokenizer, _ = load_checkpoint(model, params, max(DEFAULT_CONTEXT, len(text) // 2))
     result = rewrite_span(loaded, tokenizer, text, start, end, instruction, **params)
     emit(file, result.text, in_place)

@@ -13,6 +13,7 @@ from ..generate import Commit, Done, GenerationResult, stream_generate
 from ..memory import DEFAULT_CONTEXT
 from .common import (
     DEFAULT_MODEL,
+    FastOption,
     MaxTokensOption,
     ModelOption,
     SeedOption,
@@ -101,6 +102,7 @@ def generate(
     steps: StepsOption = None,
     seed: SeedOption = None,
     thinking: ThinkingOption = False,
+    fast: FastOption = False,
     assignments: SetOption = None,
     json_output: Annotated[
         bool,
@@ -112,7 +114,7 @@ def generate(
 
     Thoughts (with --thinking) go to stderr, so stdout holds the answer alone.
     """
-    params = sampler_params(assignments, max_tokens, steps, seed)
+    params = sampler_params(assignments, max_tokens, steps, seed, fast)
     text = read_prompt(prompt)
     if system is not None:
         check_utf8(system, "--system")

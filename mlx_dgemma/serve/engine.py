@@ -290,6 +290,7 @@ class Engine:
             tokens += row
             stats.canvases += 1
             stats.denoising_steps += result.steps[0]
+            stats.positions_forwarded += result.forwarded
             yield Commit("", "", row)
         holes = filled_holes(self.model, slots, tokens)
         stats.record_generation(sum(len(hole) for hole in holes), time.perf_counter() - begin)

@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 # Our sampler's parameters, accepted as extra fields by every generating route.
-SAMPLER_FIELDS = ("steps", "entropy_bound", "t_min", "t_max", "stability_threshold", "confidence_threshold")
+SAMPLER_FIELDS = ("steps", "entropy_bound", "t_min", "t_max", "stability_threshold", "confidence_threshold", "speed")
 
 
 class Body(BaseModel):
@@ -30,6 +30,7 @@ class SamplerFields(Body):
     t_max: float | None = None
     stability_threshold: int | None = None
     confidence_threshold: float | None = None
+    speed: str | None = None  # "exact" (the default) or "fast": forward only the canvas positions still changing
     drafts: bool = False
 
     def sampler_values(self) -> dict[str, Any]:

@@ -1,0 +1,430 @@
+"""Fast mode against exact mode in one run: positions forwarded, step time, tokens/s and agreement.
+
+    python -m bench fast                      # bench shape, canvas 256, float32 on the CPU: a few minutes
+    python -m bench fast --quick              # a tiny shape: a smoke run of seconds
+    python -m bench fast --variant settle_entropy=0.01 --variant refresh_every=0   # other FastSettings
+    python -m bench fast --help
+
+On the CPU in float32 a step is compute-bound, as on a Mac's GPU. Two random-weight checkpoints of the shape,
+written by the reference (tests/checkpoints.py): a *confident* one, its final norm scaled up until most
+positions settle over a canvas as with trained weights, and a *flat* one (the tests' scale), whose positions
+hardly settle. For each checkpoint and prompt (seeded random tokens), one canvas in exact mode, then one in fast
+mode per `--variant` (default: FastSettings' defaults), from copies of one encoded prompt, the sampler's
+defaults otherwise (48 steps at most, adaptive stopping). Reported per mode: denoising steps per canvas, canvas
+positions run through the decoder per step and over the canvas (against exact mode's), step time and tokens/s
+(a canvas's tokens over its denoising time, the prompt encoded before), the committed tokens fast mode shares
+with exact mode and the mean KL(exact || fast) between the logits each committed from (exact: its last step's;
+fast: its final pass's, or its last step's merged logits). Then what a new live-count shape costs: per bucket
+size, the first pass of that size against warm ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .build import REPO
+from .shapes import PRESETS, Shape
+
+OPENBLAS = Path("/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0")
+DEFAULT_OUT = REPO / "bench" / "out" / "fast"
+# The final norm's scale: 11 gives the bench shape's sharpest logits (from 16 up the soft-cap flattens them
+# again: at 28 the median entropy is 3 nats); 4 is the tests' checkpoints'.
+CONFIDENT_GAIN = 11.0
+FLAT_GAIN = 4.0
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench fast", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", default=None, choices=sorted(PRESETS), help="a preset shape (default bench)")
+    parser.add_argument("--quick", action="store_true", help="the quick shape (canvas 32), 2 prompts")
+    parser.add_argument("--prompts", type=int, default=None, help="prompts per checkpoint (default 3)")
+    parser.add_argument("--prompt-tokens", type=int, default=None, help="prompt length (default 512; quick 64)")
+    parser.add_argument("--confident-gain", type=float, default=CONFIDENT_GAIN, help="final norm scale, confident")
+    parser.add_argument("--flat-gain", type=float, default=FLAT_GAIN, help="final norm scale, flat")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps at most (default: 48)")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=None,
+        metavar="KEY=VALUE[,KEY=VALUE]",
+        help="fast mode with these FastSettings changed (repeatable; default: the defaults)",
+    )
+    parser.add_argument("--no-buckets", action="store_true", help="skip timing each bucket size's first pass")
+    parser.add_argument("--no-openblas", action="store_true", help="do not preload OpenBLAS (MLX's CPU fp32 BLAS)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"checkpoints and JSON (default {DEFAULT_OUT})")
+    return parser.parse_args(argv)
+
+
+def _with_openblas(argv: list[str], args: argparse.Namespace) -> None:
+    """Run again with OpenBLAS preloaded: MLX's bundled CPU BLAS is some 30x slower in float32 (REFERENCE.md)."""
+    if args.no_openblas or not OPENBLAS.is_file() or str(OPENBLAS) in os.environ.get("LD_PRELOAD", ""):
+        return
+    env = dict(os.environ, LD_PRELOAD=os.pathsep.join(filter(None, [str(OPENBLAS), os.environ.get("LD_PRELOAD")])))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    os.execve(sys.executable, [sys.executable, "-m", "bench", "fast", *argv], env)
+
+
+def _openblas_loaded() -> bool:
+    try:
+        return "libopenblas" in Path("/proc/self/maps").read_text()
+    except OSError:
+        return False
+
+
+def parse_variant(text: str) -> dict[str, Any]:
+    """`settle_entropy=0.01,final_pass=false` -> FastSettings changes, typed as its fields are."""
+    from mlx_dgemma.sampler import FastSettings
+
+    kinds = {f.name: type(getattr(FastSettings(), f.name)) for f in fields(FastSettings)}
+    changes: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, _, raw = item.partition("=")
+        if key not in kinds:
+            raise SystemExit(f"--variant: unknown FastSettings field {key!r}; choose from {', '.join(kinds)}")
+        kind = kinds[key]
+        changes[key] = raw.lower() in ("1", "true", "on", "yes") if kind is bool else kind(raw)
+    return changes
+
+
+# -- checkpoints ---------------------------------------------------------------------------------------------------
+
+
+def checkpoint(shape: Shape, gain: float, out: Path) -> Path:
+    """A random-weight checkpoint of `shape` with the final norm scaled by `gain`, built once and kept."""
+    from .serve import _test_module
+
+    path = out / "checkpoints" / f"{shape.checkpoint_name()}-gain{gain:g}"
+    if (path / "config.json").is_file():
+        return path
+    checkpoints = _test_module("checkpoints")
+    model = checkpoints.build_reference_model(
+        seed=0, canvas_length=shape.canvas_length, final_norm_gain=gain, **shape.text
+    )
+    staging = path.with_name(path.name + ".partial")
+    checkpoints.save_reference_checkpoint(model, staging)
+    staging.rename(path)
+    return path
+
+
+# -- runs ----------------------------------------------------------------------------------------------------------
+
+
+class Recorder:
+    """Keeps a canvas's last decoder passes (model.denoise wrapped), to rebuild the logits it committed from: the
+    passes from the third-last pass over the whole canvas on (a step's pass, the one dropped after the stop, and a
+    final pass may each be whole)."""
+
+    def __init__(self, model: Any):
+        self.model = model
+        self.segments: list[list[tuple[int, Any, Any]]] = []  # runs of (pass number, positions, logits)
+        self.count = 0
+        self._denoise = model.denoise
+
+    def __enter__(self) -> Recorder:
+        def recording(canvas: Any, cache: Any, conditioning: Any = None, positions: Any = None) -> Any:
+            logits = self._denoise(canvas, cache, conditioning, positions=positions)
+            self.count += 1
+            if positions is None:
+                self.segments = [*self.segments[-2:], []]
+            self.segments[-1].append((self.count, positions, logits))
+            return logits
+
+        self.model.denoise = recording
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        del self.model.denoise
+
+    def merged(self, upto: int) -> np.ndarray:
+        """The logits as of pass number `upto` (1-based): the last whole pass before it, the later ones merged in."""
+        segment = next(segment for segment in reversed(self.segments) if segment[0][0] <= upto)
+        merged = np.array(segment[0][2], dtype=np.float32)
+        for number, positions, fresh in segment[1:]:
+            if number <= upto:
+                np.put_along_axis(merged, np.array(positions)[..., None], np.array(fresh), axis=1)
+        return merged
+
+
+@dataclass
+class Run:
+    mode: str
+    steps: int
+    forwarded: int
+    seconds: float
+    tokens: np.ndarray
+    logits: np.ndarray
+    sizes: list[int] = field(default_factory=list)
+
+
+def one_canvas(model: Any, cache: Any, settings: Any, seed: int) -> Run:
+    """Denoise one canvas into a copy of `cache`; the timing covers the denoising, not the prompt."""
+    import mlx.core as mx
+
+    from mlx_dgemma.sampler import BlockSampler, CanvasResult, SeededNoise
+
+    cache = cache.copy()
+    mx.eval(cache.state)
+    with Recorder(model) as recorder:
+        start = time.perf_counter()
+        results = [r for r in BlockSampler(model, settings, SeededNoise(seed)).canvases(cache, 1)]
+        result = next(r for r in results if isinstance(r, CanvasResult))
+        tokens = np.array(result.tokens[0])
+        seconds = time.perf_counter() - start
+        steps = result.steps[0]
+        step_passes = steps + (steps < settings.steps)  # the step launched before the stop was seen is dropped
+        upto = recorder.count if recorder.count > step_passes else steps
+        logits = recorder.merged(upto)[0]
+    return Run(settings.speed, steps, result.forwarded, seconds, tokens, logits)
+
+
+def step_errors(model: Any, cache: Any, settings: Any, seed: int) -> tuple[float, float]:
+    """Fast mode's own error, free of where its canvas drifted from exact mode's: at each step, the mean over the
+    canvas of KL(exact || fast) between the logits the exact model computes from that step's inputs and those fast
+    mode decides from, and the share of positions whose argmax differ; means over the canvas's steps (a step over
+    the whole canvas adds zeros). Untimed: the exact passes run on a copy of the cache."""
+    import mlx.core as mx
+
+    from mlx_dgemma import fast
+    from mlx_dgemma.sampler import BlockSampler, SeededNoise
+
+    reference, cache = cache.copy(), cache.copy()
+    errors: list[tuple[float, float]] = []
+    original = fast.FastCanvas.step
+
+    def step(self: Any, state: Any, step_index: int) -> Any:
+        new = original(self, state, step_index)
+        if self.sizes[step_index] == self.length:
+            errors.append((0.0, 0.0))
+        else:
+            exact = np.array(model.denoise(state.canvas, reference, self.conditioning(state))[0])
+            ours = np.array(new.logits[0])
+            errors.append((kl(exact, ours), float((exact.argmax(-1) != ours.argmax(-1)).mean())))
+        return new
+
+    fast.FastCanvas.step = step
+    try:
+        for _ in BlockSampler(model, settings, SeededNoise(seed)).canvases(cache, 1):
+            pass
+    finally:
+        fast.FastCanvas.step = original
+    mx.eval(cache.state)
+    return statistics.fmean(e for e, _ in errors), statistics.fmean(d for _, d in errors)
+
+
+def kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
+    """Mean over positions of KL(softmax p || softmax q), in nats."""
+    p_log = _log_softmax(p_logits.astype(np.float64))
+    q_log = _log_softmax(q_logits.astype(np.float64))
+    return float((np.exp(p_log) * (p_log - q_log)).sum(axis=-1).mean())
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def compare(model: Any, shape: Shape, args: argparse.Namespace, variants: list[dict[str, Any]]) -> Iterator[dict]:
+    """Per prompt: exact mode, then each fast variant, from copies of one encoded prompt."""
+    import mlx.core as mx
+
+    from mlx_dgemma.generate import default_settings, prefill
+
+    base = default_settings(model).updated(max_new_tokens=shape.canvas_length, steps=args.steps)
+    vocab = shape.text["vocab_size"]
+    # Compile every graph once (decisions of each mode, the buckets' first shapes) before timing anything.
+    warm_cache = model.make_cache()
+    prefill(model, warm_cache, mx.array(np.random.default_rng(99).integers(3, vocab, (1, 32))))
+    for changes in [None, *variants]:
+        settings = base.updated(steps=min(base.steps, 6))
+        if changes is not None:
+            settings = settings.updated(speed="fast", fast=replace(settings.fast, **changes))
+        one_canvas(model, warm_cache, settings, 99)
+    for prompt in range(args.prompts):
+        cache = model.make_cache()
+        ids = np.random.default_rng(prompt).integers(3, vocab, (1, args.prompt_tokens))
+        prefill(model, cache, mx.array(ids))
+        exact = one_canvas(model, cache, base, prompt)
+        yield {
+            "prompt": prompt,
+            "variant": "exact",
+            **_figures(exact, exact, shape),
+            "step_kl": 0.0,
+            "step_argmax": 0.0,
+        }
+        for index, changes in enumerate(variants):
+            settings = base.updated(speed="fast", fast=replace(base.fast, **changes))
+            fast = one_canvas(model, cache, settings, prompt)
+            step_kl, step_argmax = step_errors(model, cache, settings, prompt)
+            figures = _figures(fast, exact, shape)
+            yield {"prompt": prompt, "variant": index, **figures, "step_kl": step_kl, "step_argmax": step_argmax}
+
+
+def _figures(run: Run, exact: Run, shape: Shape) -> dict[str, Any]:
+    return {
+        "steps": run.steps,
+        "forwarded": run.forwarded,
+        "forwarded_vs_exact": run.forwarded / exact.forwarded,
+        "step_s": run.seconds / run.steps,
+        "seconds": run.seconds,
+        "tokens_per_s": shape.canvas_length / run.seconds,
+        "speedup": exact.seconds / run.seconds,
+        "shared": float((run.tokens == exact.tokens).mean()),
+        "kl": kl(exact.logits, run.logits),
+    }
+
+
+def bucket_costs(model: Any, shape: Shape, bucket: int, prompt_tokens: int) -> list[dict[str, float]]:
+    """Per live-count bucket: the first decoder pass of that size (any compilation it triggers) and warm ones."""
+    import mlx.core as mx
+
+    from mlx_dgemma.generate import prefill
+
+    length, vocab = shape.canvas_length, shape.text["vocab_size"]
+    rng = np.random.default_rng(7)
+    cache = model.make_cache()
+    prefill(model, cache, mx.array(rng.integers(3, vocab, (1, prompt_tokens))))
+    canvas = mx.array(rng.integers(3, vocab, (1, length)))
+    conditioning = mx.array(rng.normal(size=(1, length, vocab)).astype(np.float32))
+
+    def timed(size: int | None) -> float:
+        start = time.perf_counter()
+        if size is None:
+            mx.eval(model.denoise(canvas, cache, conditioning))
+        else:
+            positions = mx.array(np.sort(rng.permutation(length)[:size])[None])
+            live = mx.take_along_axis(canvas, positions, axis=1)
+            mx.eval(model.denoise(live, cache, conditioning[:, :size], positions=positions))
+        return time.perf_counter() - start
+
+    rows = []
+    timed(None)  # the canvas's own keys and values, as a first step leaves them
+    for size in [*range(bucket, length, bucket), None]:
+        first = timed(size)
+        warm = statistics.median(timed(size) for _ in range(3))
+        rows.append({"size": size or length, "first_s": first, "warm_s": warm})
+    return rows
+
+
+# -- report --------------------------------------------------------------------------------------------------------
+
+
+def summary(rows: list[dict[str, Any]], variant: int | str, length: int) -> dict[str, float]:
+    """One variant's figures over the prompts: means, and totals over totals for rates."""
+    mine = [row for row in rows if row["variant"] == variant]
+    keys = ("steps", "forwarded", "shared", "kl", "step_kl", "step_argmax")
+    mean = {key: statistics.fmean(row[key] for row in mine) for key in keys}
+    seconds = sum(row["seconds"] for row in mine)
+    exact_seconds = sum(row["seconds"] for row in rows if row["variant"] == "exact")
+    exact_forwarded = sum(row["forwarded"] for row in rows if row["variant"] == "exact")
+    steps = sum(row["steps"] for row in mine)
+    return {
+        **mean,
+        "per_step": sum(row["forwarded"] for row in mine) / steps,
+        "forwarded_vs_exact": sum(row["forwarded"] for row in mine) / exact_forwarded,
+        "step_ms": 1000 * seconds / steps,
+        "tokens_per_s": len(mine) * length / seconds,
+        "speedup": exact_seconds / seconds,
+    }
+
+
+def table(results: dict[str, list[dict[str, Any]]], variants: list[dict[str, Any]], length: int) -> str:
+    names = ["exact", *range(len(variants))]
+    lines = [
+        "| checkpoint | mode | steps/canvas | positions forwarded/step | forwarded vs exact | step, ms | tokens/s "
+        "| vs exact | tokens shared with exact | KL(exact ‖ fast), committed logits | per-step KL, same inputs "
+        "| per-step argmax differing |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for checkpoint_name, rows in results.items():
+        for name in names:
+            s = summary(rows, name, length)
+            mode = "exact" if name == "exact" else "fast " + (_describe(variants[name]) or "(defaults)")
+            lines.append(
+                f"| {checkpoint_name} | {mode} | {s['steps']:.1f} | {s['per_step']:.1f} of {length} "
+                f"| {s['forwarded_vs_exact']:.0%} | {s['step_ms']:.0f} | {s['tokens_per_s']:.1f} "
+                f"| {s['speedup']:.2f}× | {s['shared']:.1%} | {s['kl']:.2g} | {s['step_kl']:.2g} "
+                f"| {s['step_argmax']:.2%} |"
+            )
+    return "\n".join(lines)
+
+
+def _describe(changes: dict[str, Any]) -> str:
+    return ", ".join(f"{key}={value}" for key, value in changes.items())
+
+
+def bucket_table(rows: list[dict[str, float]]) -> str:
+    lines = ["| positions forwarded | first pass, ms | warm pass, ms | first − warm, ms |", "|---|---|---|---|"]
+    for row in rows:
+        first, warm = 1000 * row["first_s"], 1000 * row["warm_s"]
+        lines.append(f"| {row['size']} | {first:.0f} | {warm:.0f} | {first - warm:+.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    _with_openblas(argv, args)
+    shape = PRESETS[args.shape or ("quick" if args.quick else "bench")]
+    args.prompts = args.prompts or (2 if args.quick else 3)
+    args.prompt_tokens = args.prompt_tokens or (64 if shape.name == "quick" else 512)
+    # The quick canvas (32) is one default bucket: smaller buckets let it show anything.
+    variants = [parse_variant(text) for text in (args.variant or ["bucket=4" if shape.name == "quick" else ""])]
+
+    import mlx.core as mx
+
+    from mlx_dgemma.loader import load_model
+    from mlx_dgemma.sampler import FastSettings
+
+    results: dict[str, list[dict[str, Any]]] = {}
+    buckets: list[dict[str, float]] = []
+    started = time.perf_counter()
+    for name, gain in (("confident", args.confident_gain), ("flat", args.flat_gain)):
+        model = load_model(checkpoint(shape, gain, args.out))
+        label = f"{name} (final norm ×{gain:g})"
+        if name == "confident" and not args.no_buckets:
+            buckets = bucket_costs(model, shape, FastSettings().bucket, args.prompt_tokens)
+        results[label] = []
+        for row in compare(model, shape, args, variants):
+            results[label].append(row)
+            print(f"[bench fast] {label} prompt {row['prompt']} {row['variant']}: {_line(row)}", file=sys.stderr)
+        del model
+        mx.clear_cache()
+    command = "python -m bench fast " + " ".join(argv)
+    title = (
+        f"## Fast mode against exact: '{shape.name}' shape, float32, CPU, prompt {args.prompt_tokens}, "
+        f"canvas {shape.canvas_length}, {args.prompts} prompts per checkpoint"
+    )
+    blas = "OpenBLAS preloaded" if _openblas_loaded() else "MLX's bundled BLAS"
+    print(f"{title}\n\n`{command.strip()}` ({blas}, wall {time.perf_counter() - started:.0f} s)\n")
+    print(f"FastSettings defaults: {FastSettings()}\n")
+    print(table(results, variants, shape.canvas_length))
+    if buckets:
+        print(f"\nA decoder pass per live-count bucket, confident checkpoint, prompt {args.prompt_tokens}:\n")
+        print(bucket_table(buckets))
+    args.out.mkdir(parents=True, exist_ok=True)
+    document = {"command": command, "variants": variants, "results": results, "buckets": buckets}
+    (args.out / f"{shape.name}.json").write_text(json.dumps(document, indent=2))
+    return 0
+
+
+def _line(row: dict[str, Any]) -> str:
+    return (
+        f"{row['steps']} steps, {row['forwarded']} forwarded ({row['forwarded_vs_exact']:.0%}), "
+        f"{1000 * row['step_s']:.0f} ms/step, {row['tokens_per_s']:.1f} tok/s, shared {row['shared']:.1%}, "
+        f"KL {row['kl']:.2e}, step KL {row['step_kl']:.2e}, step argmax {row['step_argmax']:.2%}"
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
