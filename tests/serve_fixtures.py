@@ -87,22 +87,26 @@ class _ModelProxy:
 
 
 class GatedModel(_ModelProxy):
-    """Encoding waits for `gate` after the first `free` calls: the engine's worker stops at a known point.
+    """Encoding waits for `gate`: the engine's worker stops at a known point.
 
-    free=0 holds a request at its prompt; free=1 lets a short prompt (one call) through and holds the request
-    after its first committed canvas, when the canvas is appended to the cache (its client has text by then).
+    hold="prompt" holds a request at its prompt; hold="canvas" lets prompts through (however many calls their
+    encoding takes) and holds the request after its first committed canvas, when the canvas is appended to the
+    cache (its client has text by then).
     """
 
-    def __init__(self, model: Any, free: int = 0):
+    def __init__(self, model: Any, hold: str = "prompt"):
         super().__init__(model)
-        self.free = free
+        self.hold = hold
+        self.denoised = False
         self.gate = threading.Event()
         self.entered = threading.Event()  # the worker is held at the gate
 
+    def denoise(self, *args: Any, **kwargs: Any) -> Any:
+        self.denoised = True
+        return self._model.denoise(*args, **kwargs)
+
     def encode(self, *args: Any, **kwargs: Any) -> None:
-        if self.free > 0:
-            self.free -= 1
-        else:
+        if self.hold == "prompt" or self.denoised:
             self.entered.set()
             self.gate.wait(timeout=60)
         return self._model.encode(*args, **kwargs)

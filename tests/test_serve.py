@@ -547,7 +547,7 @@ def test_four_clients_at_once_each_get_what_they_get_alone(server, loaded):
 def test_clients_that_disconnect_are_dropped(loaded):
     """A request whose client left is dropped at its next step (streamed or not); the others finish."""
     model, tokenizer = loaded
-    gated = GatedModel(model, free=1)  # the first request is held after its first canvas
+    gated = GatedModel(model, hold="canvas")  # the first request is held after its first canvas
     engine = Engine(gated, tokenizer, max_concurrent=4, max_queue=4)
     jobs = []
     submit = engine.submit
