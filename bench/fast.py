@@ -14,8 +14,11 @@ defaults otherwise (48 steps at most, adaptive stopping). Reported per mode: den
 positions run through the decoder per step and over the canvas (against exact mode's), step time and tokens/s
 (a canvas's tokens over its denoising time, the prompt encoded before), the committed tokens fast mode shares
 with exact mode and the mean KL(exact || fast) between the logits each committed from (exact: its last step's;
-fast: its final pass's, or its last step's merged logits). Then what a new live-count shape costs: per bucket
-size, the first pass of that size against warm ones.
+fast: its final pass's, or its last step's merged logits), and fast mode's own per-step error: the KL and the
+argmaxes differing between the logits it decides from and those the exact model computes from the same inputs.
+A row of exact mode with its logits perturbed by `--noise-floor` shows how far exact mode itself drifts under so
+small a change: random weights are chaotic, which bounds what agreement between modes can say here. Then what
+a new live-count shape costs: per bucket size, the first fast step of that size against warm ones.
 """
 
 from __future__ import annotations
@@ -60,6 +63,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         metavar="KEY=VALUE[,KEY=VALUE]",
         help="fast mode with these FastSettings changed (repeatable; default: the defaults)",
     )
+    parser.add_argument(
+        "--checkpoints", default="confident,flat", help="which checkpoints, comma-separated (default: both)"
+    )
+    parser.add_argument(
+        "--noise-floor",
+        type=float,
+        default=1e-3,
+        help="also run exact mode with every logit times 1 + this × N(0, 1): how far exact mode itself drifts "
+        "under so small a change (default 1e-3; 0 skips it)",
+    )
     parser.add_argument("--no-buckets", action="store_true", help="skip timing each bucket size's first pass")
     parser.add_argument("--no-openblas", action="store_true", help="do not preload OpenBLAS (MLX's CPU fp32 BLAS)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"checkpoints and JSON (default {DEFAULT_OUT})")
@@ -86,14 +99,19 @@ def parse_variant(text: str) -> dict[str, Any]:
     """`settle_entropy=0.01,final_pass=false` -> FastSettings changes, typed as its fields are."""
     from mlx_dgemma.sampler import FastSettings
 
-    kinds = {f.name: type(getattr(FastSettings(), f.name)) for f in fields(FastSettings)}
+    defaults = FastSettings()
+    kinds = {f.name: type(getattr(defaults, f.name)) for f in fields(FastSettings)}
+    kinds["settle_entropy"] = float  # None by default: derived from the sampler's bound
     changes: dict[str, Any] = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         key, _, raw = item.partition("=")
         if key not in kinds:
             raise SystemExit(f"--variant: unknown FastSettings field {key!r}; choose from {', '.join(kinds)}")
         kind = kinds[key]
-        changes[key] = raw.lower() in ("1", "true", "on", "yes") if kind is bool else kind(raw)
+        if raw.lower() == "none":
+            changes[key] = None
+        else:
+            changes[key] = raw.lower() in ("1", "true", "on", "yes") if kind is bool else kind(raw)
     return changes
 
 
@@ -154,6 +172,24 @@ class Recorder:
             if number <= upto:
                 np.put_along_axis(merged, np.array(positions)[..., None], np.array(fresh), axis=1)
         return merged
+
+
+class NoisyLogits:
+    """The model with every pass's logits times 1 + `scale`·N(0, 1): exact mode's own sensitivity, the floor under
+    what agreement between two modes can show on these weights."""
+
+    def __init__(self, model: Any, scale: float, seed: int):
+        self._model, self.scale = model, scale
+        self._rng = np.random.default_rng(seed)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+    def denoise(self, canvas: Any, cache: Any, conditioning: Any = None, positions: Any = None) -> Any:
+        import mlx.core as mx
+
+        logits = self._model.denoise(canvas, cache, conditioning, positions=positions)
+        return logits * (1 + self.scale * mx.array(self._rng.normal(size=logits.shape).astype(np.float32)))
 
 
 @dataclass
@@ -255,13 +291,12 @@ def compare(model: Any, shape: Shape, args: argparse.Namespace, variants: list[d
         ids = np.random.default_rng(prompt).integers(3, vocab, (1, args.prompt_tokens))
         prefill(model, cache, mx.array(ids))
         exact = one_canvas(model, cache, base, prompt)
-        yield {
-            "prompt": prompt,
-            "variant": "exact",
-            **_figures(exact, exact, shape),
-            "step_kl": 0.0,
-            "step_argmax": 0.0,
-        }
+        figures = _figures(exact, exact, shape)
+        yield {"prompt": prompt, "variant": "exact", **figures, "step_kl": 0.0, "step_argmax": 0.0}
+        if args.noise_floor:
+            noisy = one_canvas(NoisyLogits(model, args.noise_floor, prompt), cache, base, prompt)
+            figures = _figures(noisy, exact, shape)
+            yield {"prompt": prompt, "variant": "noise", **figures, "step_kl": None, "step_argmax": None}
         for index, changes in enumerate(variants):
             settings = base.updated(speed="fast", fast=replace(base.fast, **changes))
             fast = one_canvas(model, cache, settings, prompt)
@@ -284,35 +319,35 @@ def _figures(run: Run, exact: Run, shape: Shape) -> dict[str, Any]:
     }
 
 
-def bucket_costs(model: Any, shape: Shape, bucket: int, prompt_tokens: int) -> list[dict[str, float]]:
-    """Per live-count bucket: the first decoder pass of that size (any compilation it triggers) and warm ones."""
+def bucket_costs(model: Any, shape: Shape, prompt_tokens: int) -> list[dict[str, float]]:
+    """Per live-count bucket, a whole fast step of that size (decoder, draws, decisions): its first run, with any
+    tracing and compiling a new shape triggers, against warm ones; the last row forwards the whole canvas."""
     import mlx.core as mx
 
-    from mlx_dgemma.generate import prefill
+    from mlx_dgemma.fast import FastCanvas
+    from mlx_dgemma.generate import default_settings, prefill
+    from mlx_dgemma.sampler import BlockSampler, SeededNoise
 
     length, vocab = shape.canvas_length, shape.text["vocab_size"]
-    rng = np.random.default_rng(7)
     cache = model.make_cache()
-    prefill(model, cache, mx.array(rng.integers(3, vocab, (1, prompt_tokens))))
-    canvas = mx.array(rng.integers(3, vocab, (1, length)))
-    conditioning = mx.array(rng.normal(size=(1, length, vocab)).astype(np.float32))
+    prefill(model, cache, mx.array(np.random.default_rng(7).integers(3, vocab, (1, prompt_tokens))))
+    settings = default_settings(model).updated(speed="fast")
+    noise = SeededNoise(7)
+    canvas = FastCanvas(model, cache, settings, noise, 0, None, length)
+    first_step = canvas.step(BlockSampler(model, settings, noise).initial_state(1, length, 0, None), 1)
+    mx.eval(*first_step.arrays)  # the whole canvas's states in the cache, as a first step leaves them
 
-    def timed(size: int | None) -> float:
+    def timed(size: int) -> float:
+        canvas.known_live = size
         start = time.perf_counter()
-        if size is None:
-            mx.eval(model.denoise(canvas, cache, conditioning))
-        else:
-            positions = mx.array(np.sort(rng.permutation(length)[:size])[None])
-            live = mx.take_along_axis(canvas, positions, axis=1)
-            mx.eval(model.denoise(live, cache, conditioning[:, :size], positions=positions))
+        mx.eval(*canvas.step(first_step, 2).arrays)
         return time.perf_counter() - start
 
     rows = []
-    timed(None)  # the canvas's own keys and values, as a first step leaves them
-    for size in [*range(bucket, length, bucket), None]:
+    for size in [*range(settings.fast.bucket, length, settings.fast.bucket), length]:
         first = timed(size)
         warm = statistics.median(timed(size) for _ in range(3))
-        rows.append({"size": size or length, "first_s": first, "warm_s": warm})
+        rows.append({"size": size, "first_s": first, "warm_s": warm})
     return rows
 
 
@@ -323,7 +358,7 @@ def summary(rows: list[dict[str, Any]], variant: int | str, length: int) -> dict
     """One variant's figures over the prompts: means, and totals over totals for rates."""
     mine = [row for row in rows if row["variant"] == variant]
     keys = ("steps", "forwarded", "shared", "kl", "step_kl", "step_argmax")
-    mean = {key: statistics.fmean(row[key] for row in mine) for key in keys}
+    mean = {key: _mean(row[key] for row in mine) for key in keys}
     seconds = sum(row["seconds"] for row in mine)
     exact_seconds = sum(row["seconds"] for row in rows if row["variant"] == "exact")
     exact_forwarded = sum(row["forwarded"] for row in rows if row["variant"] == "exact")
@@ -338,8 +373,15 @@ def summary(rows: list[dict[str, Any]], variant: int | str, length: int) -> dict
     }
 
 
-def table(results: dict[str, list[dict[str, Any]]], variants: list[dict[str, Any]], length: int) -> str:
-    names = ["exact", *range(len(variants))]
+def _mean(values: Iterator[float | None]) -> float | None:
+    values = list(values)
+    return None if None in values else statistics.fmean(values)
+
+
+def table(
+    results: dict[str, list[dict[str, Any]]], variants: list[dict[str, Any]], length: int, noise_floor: float
+) -> str:
+    names = ["exact", *(["noise"] if noise_floor else []), *range(len(variants))]
     lines = [
         "| checkpoint | mode | steps/canvas | positions forwarded/step | forwarded vs exact | step, ms | tokens/s "
         "| vs exact | tokens shared with exact | KL(exact ‖ fast), committed logits | per-step KL, same inputs "
@@ -349,12 +391,16 @@ def table(results: dict[str, list[dict[str, Any]]], variants: list[dict[str, Any
     for checkpoint_name, rows in results.items():
         for name in names:
             s = summary(rows, name, length)
-            mode = "exact" if name == "exact" else "fast " + (_describe(variants[name]) or "(defaults)")
+            if name in ("exact", "noise"):
+                mode = "exact" if name == "exact" else f"exact, logits × (1 + {noise_floor:g}·N(0, 1))"
+            else:
+                mode = "fast " + (_describe(variants[name]) or "(defaults)")
+            step_kl = "–" if s["step_kl"] is None else f"{s['step_kl']:.2g}"
+            step_argmax = "–" if s["step_argmax"] is None else f"{s['step_argmax']:.2%}"
             lines.append(
                 f"| {checkpoint_name} | {mode} | {s['steps']:.1f} | {s['per_step']:.1f} of {length} "
                 f"| {s['forwarded_vs_exact']:.0%} | {s['step_ms']:.0f} | {s['tokens_per_s']:.1f} "
-                f"| {s['speedup']:.2f}× | {s['shared']:.1%} | {s['kl']:.2g} | {s['step_kl']:.2g} "
-                f"| {s['step_argmax']:.2%} |"
+                f"| {s['speedup']:.2f}× | {s['shared']:.1%} | {s['kl']:.2g} | {step_kl} | {step_argmax} |"
             )
     return "\n".join(lines)
 
@@ -364,7 +410,7 @@ def _describe(changes: dict[str, Any]) -> str:
 
 
 def bucket_table(rows: list[dict[str, float]]) -> str:
-    lines = ["| positions forwarded | first pass, ms | warm pass, ms | first − warm, ms |", "|---|---|---|---|"]
+    lines = ["| positions forwarded | first step, ms | warm step, ms | first − warm, ms |", "|---|---|---|---|"]
     for row in rows:
         first, warm = 1000 * row["first_s"], 1000 * row["warm_s"]
         lines.append(f"| {row['size']} | {first:.0f} | {warm:.0f} | {first - warm:+.0f} |")
@@ -389,11 +435,14 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, list[dict[str, Any]]] = {}
     buckets: list[dict[str, float]] = []
     started = time.perf_counter()
+    chosen = [name.strip() for name in args.checkpoints.split(",")]
     for name, gain in (("confident", args.confident_gain), ("flat", args.flat_gain)):
+        if name not in chosen:
+            continue
         model = load_model(checkpoint(shape, gain, args.out))
         label = f"{name} (final norm ×{gain:g})"
         if name == "confident" and not args.no_buckets:
-            buckets = bucket_costs(model, shape, FastSettings().bucket, args.prompt_tokens)
+            buckets = bucket_costs(model, shape, args.prompt_tokens)
         results[label] = []
         for row in compare(model, shape, args, variants):
             results[label].append(row)
@@ -408,9 +457,9 @@ def main(argv: list[str] | None = None) -> int:
     blas = "OpenBLAS preloaded" if _openblas_loaded() else "MLX's bundled BLAS"
     print(f"{title}\n\n`{command.strip()}` ({blas}, wall {time.perf_counter() - started:.0f} s)\n")
     print(f"FastSettings defaults: {FastSettings()}\n")
-    print(table(results, variants, shape.canvas_length))
+    print(table(results, variants, shape.canvas_length, args.noise_floor))
     if buckets:
-        print(f"\nA decoder pass per live-count bucket, confident checkpoint, prompt {args.prompt_tokens}:\n")
+        print(f"\nA fast step per live-count bucket, confident checkpoint, prompt {args.prompt_tokens}:\n")
         print(bucket_table(buckets))
     args.out.mkdir(parents=True, exist_ok=True)
     document = {"command": command, "variants": variants, "results": results, "buckets": buckets}
@@ -422,7 +471,7 @@ def _line(row: dict[str, Any]) -> str:
     return (
         f"{row['steps']} steps, {row['forwarded']} forwarded ({row['forwarded_vs_exact']:.0%}), "
         f"{1000 * row['step_s']:.0f} ms/step, {row['tokens_per_s']:.1f} tok/s, shared {row['shared']:.1%}, "
-        f"KL {row['kl']:.2e}, step KL {row['step_kl']:.2e}, step argmax {row['step_argmax']:.2%}"
+        f"KL {row['kl']:.2e}, step KL {row['step_kl']}, step argmax {row['step_argmax']}"
     )
 
 

@@ -45,7 +45,7 @@ class FastSettings:
 
     settle_steps: int = 2
     settle_entropy: float | None = None
-    refresh_every: int = 8
+    refresh_every: int = 16
     final_pass: bool = True
     bucket: int = 32
 

@@ -19,7 +19,7 @@ from serve_fixtures import LiveServer
 from tokenizer_fixture import write_tokenizer
 
 import mlx_dgemma
-from mlx_dgemma import Chat, FastSettings, SamplerSettings, SeededNoise, generate, infill
+from mlx_dgemma import Chat, FastSettings, SamplerSettings, SeededNoise, edit, fill_template, generate, infill
 from mlx_dgemma.cli import common
 from mlx_dgemma.cli.chat import ChatRepl
 from mlx_dgemma.fast import _live_decisions, bucketed, live_positions
@@ -286,6 +286,10 @@ def test_generate_chat_and_infill_take_speed(flat):
     assert 0 < fast.stats.positions_forwarded and fast.stats.generation_tokens == len(fast.tokens)
     filled = infill(model, tokenizer, "def f(x):\n    return ", "\n", hole_tokens=6, steps=6, speed="fast")
     assert filled.text.startswith("def f(x):\n    return ") and filled.stats.positions_forwarded > 0
+    record = fill_template(model, tokenizer, "A name?", '{"name": "{{hole:3}}"}', steps=4, speed="fast")
+    assert record.text.startswith('{"name": "') and record.text.endswith('"}')
+    edited = edit(model, tokenizer, "x = 1\ny = 2\n", 4, 5, steps=4, speed="fast")
+    assert edited.text.startswith("x = ") and edited.text.endswith("\ny = 2\n")
     chat = Chat(model, tokenizer, steps=4, max_new_tokens=16)
     repl = ChatRepl(chat, __import__("io").StringIO(), live=False, interactive=False)
     repl.command("/set speed=fast")
@@ -337,7 +341,7 @@ def test_bench_fast_quick_runs(tmp_path, capsys):
     assert fast.main([*arguments, "--variant", "bucket=4,refresh_every=0"]) == 0
     table = capsys.readouterr().out
     assert "| confident (final norm ×11) | exact |" in table and "| flat (final norm ×4) | fast bucket=4" in table
-    assert "| positions forwarded | first pass, ms |" in table
+    assert "| positions forwarded | first step, ms |" in table
     assert json.loads((tmp_path / "quick.json").read_text())["results"]
 
 
