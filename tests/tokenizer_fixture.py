@@ -34,6 +34,8 @@ __all__ = [
     "SPECIAL_TOKENS",
     "SPECIAL_TOKEN_IDS",
     "build_tokenizer",
+    "processor_config",
+    "write_processor_config",
     "write_tokenizer",
 ]
 
@@ -384,3 +386,36 @@ def write_tokenizer(path: Path, vocab_size: int = 384) -> Path:
     (path / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(), indent=2, ensure_ascii=False) + "\n")
     (path / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     return path
+
+
+def processor_config(max_soft_tokens: int = 280, patch_size: int = 16, pooling_kernel_size: int = 3) -> dict:
+    """``processor_config.json`` as Gemma 4 checkpoints carry it: the image processor's settings, nested."""
+    image_processor = {
+        "do_convert_rgb": True,
+        "do_normalize": False,
+        "do_rescale": True,
+        "do_resize": True,
+        "image_mean": [0.0, 0.0, 0.0],
+        "image_processor_type": "Gemma4ImageProcessor",
+        "image_seq_length": max_soft_tokens,
+        "image_std": [1.0, 1.0, 1.0],
+        "max_soft_tokens": max_soft_tokens,
+        "patch_size": patch_size,
+        "pooling_kernel_size": pooling_kernel_size,
+        "resample": 3,
+        "rescale_factor": 1 / 255,
+    }
+    return {
+        "image_processor": image_processor,
+        "image_seq_length": max_soft_tokens,
+        "processor_class": "Gemma4Processor",
+    }
+
+
+def write_processor_config(path: Path, **settings: int) -> Path:
+    """Write ``processor_config.json`` (see ``processor_config``) into ``path``; returns the file's path."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    target = path / "processor_config.json"
+    target.write_text(json.dumps(processor_config(**settings), indent=2) + "\n")
+    return target
