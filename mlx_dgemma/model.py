@@ -217,7 +217,8 @@ class Router(nn.Module):
     def __call__(self, x: mx.array) -> tuple[mx.array, mx.array]:
         # One fused norm with the router's scale as its weight.
         scores = self.proj(mx.fast.rms_norm(x, self.scale * self.root_size, self.eps)).astype(mx.float32)
-        indices = mx.argpartition(-scores, kth=self.top_k - 1, axis=-1)[..., : self.top_k]
+        # Which experts is a choice, not a function to differentiate (training reads the weights' gradients).
+        indices = mx.stop_gradient(mx.argpartition(-scores, kth=self.top_k - 1, axis=-1)[..., : self.top_k])
         # Softmax over the chosen scores equals the full softmax renormalised over the top k, as the reference has it.
         weights = mx.softmax(mx.take_along_axis(scores, indices, axis=-1), axis=-1)
         return indices, weights * self.per_expert_scale[indices].astype(mx.float32)
