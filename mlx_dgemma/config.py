@@ -64,6 +64,33 @@ class TextConfig:
     pad_token_id: int | None = 0
     eos_token_id: int | list[int] | None = 1
     bos_token_id: int | None = 2
+    # "vision": the encoder lets the tokens of one image attend to each other both ways.
+    use_bidirectional_attention: str | None = None
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """The Gemma 4 vision tower's shape, from config.json's `vision_config`."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    patch_size: int
+    pooling_kernel_size: int
+    position_embedding_size: int
+    rope_theta: float = 100.0
+    rms_norm_eps: float = 1e-6
+    hidden_activation: str = "gelu_pytorch_tanh"
+    use_clipped_linears: bool = False
+    standardize: bool = False
+
+    @property
+    def patch_dim(self) -> int:
+        """Values in one patch: 3 channels of patch_size x patch_size pixels."""
+        return 3 * self.patch_size**2
 
 
 @dataclass(frozen=True)
@@ -72,8 +99,13 @@ class ModelConfig:
     canvas_length: int = 256
     model_type: str = "diffusion_gemma"
     quantization: dict[str, Any] | None = None
-    has_vision: bool = False
+    vision: VisionConfig | None = None
+    image_token_id: int | None = None
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def has_vision(self) -> bool:
+        return self.vision is not None
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> ModelConfig:
@@ -91,7 +123,8 @@ class ModelConfig:
             canvas_length=_positive_int(config, "canvas_length", 256),
             model_type=model_type,
             quantization=quantization,
-            has_vision=config.get("vision_config") is not None,
+            vision=_vision_config(config.get("vision_config")),
+            image_token_id=config.get("image_token_id", 258_880),
             raw=config,
         )
 
@@ -240,4 +273,42 @@ def _text_config(text: dict[str, Any]) -> TextConfig:
         pad_token_id=text.get("pad_token_id", 0),
         eos_token_id=text.get("eos_token_id", 1),
         bos_token_id=text.get("bos_token_id", 2),
+        use_bidirectional_attention=bidirectional,
+    )
+
+
+def _vision_config(vision: Any) -> VisionConfig | None:
+    if vision is None:
+        return None
+    if not isinstance(vision, dict):
+        raise ConfigError("config.json 'vision_config' must be an object")
+    rope = vision.get("rope_parameters") or {}
+    rope_type = rope.get("rope_type", "axial")
+    if rope_type != "axial":
+        raise ConfigError(f"unsupported vision rope_type {rope_type!r}: the Gemma 4 vision tower uses 'axial'")
+    activation = vision.get("hidden_activation") or vision.get("hidden_act") or "gelu_pytorch_tanh"
+    if activation not in SUPPORTED_ACTIVATIONS:
+        raise ConfigError(f"unsupported vision hidden_activation {activation!r}")
+    num_heads = _positive_int(vision, "num_attention_heads", 12)
+    num_kv_heads = _positive_int(vision, "num_key_value_heads", num_heads)
+    if num_heads % num_kv_heads:
+        raise ConfigError(f"vision: {num_heads} query heads do not split over {num_kv_heads} KV heads")
+    head_dim = _positive_int(vision, "head_dim", 64)
+    if head_dim % 4:
+        raise ConfigError(f"vision head_dim {head_dim} must be a multiple of 4 for its two-axis RoPE")
+    return VisionConfig(
+        hidden_size=_positive_int(vision, "hidden_size", 768),
+        intermediate_size=_positive_int(vision, "intermediate_size", 3072),
+        num_hidden_layers=_positive_int(vision, "num_hidden_layers", 16),
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        head_dim=head_dim,
+        patch_size=_positive_int(vision, "patch_size", 16),
+        pooling_kernel_size=_positive_int(vision, "pooling_kernel_size", 3),
+        position_embedding_size=_positive_int(vision, "position_embedding_size", 10 * 1024),
+        rope_theta=float(rope.get("rope_theta", 100.0)),
+        rms_norm_eps=float(vision.get("rms_norm_eps", 1e-6)),
+        hidden_activation=activation,
+        use_clipped_linears=bool(vision.get("use_clipped_linears", False)),
+        standardize=bool(vision.get("standardize", False)),
     )

@@ -6,6 +6,7 @@ the community's, written by mlx-vlm), quantized or not.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
 import re
@@ -21,10 +22,10 @@ from .config import ConfigError, ModelConfig
 from .model import Model
 from .sampler import SamplerSettings
 
-# Tensors a text runtime does not use: the vision tower and its projection, the
-# encoder's copies of tied weights (the released checkpoint stores none), a
-# head tied to the embeddings, and RoPE tables recomputed from the config.
-_IGNORED_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
+# The vision tower and its projection: loaded when the checkpoint has them.
+VISION_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
+# The ranges of clipped linear layers, meaningful only when the vision config asks for clipping.
+_CLIP_RANGES = (".input_min", ".input_max", ".output_min", ".output_max")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -83,11 +84,20 @@ def read_weights(path: Path) -> dict[str, mx.array]:
     return weights
 
 
-def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
-    """Map checkpoint keys onto the model's parameter names."""
+def sanitize(weights: dict[str, mx.array], clipped_vision: bool = False) -> dict[str, mx.array]:
+    """Map checkpoint keys onto the model's parameter names.
+
+    Dropped: the encoder's copies of tied weights (the released checkpoint stores none), a head tied to the
+    embeddings, RoPE tables recomputed from the config, and clipping ranges a vision tower without clipping
+    ignores.
+    """
     out = {}
     for key, value in weights.items():
-        if key.startswith(_IGNORED_PREFIXES) or "rotary_emb" in key or key == "lm_head.weight":
+        if "rotary_emb" in key or key == "lm_head.weight":
+            continue
+        if key.startswith(VISION_PREFIXES):
+            if clipped_vision or not key.endswith(_CLIP_RANGES):
+                out[key] = value
             continue
         if key.startswith("model.encoder.language_model.") and not key.endswith(".layer_scalar"):
             continue
@@ -122,7 +132,12 @@ def load_model(path: str | Path, revision: str | None = None, cuda_options: cuda
         config = ModelConfig.from_path(path)
     except ConfigError as error:
         raise LoadError(str(error)) from None
-    weights = sanitize(read_weights(path))
+    weights = sanitize(
+        read_weights(path), clipped_vision=config.vision is not None and config.vision.use_clipped_linears
+    )
+    if config.vision is not None and not any(key.startswith(VISION_PREFIXES) for key in weights):
+        # A conversion that kept vision_config but not the tower: text only.
+        config = dataclasses.replace(config, vision=None)
     model = Model(config)
     quantized = {key.removesuffix(".scales") for key in weights if key.endswith(".scales")}
     nn.quantize(model, class_predicate=lambda p, m: _quantization_params(config, p) if p in quantized else False)

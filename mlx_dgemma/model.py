@@ -13,50 +13,18 @@ are stored and quantization paths match the community MLX conversions.
 from __future__ import annotations
 
 import math
-from functools import partial
+from collections.abc import Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx_lm.models.gemma4_text import logit_softcap
 from mlx_lm.models.switch_layers import SwitchLinear, _gather_sort, _scatter_unsort
 
+from .activations import GATES
 from .cache import EncoderCache, LayerCache
-from .config import LayerShape, ModelConfig, RopeConfig, TextConfig
-
-_SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
-
-
-@partial(mx.compile, shapeless=True)
-def _gelu_tanh_gate(gate: mx.array, up: mx.array) -> mx.array:
-    # PyTorch's "tanh" gelu, written out flat so that it compiles to one kernel (mlx-lm's geglu nests
-    # nn.gelu_approx's own compiled graph and makes two), with x·x·x as PyTorch computes the cube.
-    inner = _SQRT_2_OVER_PI * (gate + 0.044715 * (gate * gate * gate))
-    return 0.5 * gate * (1 + mx.tanh(inner)) * up
-
-
-@partial(mx.compile, shapeless=True)
-def _silu_gate(gate: mx.array, up: mx.array) -> mx.array:
-    return nn.silu(gate) * up
-
-
-@partial(mx.compile, shapeless=True)
-def _gelu_gate(gate: mx.array, up: mx.array) -> mx.array:
-    return nn.gelu(gate) * up
-
-
-@partial(mx.compile, shapeless=True)
-def _relu_gate(gate: mx.array, up: mx.array) -> mx.array:
-    return nn.relu(gate) * up
-
-
-# act(gate) * up, one compiled elementwise kernel each.
-GATES = {
-    "gelu_pytorch_tanh": _gelu_tanh_gate,
-    "gelu_new": _gelu_tanh_gate,
-    "gelu": _gelu_gate,
-    "silu": _silu_gate,
-    "relu": _relu_gate,
-}
+from .config import LayerShape, ModelConfig, RopeConfig, TextConfig, VisionConfig
+from .vision import ImageEmbedder, VisionTower, real_patches
 
 
 def embedding_scale(hidden_size: int, dtype: mx.Dtype) -> mx.array:
@@ -335,16 +303,22 @@ class EncoderLanguageModel(nn.Module):
 
 
 class Encoder(nn.Module):
-    def __init__(self, config: TextConfig):
+    """The encoder's own weights: its layer scalars and, in checkpoints that keep them, the vision tower and the
+    projection of its soft tokens into the text model."""
+
+    def __init__(self, config: TextConfig, vision: VisionConfig | None = None):
         super().__init__()
         self.language_model = EncoderLanguageModel(config)
+        if vision is not None:
+            self.vision_tower = VisionTower(vision)
+            self.embed_vision = ImageEmbedder(vision, config.hidden_size)
 
 
 class Backbone(nn.Module):
-    def __init__(self, config: TextConfig):
+    def __init__(self, config: TextConfig, vision: VisionConfig | None = None):
         super().__init__()
         self.decoder = Decoder(config)
-        self.encoder = Encoder(config)
+        self.encoder = Encoder(config, vision)
 
 
 def expected_embedding(embed: nn.Embedding | nn.QuantizedEmbedding, probs: mx.array) -> mx.array:
@@ -370,7 +344,7 @@ class Model(nn.Module):
         super().__init__()
         self.config = config
         self.text_config = config.text
-        self.model = Backbone(config.text)
+        self.model = Backbone(config.text, config.vision)
 
     @property
     def layers(self) -> list[DecoderLayer]:
@@ -393,17 +367,34 @@ class Model(nn.Module):
         embeddings = self.embed_tokens(ids)
         return embeddings * embedding_scale(self.text_config.hidden_size, embeddings.dtype)
 
-    def encode(self, input_ids: mx.array, cache: EncoderCache, attention_mask: mx.array | None = None) -> None:
+    def encode(
+        self,
+        input_ids: mx.array,
+        cache: EncoderCache,
+        attention_mask: mx.array | None = None,
+        image_features: mx.array | Sequence[mx.array] | None = None,
+    ) -> None:
         """Append the keys and values of `input_ids` (batch, length) to `cache`.
 
         `attention_mask` (batch, length) marks real tokens with 1 and left
         padding with 0; padded positions are never attended to afterwards.
+
+        `image_features`: the soft tokens of the images whose tokens (`image_token_id`) this chunk holds, as
+        `image_features` returns them: one array (all images' soft tokens one after another) or one array per
+        image. They take the image tokens' places in order, row by row, unscaled (the reference scales only token
+        embeddings); with `use_bidirectional_attention: "vision"` the tokens of one image (one contiguous run of
+        image tokens) see each other both ways, on sliding-window layers too, while text stays causal. An image
+        is encoded in one call: a run of image tokens at either end of the chunk is refused (ValueError), as is a
+        count of soft tokens that differs from the image tokens'.
         """
         batch, length = input_ids.shape
         cache.check_batch(batch)
         offset = cache.offset
-        masks = self._encoder_masks(cache, batch, length, attention_mask)
         h = self._embed(input_ids)
+        blocks = None
+        if image_features is not None:
+            h, blocks = self._place_images(input_ids, h, image_features)
+        masks = self._encoder_masks(cache, batch, length, attention_mask, blocks)
         scalars = self.model.encoder.language_model.layers
         *layers, last = list(zip(self.layers, cache.layers, scalars))
         for layer, layer_cache, scalar in layers:
@@ -414,6 +405,72 @@ class Model(nn.Module):
         _, keys, values = attention.projections(layer.input_layernorm(h))
         layer_cache.append(*attention.keys_and_values(keys, values, offset))
         cache.append_validity(attention_mask, length, batch)
+
+    def image_features(self, pixel_values: mx.array | np.ndarray, position_ids: mx.array | np.ndarray) -> mx.array:
+        """The soft tokens of one image, or of a batch of images, in the text model's width.
+
+        Takes what transformers' Gemma 4 image processor returns: for one image `pixel_values` (patches, 3·p·p)
+        float pixels in [0, 1] and `position_ids` (patches, 2) integer (x, y) patch positions, padding patches at
+        (-1, -1) (the processor pads every image to its patch budget); for a batch, the same with a leading
+        image axis. Returns (soft tokens, hidden) float in the embedding dtype, one soft token per k x k cell of
+        real patches (k = `pooling_kernel_size`), numbered row by row: as many as the processor's
+        `num_soft_tokens_per_image`, hence as many as that image's image tokens in the prompt. A batch's images
+        come one after another, in the order the prompt's image tokens take them. Raises ValueError when the
+        checkpoint has no vision tower or the arrays do not fit it.
+        """
+        encoder = self.model.encoder
+        if "vision_tower" not in encoder:
+            raise ValueError("this conversion has no vision tower (made with --text-only?): it cannot read images")
+        tower: VisionTower = encoder.vision_tower
+        positions = np.asarray(position_ids)
+        pixels = pixel_values if isinstance(pixel_values, mx.array) else mx.array(np.asarray(pixel_values))
+        patch_dim = tower.config.patch_dim
+        if pixels.ndim not in (2, 3) or pixels.shape[-1] != patch_dim:
+            raise ValueError(
+                f"pixel_values must be (patches, {patch_dim}) or (images, patches, {patch_dim}), "
+                f"got {tuple(pixels.shape)}"
+            )
+        if positions.shape != (*pixels.shape[:-1], 2) or not np.issubdtype(positions.dtype, np.integer):
+            raise ValueError(
+                f"position_ids must be integer (x, y) pairs of shape {(*pixels.shape[:-1], 2)}, "
+                f"got {positions.dtype} {positions.shape}"
+            )
+        if pixels.ndim == 2:
+            pixels, positions = pixels[None], positions[None]
+        dtype = self.embedding_dtype
+        soft = [tower(*real_patches(image, grid)) for image, grid in zip(pixels, positions)]
+        features = encoder.embed_vision(mx.concatenate(soft) if len(soft) > 1 else soft[0])
+        return features.astype(dtype)
+
+    def _place_images(
+        self, input_ids: mx.array, h: mx.array, image_features: mx.array | Sequence[mx.array]
+    ) -> tuple[mx.array, mx.array | None]:
+        """`h` with the image tokens' embeddings replaced by the images' soft tokens, and the (batch, length)
+        image number of each position (-1: text) when images attend both ways, else None."""
+        ids = np.array(input_ids)
+        is_image = ids == self.config.image_token_id
+        starts = is_image & ~np.pad(is_image, ((0, 0), (1, 0)))[:, :-1]
+        runs = np.cumsum(starts.reshape(-1)).reshape(ids.shape) - 1
+        run_lengths = np.bincount(runs[is_image], minlength=int(starts.sum()))
+        if is_image[:, 0].any() or is_image[:, -1].any():
+            raise ValueError(
+                "an image's tokens reach an end of this chunk: encode each image in one call, with the tokens around it"
+            )
+        one_array = isinstance(image_features, mx.array)
+        per_image = [image_features] if one_array else list(image_features)
+        counts = [int(features.shape[0]) for features in per_image]
+        if sum(counts) != int(is_image.sum()):
+            raise ValueError(f"{sum(counts)} image soft tokens for {int(is_image.sum())} image tokens in the prompt")
+        if not one_array and counts != run_lengths.tolist():
+            raise ValueError(f"images of {counts} soft tokens for runs of {run_lengths.tolist()} image tokens")
+        features = mx.concatenate(per_image) if len(per_image) > 1 else per_image[0]
+        hidden = h.shape[-1]
+        flat = h.reshape(-1, hidden)
+        flat[mx.array(np.flatnonzero(is_image).astype(np.int32))] = features.astype(h.dtype)
+        h = flat.reshape(h.shape)
+        if self.text_config.use_bidirectional_attention != "vision":
+            return h, None
+        return h, mx.array(np.where(is_image, runs, -1).astype(np.int32))
 
     def denoise(
         self,
@@ -453,9 +510,17 @@ class Model(nn.Module):
         return logit_softcap(mx.array(cap, dtype=mx.float32), logits) if cap else logits
 
     def _encoder_masks(
-        self, cache: EncoderCache, batch: int, length: int, attention_mask: mx.array | None
+        self,
+        cache: EncoderCache,
+        batch: int,
+        length: int,
+        attention_mask: mx.array | None,
+        blocks: mx.array | None = None,
     ) -> dict[int | None, mx.array]:
-        """Boolean masks (batch|1, 1, length, keys), one per kind of layer cache (keyed by what it keeps)."""
+        """Boolean masks (batch|1, 1, length, keys), one per kind of layer cache (keyed by what it keeps).
+
+        `blocks` (batch, length) numbers each image's tokens (-1: text): a block's tokens also see each other.
+        """
         offset = cache.offset
         new_valid = None if attention_mask is None else attention_mask.astype(mx.bool_)
         masks = {}
@@ -468,9 +533,13 @@ class Model(nn.Module):
             allowed = key_pos <= query_pos
             if layer_cache.keep is not None:
                 allowed = allowed & (key_pos > query_pos - self.text_config.sliding_window)
+            allowed = allowed[None]
+            if blocks is not None:
+                same_image = (blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0)
+                allowed = allowed | mx.pad(same_image, [(0, 0), (0, 0), (cached, 0)])
             old_valid = cache.validity_of_last(cached)
             if new_valid is None and old_valid is None:
-                masks[layer_cache.keep] = allowed[None, None]
+                masks[layer_cache.keep] = allowed[:, None]
                 continue
             valid = mx.concatenate(
                 [
@@ -480,7 +549,7 @@ class Model(nn.Module):
                 axis=1,
             )
             # A padded query may see no real key; letting it see itself keeps its (never read) output finite.
-            masks[layer_cache.keep] = ((allowed[None] & valid[:, None, :]) | (key_pos == query_pos)[None])[:, None]
+            masks[layer_cache.keep] = ((allowed & valid[:, None, :]) | (key_pos == query_pos)[None])[:, None]
         return masks
 
     def _decoder_mask(self, cache: EncoderCache, cached: int, canvas: int) -> mx.array | None:

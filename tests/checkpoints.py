@@ -32,17 +32,23 @@ SMALL_TEXT = dict(
     max_position_embeddings=4096,
 )
 
+# Two layers, standardized soft tokens, 4-pixel patches pooled 3 x 3: a 12-pixel cell per soft token.
 TINY_VISION = dict(
     model_type="gemma4_vision",
     hidden_size=32,
     intermediate_size=64,
-    num_hidden_layers=1,
+    num_hidden_layers=2,
     num_attention_heads=2,
     num_key_value_heads=2,
     head_dim=16,
-    position_embedding_size=64,
+    position_embedding_size=256,
     patch_size=4,
+    pooling_kernel_size=3,
+    standardize=True,
 )
+
+# The image tokens of the test tokenizer (tests/tokenizer_fixture.py): <|image>, <image|>, <|image|>.
+IMAGE_TOKENS = dict(boi_token_id=17, eoi_token_id=18, image_token_id=19)
 
 
 def build_reference_model(
@@ -50,6 +56,7 @@ def build_reference_model(
     canvas_length: int = 16,
     final_norm_gain: float = 4.0,
     well_conditioned: bool = False,
+    vision_overrides: dict | None = None,
     **text_overrides,
 ) -> DiffusionGemmaForBlockDiffusion:
     """A float32 reference model with perturbed norms and near-1 layer scalars.
@@ -64,9 +71,13 @@ def build_reference_model(
     different expert or attention pattern. `well_conditioned` gives routers
     clear margins and attention soft scores, so that reduced-precision
     checkpoints (bf16, quantized) can be held to meaningful tolerances.
+
+    The vision tower's weights are spread too (`jitter_vision`), from a
+    generator of their own: the text weights are the same with or without it.
     """
     text = {**SMALL_TEXT, **text_overrides}
-    config = DiffusionGemmaConfig(text_config=text, vision_config=dict(TINY_VISION), canvas_length=canvas_length)
+    vision = {**TINY_VISION, **(vision_overrides or {})}
+    config = DiffusionGemmaConfig(text_config=text, vision_config=vision, canvas_length=canvas_length, **IMAGE_TOKENS)
     torch.manual_seed(seed)
     model = DiffusionGemmaForBlockDiffusion(config).eval().float()
     generator = torch.Generator().manual_seed(seed + 1)
@@ -93,7 +104,33 @@ def build_reference_model(
         for decoder_layer, encoder_layer in zip(decoder.layers, encoder_layers):
             decoder_layer.layer_scalar.copy_(jitter((1,), 0.05))
             encoder_layer.layer_scalar.copy_(jitter((1,), 0.05))
+    jitter_vision(model, seed + 2)
     return model
+
+
+@torch.no_grad()
+def jitter_vision(model: DiffusionGemmaForBlockDiffusion, seed: int) -> None:
+    """Vision weights that make every part of the tower show: norms and the standardization spread around 1,
+    position embeddings as large as the projected pixels, clipping ranges that bite."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def uniform(shape, low, high):
+        return low + (high - low) * torch.rand(shape, generator=generator)
+
+    encoder = model.model.encoder
+    for name, tensor in encoder.vision_tower.state_dict(keep_vars=True).items():
+        if name.endswith("norm.weight") or name.endswith("std_scale"):
+            tensor.copy_(uniform(tensor.shape, 0.7, 1.3))
+        elif name.endswith("std_bias"):
+            tensor.copy_(uniform(tensor.shape, -0.5, 0.5))
+        elif name.endswith("position_embedding_table"):
+            tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.5)
+        elif name.endswith("input_proj.weight"):
+            tensor.mul_(10.0)
+        elif name.endswith(("input_min", "output_min")):
+            tensor.copy_(torch.tensor(-float(uniform((), 0.5, 2.0))))
+        elif name.endswith(("input_max", "output_max")):
+            tensor.copy_(torch.tensor(float(uniform((), 0.5, 2.0))))
 
 
 def save_reference_checkpoint(

@@ -10,6 +10,8 @@ import torch
 from checkpoints import build_reference_model, save_reference_checkpoint
 from mlx.utils import tree_flatten
 from test_precision import agreement, our_logits, reference_logits
+from test_vision import SIZES, our_features, process, reference_features, relative_error
+from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
 
 import mlx_dgemma
 from mlx_dgemma.convert import convert_checkpoint
@@ -38,6 +40,9 @@ def test_we_load_an_mlx_vlm_4bit_conversion(source, tmp_path):
     # mlx-vlm quantizes the router and the embedding too: check we did take its quantized layers.
     assert isinstance(model.embed_tokens, mlx_dgemma.model.nn.QuantizedEmbedding)
     assert model.layers[0].experts.gate_up_proj.bits == 4
+    # It keeps the vision tower in float, under the reference's names: the tower loads and reads images.
+    batch = process(Gemma4ImageProcessorPil(patch_size=4, max_soft_tokens=70, pooling_kernel_size=3), SIZES[:1])
+    assert relative_error(our_features(model, batch), reference_features(reference, batch)) < 0.06
     first, second = reference_logits(reference, prompt, canvas)
     for ours, expected in zip(our_logits(model, prompt, canvas, first), (first, second)):
         worst, mean, top1 = agreement(ours, expected)
