@@ -18,7 +18,7 @@ import mlx.nn as nn
 
 from . import backends
 from .backends import cuda
-from .config import ConfigError, ModelConfig
+from .config import ConfigError, ModelConfig, VisionConfig
 from .model import Model
 from .sampler import SamplerSettings
 
@@ -84,19 +84,19 @@ def read_weights(path: Path) -> dict[str, mx.array]:
     return weights
 
 
-def sanitize(weights: dict[str, mx.array], clipped_vision: bool = False) -> dict[str, mx.array]:
+def sanitize(weights: dict[str, mx.array], vision: VisionConfig | None = None) -> dict[str, mx.array]:
     """Map checkpoint keys onto the model's parameter names.
 
     Dropped: the encoder's copies of tied weights (the released checkpoint stores none), a head tied to the
-    embeddings, RoPE tables recomputed from the config, and clipping ranges a vision tower without clipping
-    ignores.
+    embeddings, RoPE tables recomputed from the config, a vision tower config.json does not describe, and
+    clipping ranges a vision tower without clipping ignores.
     """
     out = {}
     for key, value in weights.items():
         if "rotary_emb" in key or key == "lm_head.weight":
             continue
         if key.startswith(VISION_PREFIXES):
-            if clipped_vision or not key.endswith(_CLIP_RANGES):
+            if vision is not None and (vision.use_clipped_linears or not key.endswith(_CLIP_RANGES)):
                 out[key] = value
             continue
         if key.startswith("model.encoder.language_model.") and not key.endswith(".layer_scalar"):
@@ -132,9 +132,7 @@ def load_model(path: str | Path, revision: str | None = None, cuda_options: cuda
         config = ModelConfig.from_path(path)
     except ConfigError as error:
         raise LoadError(str(error)) from None
-    weights = sanitize(
-        read_weights(path), clipped_vision=config.vision is not None and config.vision.use_clipped_linears
-    )
+    weights = sanitize(read_weights(path), config.vision)
     if config.vision is not None and not any(key.startswith(VISION_PREFIXES) for key in weights):
         # A conversion that kept vision_config but not the tower: text only.
         config = dataclasses.replace(config, vision=None)

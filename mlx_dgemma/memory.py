@@ -6,14 +6,17 @@ data, so `dgemma info` and the check before loading are instant even for a
 
 Peak memory for a context of N tokens is estimated as
 
-    weights                      text tensors as stored (vision tower excluded: never loaded; under CUDA
-                                 the dense layers dequantized at load add `dequantized_dense_bytes`)
+    weights                      tensors as stored, the vision tower's included (under CUDA the dense
+                                 layers dequantized at load add `dequantized_dense_bytes`)
   + KV cache at N                per layer 2 (K, V) x kv_heads x head_dim x positions x dtype bytes,
                                  positions = min(N, window - 1) on sliding layers, N on full layers
   + vocabulary-wide arrays       6 x canvas x vocab x 4 bytes (float32 logits, tempered logits,
                                  Gumbel noise, softmax, entropy terms, self-conditioning input)
   + attention scores             query heads x Q x (N + Q) x 4 bytes, Q = max(canvas, prefill chunk)
   + one layer's KV copy          the decoder attends over [cache, canvas], a concatenated copy
+
+The default context of a model with a vision tower holds one image besides the
+text: `IMAGE_PROMPT_TOKENS` more positions.
 """
 
 from __future__ import annotations
@@ -34,10 +37,12 @@ from .generate import PREFILL_CHUNK
 
 # The context the pre-load check assumes when none is given: a long chat, not the model's maximum.
 DEFAULT_CONTEXT = 4096
+# One image's tokens in a prompt at the image processor's default budget: 280 soft tokens between <boi> and <eoi>.
+IMAGE_PROMPT_TOKENS = 280 + 2
 # Float32 arrays of canvas x vocab alive at once in a denoising step (see the module docstring).
 VOCAB_ARRAYS = 6
 FLOAT32_BYTES = 4
-_IGNORED_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
+VISION_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
 _DTYPE_BYTES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
     "I64": 8, "U64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1,
@@ -56,13 +61,57 @@ class InsufficientMemoryError(RuntimeError):
 class _Tensor:
     module: str  # module path, as config.json's quantization overrides name it
     numel: int
-    group: str  # embeddings, attention, dense_mlp, router, experts, self_conditioning, norms_and_scalars
+    group: str  # embeddings, attention, dense_mlp, router, experts, self_conditioning, norms_and_scalars, vision
     matrix: bool  # a weight matrix that quantization may pack
-    active_fraction: float = 1.0  # share used per token (experts: top_k / num_experts)
+    active_fraction: float = 1.0  # share used per token (experts: top_k / num_experts; the vision tower: none)
     in_features: int = 0  # a matrix's last dimension, which quantization groups split
 
 
 def _tensors(config: ModelConfig) -> Iterator[_Tensor]:
+    """Every parameter of the model, by module, as the loader builds it."""
+    yield from _text_tensors(config)
+    if config.vision is not None:
+        yield from _vision_tensors(config)
+
+
+def _vision_tensors(config: ModelConfig) -> Iterator[_Tensor]:
+    """The vision tower and its projection: float in every conversion (never quantized), run once per image and
+    not per token."""
+    vision = config.vision
+    hidden, heads, kv_heads, head_dim = (
+        vision.hidden_size,
+        vision.num_attention_heads,
+        vision.num_key_value_heads,
+        vision.head_dim,
+    )
+    prefix = "model.encoder.vision_tower"
+
+    def tensor(module: str, numel: int) -> _Tensor:
+        return _Tensor(module, numel, "vision", False, 0.0)
+
+    yield tensor(f"{prefix}.patch_embedder.input_proj", vision.patch_dim * hidden)
+    yield tensor(f"{prefix}.patch_embedder.position_embedding_table", 2 * vision.position_embedding_size * hidden)
+    linears = {
+        "self_attn.q_proj": heads * head_dim * hidden,
+        "self_attn.k_proj": kv_heads * head_dim * hidden,
+        "self_attn.v_proj": kv_heads * head_dim * hidden,
+        "self_attn.o_proj": hidden * heads * head_dim,
+        "mlp.gate_proj": vision.intermediate_size * hidden,
+        "mlp.up_proj": vision.intermediate_size * hidden,
+        "mlp.down_proj": hidden * vision.intermediate_size,
+    }
+    for index in range(vision.num_hidden_layers):
+        layer = f"{prefix}.encoder.layers.{index}"
+        for name, numel in linears.items():
+            # Clipped linears store four scalar ranges each.
+            yield tensor(f"{layer}.{name}", numel + (4 if vision.use_clipped_linears else 0))
+        yield tensor(f"{layer}.norms", 2 * head_dim + 4 * hidden)
+    if vision.standardize:
+        yield tensor(f"{prefix}.standardization", 2 * hidden)
+    yield tensor("model.encoder.embed_vision.embedding_projection", hidden * config.text.hidden_size)
+
+
+def _text_tensors(config: ModelConfig) -> Iterator[_Tensor]:
     """Every text parameter of the model, by module, as the loader builds it."""
     text = config.text
     hidden, heads = text.hidden_size, text.num_attention_heads
@@ -115,7 +164,8 @@ class ParameterCount:
 
 
 def count_parameters(config: ModelConfig) -> ParameterCount:
-    """Text parameters from the config alone (the embedding is tied to the output head: counted once)."""
+    """Parameters from the config alone (the embedding is tied to the output head: counted once); active per token
+    leaves out the unused experts' share and the vision tower, which runs once per image."""
     groups: dict[str, int] = {}
     total = active = 0.0
     for tensor in _tensors(config):
@@ -221,17 +271,29 @@ def _all_tensor_headers(path: Path) -> dict[str, dict[str, Any]] | None:
 
 
 def _text_tensor_headers(path: Path) -> dict[str, dict[str, Any]] | None:
-    """The tensors the loader keeps: all but the vision tower and its projection."""
+    """The text model's tensors: all but the vision tower and its projection."""
     tensors = _all_tensor_headers(path)
     if tensors is None:
         return None
-    return {name: info for name, info in tensors.items() if not name.startswith(_IGNORED_PREFIXES)}
+    return {name: info for name, info in tensors.items() if not name.startswith(VISION_PREFIXES)}
+
+
+def _loaded_tensor_headers(path: Path, config: ModelConfig) -> dict[str, dict[str, Any]] | None:
+    """The tensors the loader keeps: the text model's, and the vision tower's when config.json describes one."""
+    return _all_tensor_headers(path) if config.has_vision else _text_tensor_headers(path)
 
 
 def vision_bytes(path: str | Path) -> int:
-    """Bytes of the vision tower's tensors, which a text runtime never loads."""
+    """Bytes of the vision tower's tensors (and its projection's)."""
     tensors = _all_tensor_headers(Path(path)) or {}
-    return sum(_tensor_bytes(info) for name, info in tensors.items() if name.startswith(_IGNORED_PREFIXES))
+    return sum(_tensor_bytes(info) for name, info in tensors.items() if name.startswith(VISION_PREFIXES))
+
+
+def default_context(config: ModelConfig) -> int:
+    """The context the estimates assume when none is given: a long chat, with one image where the model reads
+    images; never beyond the model's context."""
+    images = IMAGE_PROMPT_TOKENS if config.has_vision else 0
+    return min(DEFAULT_CONTEXT + images, config.text.max_position_embeddings)
 
 
 def _tensor_bytes(info: dict[str, Any]) -> int:
@@ -346,7 +408,7 @@ def estimate_memory(path_or_config: str | Path | ModelConfig, context: int) -> M
     else:
         path = Path(path_or_config)
         config = ModelConfig.from_path(path)
-        headers = _text_tensor_headers(path)
+        headers = _loaded_tensor_headers(path, config)
         value_bytes = _activation_bytes_per_value(config, headers)
         if headers:
             weights = sum(_tensor_bytes(info) for info in headers.values())
@@ -396,10 +458,11 @@ def available_bytes() -> int:
     return available_memory()[0]
 
 
-def check_fits(path: str | Path, context: int = DEFAULT_CONTEXT) -> MemoryEstimate:
-    """The estimate for `path` at `context` tokens (capped at the model's context); raises when it cannot fit."""
+def check_fits(path: str | Path, context: int | None = None) -> MemoryEstimate:
+    """The estimate for `path` at `context` tokens (capped at the model's context; None: `default_context`);
+    raises when it cannot fit."""
     config = ModelConfig.from_path(path)
-    context = min(context, config.text.max_position_embeddings)
+    context = default_context(config) if context is None else min(context, config.text.max_position_embeddings)
     estimate = estimate_memory(path, context)
     available, source = available_memory()
     if estimate.total > available:

@@ -355,7 +355,14 @@ def direct_count(path: Path) -> int:
     tensors = {}
     for shard in path.glob("*.safetensors"):
         tensors.update(load_file(shard))
-    return sum(array.size for name, array in tensors.items() if not name.startswith(VISION_PREFIXES))
+    return sum(array.size for array in tensors.values())
+
+
+def vision_count(path: Path) -> int:
+    tensors = {}
+    for shard in path.glob("*.safetensors"):
+        tensors.update(load_file(shard))
+    return sum(array.size for name, array in tensors.items() if name.startswith(VISION_PREFIXES))
 
 
 def test_info(model_dir, quantized_dir, capsys):
@@ -363,16 +370,19 @@ def test_info(model_dir, quantized_dir, capsys):
     assert code == 0 and err == ""
     total, active = re.search(r"parameters\s+([\d,]+) total .*?([\d,]+) active per token", out).groups()
     total, active = int(total.replace(",", "")), int(active.replace(",", ""))
-    assert total == direct_count(model_dir)
-    # Active: everything but the unused experts' share.
+    # Every stored tensor, the vision tower's included.
+    assert total == direct_count(model_dir) and vision_count(model_dir) > 0
+    # Active: everything but the unused experts' share and the vision tower (once per image, not per token).
     config = ModelConfig.from_path(model_dir)
     text = config.text
     experts = text.num_hidden_layers * 3 * text.num_experts * text.moe_intermediate_size * text.hidden_size
-    assert active == total - experts * (text.num_experts - text.top_k_experts) // text.num_experts
+    unused = experts * (text.num_experts - text.top_k_experts) // text.num_experts
+    assert active == total - unused - vision_count(model_dir)
     assert re.search(r"6 layers: 5 sliding \(window 12\) \+ 1 full attention", out)
     assert "8 per layer, top 2 per token" in out and "384 tokens" in out and "16 tokens" in out
     assert "quantization   none (float32)" in out
-    assert f"at {min(memory.DEFAULT_CONTEXT, CONTEXT)} tokens" in out
+    assert f"at {min(memory.DEFAULT_CONTEXT + memory.IMAGE_PROMPT_TOKENS, CONTEXT)} tokens" in out
+    assert re.search(r"vision tower\s+[\d.]+ [KM]?B, loaded: images in", out)
     assert re.search(r"this machine\s+[\d.]+ [KMGT]?B \(physical RAM\): fits", out)
 
     code, out, _ = run_main(capsys, "info", str(quantized_dir), "--json", "--context", "100")
@@ -394,7 +404,9 @@ def test_info(model_dir, quantized_dir, capsys):
     assert facts["memory"]["kv_cache"] == kv
     assert facts["memory"]["dense_layers"] == "quantized" and facts["memory"]["dequantized_dense"] == 0  # the CPU
     assert facts["memory"]["total"] == facts["memory"]["weights"] + kv + facts["memory"]["activations"]
-    assert facts["memory"]["weights"] < facts["disk_bytes"]  # the vision tower is not counted
+    # The vision tower is loaded (in float), and counted.
+    assert 0 < facts["vision_bytes"] < facts["memory"]["weights"] < facts["disk_bytes"]
+    assert facts["vision_bytes"] == vision_count(quantized_dir) * 4  # a float32 tower
 
 
 def test_info_counts_the_dense_layers_cuda_dequantizes(quantized_dir, capsys, monkeypatch):

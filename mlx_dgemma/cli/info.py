@@ -13,11 +13,13 @@ from ..config import ModelConfig, TextConfig
 from ..loader import resolve_model_path
 from ..memory import (
     DEFAULT_CONTEXT,
+    IMAGE_PROMPT_TOKENS,
     available_memory,
     check_weights,
     checkpoint_dtype,
     count_parameters,
     cuda_options_that_fit,
+    default_context,
     estimate_memory,
     format_bytes,
     format_count,
@@ -80,7 +82,7 @@ def describe(path: Path, context: int | None) -> dict[str, Any]:
     config = ModelConfig.from_path(path)
     limit = config.text.max_position_embeddings
     if context is None:
-        context = min(DEFAULT_CONTEXT, limit)
+        context = default_context(config)
     elif context > limit:
         raise ValueError(f"--context {context} is beyond the model's context of {limit} positions")
     # A random or truncated file would otherwise be skipped by the estimates and reported as fitting.
@@ -130,9 +132,10 @@ def _storage_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
     params, files = info["parameters"], info["safetensors_files"]
     groups = " · ".join(f"{name.replace('_', ' ')} {count:,}" for name, count in params["groups"].items())
     vision = (
-        f"{format_bytes(info['vision_bytes'])} on disk, not loaded (text generation only)"
+        f"{format_bytes(info['vision_bytes'])}, loaded: images in (one at the default budget takes "
+        f"{IMAGE_PROMPT_TOKENS} tokens of context)"
         if info["vision_bytes"]
-        else "none"
+        else "none (text only)"
     )
     return [
         (
@@ -187,7 +190,8 @@ def info(
             "--context",
             "-c",
             min=1,
-            help=f"Tokens of context for the memory estimate (default: {DEFAULT_CONTEXT}, or the model's maximum).",
+            help=f"Tokens of context for the memory estimate (default: {DEFAULT_CONTEXT}, plus "
+            f"{IMAGE_PROMPT_TOKENS} for one image where the model reads images, or the model's maximum).",
         ),
     ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the same facts as one JSON object.")] = False,
