@@ -10,7 +10,9 @@ in float and stays close; a text-only conversion refuses images.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import shutil
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -333,8 +335,22 @@ def test_our_4bit_conversion_keeps_the_tower_in_float(checkpoint, processor, tmp
 
 def test_a_text_only_conversion_refuses_images(checkpoint, processor, tmp_path):
     _, path, _ = checkpoint
-    model = mlx_dgemma.load_model(convert_checkpoint(path, tmp_path / "text", bits=None, text_only=True))
-    assert "vision_tower" not in model.model.encoder and not model.config.has_vision
+    text_only = convert_checkpoint(path, tmp_path / "text", bits=None, text_only=True)
     batch = process(processor, SIZES[:1])
-    with pytest.raises(ValueError, match="no vision tower"):
-        our_features(model, batch)
+    # Without the tower's weights and config; with its config but not its weights; with its weights but not its
+    # config: a text model each time.
+    (tmp_path / "config only").mkdir()
+    (tmp_path / "weights only").mkdir()
+    config = json.loads((path / "config.json").read_text())
+    for directory, source, config_json in (
+        (tmp_path / "config only", text_only, config),
+        (tmp_path / "weights only", path, {key: value for key, value in config.items() if key != "vision_config"}),
+    ):
+        (directory / "config.json").write_text(json.dumps(config_json))
+        for weights in source.glob("*.safetensors"):
+            shutil.copyfile(weights, directory / weights.name)
+    for directory in (text_only, tmp_path / "config only", tmp_path / "weights only"):
+        model = mlx_dgemma.load_model(directory)
+        assert "vision_tower" not in model.model.encoder and not model.config.has_vision, directory
+        with pytest.raises(ValueError, match="no vision tower"):
+            our_features(model, batch)
