@@ -475,11 +475,18 @@ def image_spans(ids: Sequence[int], image_token: int) -> list[tuple[int, int]]:
 
 
 def chunk_ends(
-    length: int, spans: Sequence[tuple[int, int]], chunk: int, start: int = 0, extra: Sequence[int] = ()
+    length: int,
+    spans: Sequence[tuple[int, int]],
+    chunk: int,
+    start: int = 0,
+    extra: Sequence[int] = (),
+    margin: int = 1,
 ) -> list[int]:
     """Where to cut `ids[start:length]` into encoder calls of about `chunk` tokens, never inside an image's
-    run (the model attends within an image both ways, so a run is encoded in one call); `extra` ends are
-    kept when they fall outside runs. The last end is `length`."""
+    run nor within `margin` tokens of it (the model attends within an image both ways, so a run is encoded in
+    one call, with its begin and end markers); `extra` ends are kept when they fall outside runs. The last
+    end is `length`."""
+    spans = [(max(begin - margin, 0), min(end + margin, length)) for begin, end in spans]
 
     def inside(position: int) -> tuple[int, int] | None:
         for begin, end in spans:

@@ -258,15 +258,19 @@ def test_placeholders_and_images_must_pair_up():
 
 def test_chunks_never_split_an_image():
     spans = [(10, 40), (45, 50)]
-    assert chunk_ends(60, spans, 16) == [10, 40, 56, 60]  # 16 falls inside the first run: cut before it
-    assert chunk_ends(60, spans, 100) == [60]
-    assert chunk_ends(60, [(0, 40)], 16) == [40, 56, 60]  # a run at the start: cut after it
-    assert chunk_ends(60, spans, 16, start=40) == [56, 60]
-    assert chunk_ends(60, spans, 100, extra=[20, 42]) == [42, 60]  # 20 is inside a run: dropped
+    assert chunk_ends(60, spans, 16, margin=0) == [10, 40, 56, 60]  # 16 falls inside the first run: cut before
+    assert chunk_ends(60, spans, 100, margin=0) == [60]
+    assert chunk_ends(60, [(0, 40)], 16, margin=0) == [40, 56, 60]  # a run at the start: cut after it
+    assert chunk_ends(60, spans, 16, start=40, margin=0) == [56, 60]
+    assert chunk_ends(60, spans, 100, extra=[20, 42], margin=0) == [42, 60]  # 20 is inside a run: dropped
+    # With the markers around each run kept in the same call (the default).
+    assert chunk_ends(60, spans, 16) == [9, 41, 57, 60]
+    assert chunk_ends(60, spans, 16, start=41) == [57, 60]
+    assert chunk_ends(60, spans, 100, extra=[10, 40, 41, 44, 45]) == [41, 44, 60]
     for length, chunk in [(300, 7), (300, 64), (300, 512)]:
         ends = chunk_ends(length, [(5, 100), (150, 290)], chunk)
         assert ends[-1] == length
-        assert not any(s < e < t for e in ends for s, t in [(5, 100), (150, 290)])
+        assert not any(s <= e <= t for e in ends for s, t in [(5, 100), (150, 290)])
 
 
 # ----------------------------------------------------------------- refusals

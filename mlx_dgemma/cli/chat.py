@@ -13,7 +13,8 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from ..generate import Chat, Commit, Done, Draft, GenerationResult
+from ..generate import Chat, Commit, Done, Draft, GenerationResult, check_vision, is_image_part
+from ..images import load_image
 from .common import (
     DEFAULT_MODEL,
     SETTABLE,
@@ -46,6 +47,7 @@ HELP = """\
 /set [KEY=VALUE ...] change sampler parameters for the next replies; without arguments, show them
                      keys: {keys}
                      speed=fast forwards only the positions still changing (approximate), speed=exact
+/image [PATH]        attach an image to the next message (repeatable); without PATH, drop the attached ones
 /stats               statistics of the last reply
 /history             the conversation so far
 /help                this help
@@ -95,6 +97,7 @@ class ChatRepl:
         self.errors = stderr_console()
         self.last: GenerationResult | None = None
         self.last_interrupted = False  # the latest reply was stopped before its statistics existed
+        self.images: list[Any] = []  # attached with /image, sent with the next message
 
     def say(self, message: str, style: str | None = None) -> None:
         self.console.print(Text(message, style=style or ""))
@@ -151,8 +154,9 @@ class ChatRepl:
     def reply(self, text: str) -> None:
         view = LiveReply(self.out) if self.live else PlainReply(self.out, style=self.out.isatty())
         events = None
+        images, self.images = self.images, []  # sent with this message, whatever becomes of it
         try:
-            events = self.chat.stream(text, drafts=self.live)
+            events = self.chat.stream(text, drafts=self.live, images=images)
             view.start()
             for event in events:
                 if isinstance(event, Draft):
@@ -192,6 +196,7 @@ class ChatRepl:
             "/reset": self._reset,
             "/system": self._system,
             "/set": self._set,
+            "/image": self._image,
             "/stats": self._stats,
             "/history": self._history,
             "/help": self._help,
@@ -203,11 +208,34 @@ class ChatRepl:
             handler(argument)
         return True
 
+    def _image(self, argument: str) -> None:
+        if not argument:
+            dropped, self.images = len(self.images), []
+            self.say(
+                f"{dropped} attached image{'s' if dropped != 1 else ''} dropped" if dropped else "no image attached",
+                "dim",
+            )
+            return
+        path = Path(argument).expanduser()
+        try:
+            check_vision(self.chat.model)
+            image = load_image(path)
+        except ValueError as error:
+            self.error(one_line(error))
+            return
+        self.images.append(image)
+        count = len(self.images)
+        width, height = image.size
+        waiting = f"{count} image{'s' if count != 1 else ''}"
+        self.say(f"attached {path.name} ({width}x{height}); {waiting} go with the next message", "dim")
+
     def _reset(self, argument: str) -> None:
+        self.images = []
         self.chat.reset()
         self.say("conversation cleared", "dim")
 
     def _system(self, argument: str) -> None:
+        self.images = []
         self.chat.reset(system=argument)
         self.say("system prompt set; conversation cleared" if argument else "system prompt removed", "dim")
 
@@ -250,10 +278,23 @@ class ChatRepl:
         if not self.chat.messages:
             self.say("no conversation yet", "dim")
         for message in self.chat.messages:
-            self.say(f"{message['role']}: {printable(str(message['content']))}")
+            self.say(f"{message['role']}: {printable(content_text(message['content']))}")
 
     def _help(self, argument: str) -> None:
         self.say(HELP.format(keys=", ".join(SETTABLE_NAMES)))
+
+
+def content_text(content: Any) -> str:
+    """A message's content as /history shows it: text, with [image] for each image."""
+    if not isinstance(content, list):
+        return str(content or "")
+    pieces = []
+    for part in content:
+        if is_image_part(part):
+            pieces.append("[image]")
+        elif isinstance(part, dict) and part.get("type") == "text":
+            pieces.append(str(part.get("text", "")))
+    return " ".join(pieces)
 
 
 def chat(
@@ -272,8 +313,8 @@ def chat(
     """Talk with the model. The conversation's cache carries over from turn to turn.
 
     On a terminal each reply's canvas is shown refining (dimmed) until it is
-    committed. Type /help for the commands (/reset, /system, /set, /stats,
-    /history, /exit). Ctrl-C stops a reply, Ctrl-D leaves.
+    committed. Type /help for the commands (/reset, /system, /set, /image,
+    /stats, /history, /exit). Ctrl-C stops a reply, Ctrl-D leaves.
     """
     params = sampler_params(assignments, max_tokens, steps, seed, fast)
     if system is not None:

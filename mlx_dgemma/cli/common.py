@@ -103,6 +103,14 @@ FastOption = Annotated[
         "differ from the exact model's (README: Fast mode).",
     ),
 ]
+ImageOption = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--image",
+        metavar="PATH",
+        help="An image (PNG, JPEG, WebP, GIF, BMP, TIFF) for the model to look at; repeatable.",
+    ),
+]
 SetOption = Annotated[
     list[str] | None,
     typer.Option(

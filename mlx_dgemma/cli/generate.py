@@ -10,10 +10,12 @@ from typing import Annotated, Any, TextIO
 import typer
 
 from ..generate import Commit, Done, GenerationResult, stream_generate
-from ..memory import DEFAULT_CONTEXT
+from ..images import load_image
+from ..memory import DEFAULT_CONTEXT, IMAGE_PROMPT_TOKENS
 from .common import (
     DEFAULT_MODEL,
     FastOption,
+    ImageOption,
     MaxTokensOption,
     ModelOption,
     SeedOption,
@@ -103,6 +105,7 @@ def generate(
     seed: SeedOption = None,
     thinking: ThinkingOption = False,
     fast: FastOption = False,
+    image: ImageOption = None,
     assignments: SetOption = None,
     json_output: Annotated[
         bool,
@@ -112,17 +115,24 @@ def generate(
 ) -> None:
     """Answer one prompt, streaming the answer to stdout as each canvas is committed.
 
-    Thoughts (with --thinking) go to stderr, so stdout holds the answer alone.
+    Thoughts (with --thinking) go to stderr, so stdout holds the answer alone. Images (--image, repeatable)
+    go before the prompt's text, in the order given.
     """
     params = sampler_params(assignments, max_tokens, steps, seed, fast)
+    # Images are read first: a bad file is refused before the model loads.
+    images = [load_image(path) for path in image or []]
     text = read_prompt(prompt)
     if system is not None:
         check_utf8(system, "--system")
-    # A long prompt needs more than the default context; a few characters per token is a safe guess.
-    context = max(DEFAULT_CONTEXT, len(text) // 3 + int(params.get("max_new_tokens", 0)))
+    # A long prompt needs more than the default context; a few characters per token is a safe guess, and an
+    # image takes up to IMAGE_PROMPT_TOKENS.
+    context = max(
+        DEFAULT_CONTEXT,
+        len(text) // 3 + len(images) * IMAGE_PROMPT_TOKENS + int(params.get("max_new_tokens", 0)),
+    )
     loaded, tokenizer, _ = load_checkpoint(model, params, context)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-    events = stream_generate(loaded, tokenizer, messages, thinking=thinking, drafts=False, **params)
+    events = stream_generate(loaded, tokenizer, messages, images=images, thinking=thinking, drafts=False, **params)
     result = _stream(events, sys.stdout, sys.stderr, quiet=json_output)
     if json_output:
         sys.stdout.write(json.dumps(result_json(result), ensure_ascii=False) + "\n")
