@@ -24,6 +24,8 @@ import hashlib
 import io
 import json
 import math
+import re
+import time
 import urllib.error
 import urllib.request
 import warnings
@@ -184,25 +186,34 @@ def decode_data_url(url: str) -> bytes:
 
 
 def decode_base64(text: str, what: str = "the image") -> bytes:
-    """Base64 (whitespace allowed, padding optional) to bytes; a one-line ValueError when it is not."""
+    """Base64 (standard or URL-safe; whitespace allowed, padding optional) to bytes; a one-line ValueError when
+    it is not."""
     cleaned = "".join(text.split())
     cleaned += "=" * (-len(cleaned) % 4)
+    if _BASE64.fullmatch(cleaned):
+        decode = base64.b64decode
+    elif _URLSAFE_BASE64.fullmatch(cleaned):
+        decode = base64.urlsafe_b64decode
+    else:
+        raise ValueError(f"{what} is not valid base64")
     try:
-        data = base64.b64decode(cleaned, validate=True)
+        data = decode(cleaned)
     except (binascii.Error, ValueError):
-        try:
-            data = base64.urlsafe_b64decode(cleaned)
-        except (binascii.Error, ValueError):
-            raise ValueError(f"{what} is not valid base64") from None
+        raise ValueError(f"{what} is not valid base64") from None
     if not data:
         raise ValueError(f"{what} is empty")
     return data
 
 
-def fetch_remote_image(
-    url: str, max_bytes: int = MAX_REMOTE_IMAGE_BYTES, timeout: float = REMOTE_TIMEOUT_SECONDS
-) -> bytes:
-    """The bytes at an http(s) URL, at most `max_bytes`, within `timeout` seconds per read."""
+_BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
+_URLSAFE_BASE64 = re.compile(r"[A-Za-z0-9_-]*={0,2}")
+
+
+def fetch_remote_image(url: str, max_bytes: int | None = None, timeout: float | None = None) -> bytes:
+    """The bytes at an http(s) URL, at most `max_bytes` (MAX_REMOTE_IMAGE_BYTES), all within `timeout` seconds
+    (REMOTE_TIMEOUT_SECONDS)."""
+    max_bytes = max_bytes or MAX_REMOTE_IMAGE_BYTES
+    timeout = timeout or REMOTE_TIMEOUT_SECONDS
     if not url[:8].lower().startswith(("http://", "https://")):
         raise ValueError("only http:// and https:// image URLs can be fetched")
     request = urllib.request.Request(url, headers={"User-Agent": "mlx-dgemma", "Accept": "image/*"})
@@ -210,18 +221,32 @@ def fetch_remote_image(
         with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 (scheme checked above)
             length = response.headers.get("Content-Length")
             if length is not None and length.isdigit() and int(length) > max_bytes:
-                raise ValueError(f"the image at {url[:80]} is larger than {max_bytes // (1024 * 1024)} MiB")
-            data = response.read(max_bytes + 1)
+                raise ValueError(f"the image at {url[:80]} is larger than {_mib(max_bytes)}")
+            deadline = time.monotonic() + timeout
+            chunks, size = [], 0
+            while size <= max_bytes:
+                if time.monotonic() > deadline:
+                    raise ValueError(f"fetching {url[:80]}: no whole image within {timeout:g} s")
+                chunk = response.read(min(64 * 1024, max_bytes + 1 - size))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+            data = b"".join(chunks)
     except urllib.error.HTTPError as error:
         raise ValueError(f"fetching {url[:80]}: HTTP {error.code}") from None
     except (urllib.error.URLError, OSError) as error:
         reason = getattr(error, "reason", None) or error
         raise ValueError(f"fetching {url[:80]}: {reason}") from None
     if len(data) > max_bytes:
-        raise ValueError(f"the image at {url[:80]} is larger than {max_bytes // (1024 * 1024)} MiB")
+        raise ValueError(f"the image at {url[:80]} is larger than {_mib(max_bytes)}")
     if not data:
         raise ValueError(f"the image at {url[:80]} is empty")
     return data
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1024 * 1024):g} MiB"
 
 
 def _decode(source: bytes | io.BufferedIOBase, what: str, max_pixels: int) -> Image.Image:

@@ -32,6 +32,14 @@ AllowOriginOption = Annotated[
         help="A web page origin (https://app.example) allowed to call the server; repeatable; '*' for any.",
     ),
 ]
+AllowRemoteImagesOption = Annotated[
+    bool,
+    typer.Option(
+        "--allow-remote-images",
+        help="Fetch images that requests give as http(s) URLs (at most 20 MiB, 10 s). Off by default: a client "
+        "could make the server fetch any URL it can reach. data: URLs and base64 images are always taken.",
+    ),
+]
 MaxConcurrentOption = Annotated[
     int, typer.Option("--max-concurrent", min=1, help="Requests generated at once (interleaved canvas by canvas).")
 ]
@@ -48,6 +56,7 @@ def serve(
     allow_origin: AllowOriginOption = None,
     max_concurrent: MaxConcurrentOption = 4,
     max_queue: MaxQueueOption = 16,
+    allow_remote_images: AllowRemoteImagesOption = False,
 ) -> None:
     """Serve the model over HTTP for editors, agents and scripts.
 
@@ -69,7 +78,14 @@ def serve(
         listener.close()
         raise
     name = served_name(model)
-    app = create_app(engine, name, api_key=api_key, allowed_origins=allow_origin or (), hosts=(host,))
+    app = create_app(
+        engine,
+        name,
+        api_key=api_key,
+        allowed_origins=allow_origin or (),
+        hosts=(host,),
+        allow_remote_images=allow_remote_images,
+    )
     config = uvicorn.Config(
         app, log_level="warning", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS, access_log=False
     )

@@ -10,7 +10,9 @@ the canvas in progress. A long prompt's chunks take turns the same way. A
 request's randomness is its own (`SeededNoise(seed)`), so what it gets does not
 depend on who else is served. A cancelled request (its client gone) is dropped
 at its next step. Prompts are encoded in chunks, and a prompt that extends one
-encoded before reuses that encoder cache (`PromptCache`).
+encoded before reuses that encoder cache (`PromptCache`). A prompt's images are
+encoded with the chunk that holds their tokens (never split), and the prompt
+cache tells prompts apart by their images too.
 """
 
 from __future__ import annotations
@@ -19,15 +21,27 @@ import asyncio
 import collections
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from ..cache import EncoderCache
 from ..constrained import Slot, fill_canvases, fill_layout, filled_holes
-from ..generate import PREFILL_CHUNK, Commit, Done, Draft, GenerationStats, Turn, check_context
+from ..generate import (
+    PREFILL_CHUNK,
+    Commit,
+    Done,
+    Draft,
+    GenerationStats,
+    Turn,
+    check_context,
+    encode_chunk,
+    image_token_id,
+)
+from ..images import PreparedImage, chunk_ends, image_spans
 from ..model import Model
 from ..sampler import CanvasResult, SamplerSettings, SeededNoise, StepDraft
 
@@ -61,31 +75,41 @@ class Encoded:
 Event = Encoded | Draft | Commit | Done | FillDone | Failed
 
 
+def prompt_key(ids: Sequence[int], spans: Sequence[tuple[int, int]], images: Sequence[PreparedImage]) -> tuple:
+    """What identifies a prompt's encoding: its ids, each image's tokens standing for that image's pixels
+    (two prompts that differ only in an image share no cache)."""
+    key: list[Hashable] = list(ids)
+    for (start, end), image in zip(spans, images):
+        key[start:end] = [image.digest] * (end - start)
+    return tuple(key)
+
+
 class PromptCache:
     """Encoder caches of recent prompts, least recently used first out.
 
     A new prompt that starts with one of them copies its cache and encodes only
     the rest: the next turn of a conversation re-sends the history, and the
-    history's cache is here.
+    history's cache is here. Keys are `prompt_key`s (token ids, image tokens
+    standing for their images), or plain ids for prompts without images.
     """
 
     def __init__(self, entries: int = 8):
         self.entries = entries
-        self._caches: collections.OrderedDict[tuple[int, ...], EncoderCache] = collections.OrderedDict()
+        self._caches: collections.OrderedDict[tuple, EncoderCache] = collections.OrderedDict()
 
-    def longest_prefix(self, ids: list[int]) -> tuple[int, EncoderCache | None]:
-        """How many leading tokens of `ids` a cached prompt covers, and a copy of its cache."""
-        best: tuple[int, ...] = ()
-        for key in self._caches:
-            if len(best) < len(key) <= len(ids) and tuple(ids[: len(key)]) == key:
-                best = key
+    def longest_prefix(self, key: Sequence[Hashable]) -> tuple[int, EncoderCache | None]:
+        """How many leading positions of `key` a cached prompt covers, and a copy of its cache."""
+        best: tuple = ()
+        for cached in self._caches:
+            if len(best) < len(cached) <= len(key) and tuple(key[: len(cached)]) == cached:
+                best = cached
         if not best:
             return 0, None
         self._caches.move_to_end(best)
         return len(best), self._caches[best].copy()
 
-    def store(self, ids: list[int], cache: EncoderCache) -> None:
-        key = tuple(ids)
+    def store(self, key: Sequence[Hashable], cache: EncoderCache) -> None:
+        key = tuple(key)
         self._caches[key] = cache.copy()
         self._caches.move_to_end(key)
         while len(self._caches) > self.entries:
@@ -102,6 +126,7 @@ class Job:
     # A prompt length whose cache is worth keeping too: a chat's history before this turn's generation prompt,
     # which the next turn's prompt extends (its full prompt, which the next turn does not, is kept anyway).
     keep_prefix: int | None = None
+    images: list[PreparedImage] = field(default_factory=list)  # one per run of image tokens, in order
     cancelled: threading.Event = field(default_factory=threading.Event)
     queued_at: float = field(default_factory=time.perf_counter)
     _queue: asyncio.Queue | None = None
@@ -137,7 +162,7 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         # MLX streams are per thread (MLX >= 0.31.2): an array the model left lazy on this thread (RoPE's
         # frequencies are not parameters) cannot be evaluated on the worker's, so evaluate every one here.
-        mx.eval(model.filter_and_map(lambda _module, _key, _value: True))
+        mx.eval(model.filter_and_map(lambda _module, _key, _value: True), _helper_arrays(model))
         self.max_concurrent, self.max_queue = max_concurrent, max_queue
         self.prompt_cache = PromptCache(prompt_cache_entries)
         self._waiting: collections.deque[Job] = collections.deque()
@@ -251,29 +276,29 @@ class Engine:
         """Encode what the prompt cache lacks, a chunk at a time, the end of each chunk but the last a turn for
         the next request (a long prompt does not hold the others up); returns the cache."""
         ids = job.prompt_ids
-        reused, cache = self.prompt_cache.longest_prefix(ids)
+        spans = image_spans(ids, image_token_id(self.model)) if job.images else []
+        if len(spans) != len(job.images):
+            raise ValueError(f"the prompt has {len(spans)} runs of image tokens for {len(job.images)} images")
+        key = prompt_key(ids, spans, job.images)
+        reused, cache = self.prompt_cache.longest_prefix(key)
         cache = cache or self.model.make_cache()
         if job.slots is None:
-            check_context(self.model, 0, len(ids), job.settings)
+            check_context(self.model, 0, len(ids), job.settings, job.images)
         start = time.perf_counter()
-        ends = set(range(reused + PREFILL_CHUNK, len(ids), PREFILL_CHUNK))
-        if reused < len(ids):  # else the whole prompt was cached
-            ends.add(len(ids))
-        if job.keep_prefix is not None and reused < job.keep_prefix < len(ids):
-            ends.add(job.keep_prefix)
+        extra = [job.keep_prefix] if job.keep_prefix is not None else []
+        ends = chunk_ends(len(ids), spans, PREFILL_CHUNK, start=reused, extra=extra) if reused < len(ids) else []
         begin = reused
-        for end in sorted(ends):
+        for end in ends:
             if begin > reused:
                 yield Encoded(begin)
-            self.model.encode(mx.array([ids[begin:end]]), cache)
-            mx.eval(cache.state)
+            encode_chunk(self.model, cache, ids, begin, end, spans, job.images)
             if end == job.keep_prefix:
-                self.prompt_cache.store(ids[:end], cache)
+                self.prompt_cache.store(key[:end], cache)
             begin = end
         elapsed = time.perf_counter() - start
         stats.prompt_tokens = len(ids) - reused
         stats.prompt_tps = stats.prompt_tokens / elapsed if elapsed > 0 else 0.0
-        self.prompt_cache.store(ids, cache)
+        self.prompt_cache.store(key, cache)
         return cache
 
     def _fill(self, job: Job, cache: EncoderCache, noise: SeededNoise, stats: GenerationStats) -> Iterator[Event]:
@@ -295,6 +320,20 @@ class Engine:
         holes = filled_holes(self.model, slots, tokens)
         stats.record_generation(sum(len(hole) for hole in holes), time.perf_counter() - begin)
         yield FillDone([self.tokenizer.decode(hole, skip_special_tokens=True) for hole in holes], stats)
+
+
+def _helper_arrays(model: Model) -> list[mx.array]:
+    """Arrays the model's layers keep in helper objects that are not modules (the vision tower's RoPE
+    frequencies), which `filter_and_map` does not reach."""
+    modules = getattr(model, "modules", None)
+    found = []
+    for module in modules() if modules is not None else []:
+        for value in vars(module).values():
+            if isinstance(value, mx.array):
+                found.append(value)
+            elif not isinstance(value, (nn.Module, type)) and hasattr(value, "__dict__"):
+                found += [item for item in vars(value).values() if isinstance(item, mx.array)]
+    return found
 
 
 def _one_line(error: Exception) -> str:

@@ -4,6 +4,8 @@ Streams are newline-delimited JSON (streaming is Ollama's default); the last
 object has `done: true`, `done_reason` and the eval counts and durations in
 nanoseconds. Errors are `{"error": "..."}`. With `"drafts": true`, a stream
 also carries `{"draft": {...}, "done": false}` objects, one per denoising step.
+Images: `images` (a list of base64 strings) on /api/generate and on each
+/api/chat message, placed before the text of their turn.
 """
 
 from __future__ import annotations
@@ -26,13 +28,14 @@ from .runs import (
     Server,
     Text,
     chat_history_length,
-    chat_ids,
+    chat_prompt,
     draft_payload,
     json_line,
     parse_body,
     prepare_fill,
     prepare_generation,
     sampler_settings,
+    server_image,
     stop_strings,
     text_ids,
 )
@@ -66,7 +69,7 @@ def router(server: Server) -> APIRouter:
             "template": SHOW_TEMPLATE,
             "details": _model_entry(server)["details"],
             "model_info": info,
-            "capabilities": ["completion", "insert", "thinking"],
+            "capabilities": ["completion", "insert", "thinking", *(["vision"] if _reads_images(server) else [])],
         }
 
     @routes.post("/api/generate")
@@ -74,7 +77,7 @@ def router(server: Server) -> APIRouter:
         received = time.perf_counter()
         body = await parse_body(request, OllamaGenerateRequest)
         _check_body(server, body)
-        if not body.prompt and body.suffix is None:
+        if not body.prompt and not body.images and body.suffix is None:
             return _loaded(server, body.stream, {"response": ""})  # Ollama's way to load a model
         prepared = await server.prepare(_prepare_generate, body)
         return await _respond(server, request, body, prepared, received, _generate_shape)
@@ -84,6 +87,8 @@ def router(server: Server) -> APIRouter:
         received = time.perf_counter()
         body = await parse_body(request, OllamaChatRequest)
         _check_body(server, body)
+        if body.images:
+            raise ApiError(400, "images: on /api/chat, images go in a message's images list")
         if not body.messages:
             return _loaded(server, body.stream, {"message": {"role": "assistant", "content": ""}})
         prepared = await server.prepare(_prepare_chat, body)
@@ -111,6 +116,10 @@ def _model_entry(server: Server) -> dict[str, Any]:
     }
 
 
+def _reads_images(server: Server) -> bool:
+    return server.engine.model.config.has_vision
+
+
 def _check_model(server: Server, name: str | None) -> None:
     if not server.knows(name):
         raise ApiError(404, f"model {name!r} not found; this server serves {server.model_name!r}")
@@ -118,8 +127,6 @@ def _check_model(server: Server, name: str | None) -> None:
 
 def _check_body(server: Server, body: OllamaRequest) -> None:
     _check_model(server, body.model)
-    if body.images or any(getattr(m, "images", None) for m in getattr(body, "messages", ())):
-        raise ApiError(400, "images are not supported by this server")
 
 
 def _now() -> str:
@@ -161,8 +168,21 @@ def _num_predict(body: OllamaRequest) -> int | None:
 NAMES = Names(max_tokens="options.num_predict", seed="options.seed", prefix="options.")
 
 
+def _with_images(server: Server, text: str, images: list[str] | None, param: str) -> str | list[dict[str, Any]]:
+    """A turn's content: its text, after its images (prepared) when it has any."""
+    if not images:
+        return text
+    parts: list[dict[str, Any]] = [
+        {"type": "image", "image": server_image(server, image, f"{param}[{i}]")} for i, image in enumerate(images)
+    ]
+    return [*parts, {"type": "text", "text": text}] if text else parts
+
+
 def _prepare_generate(server: Server, body: OllamaGenerateRequest) -> Prepared:
     stop = stop_strings(_options(body).stop, "options.stop")
+    if body.images and (body.suffix is not None or body.raw):
+        what = "suffix (fill-in-the-middle)" if body.suffix is not None else "raw prompts"
+        raise ApiError(400, f"images cannot go with {what}: they need the chat template")
     if body.suffix is not None:  # fill-in-the-middle
         settings = sampler_settings(server, _settings_values(body, None), NAMES)
         hole = _num_predict(body) or DEFAULT_HOLE_TOKENS
@@ -173,7 +193,9 @@ def _prepare_generate(server: Server, body: OllamaGenerateRequest) -> Prepared:
         ids = text_ids(server, body.prompt)
     else:
         messages = [{"role": "system", "content": body.system}] if body.system else []
-        ids = chat_ids(server, [*messages, {"role": "user", "content": body.prompt}], bool(body.think), "prompt")
+        user = {"role": "user", "content": _with_images(server, body.prompt, body.images, "images")}
+        ids, images = chat_prompt(server, [*messages, user], bool(body.think), "prompt")
+        return prepare_generation(server, ids, settings, stop, NAMES, max_tokens, images=images)
     return prepare_generation(server, ids, settings, stop, NAMES, max_tokens)
 
 
@@ -182,13 +204,14 @@ def _prepare_chat(server: Server, body: OllamaChatRequest) -> Prepared:
     for i, message in enumerate(body.messages):
         if message.role not in ROLES:
             raise ApiError(400, f"messages[{i}].role: {message.role!r} is not supported: use system, user or assistant")
-        messages.append({"role": message.role, "content": message.content})
+        content = _with_images(server, message.content, message.images, f"messages[{i}].images")
+        messages.append({"role": message.role, "content": content})
     max_tokens = _num_predict(body)
     settings = sampler_settings(server, _settings_values(body, max_tokens), NAMES)
-    ids = chat_ids(server, messages, bool(body.think))
+    ids, images = chat_prompt(server, messages, bool(body.think))
     history = chat_history_length(server, messages, bool(body.think), ids)
     stop = stop_strings(_options(body).stop, "options.stop")
-    return prepare_generation(server, ids, settings, stop, NAMES, max_tokens, history)
+    return prepare_generation(server, ids, settings, stop, NAMES, max_tokens, history, images)
 
 
 # ----------------------------------------------------------------- responses

@@ -4,7 +4,9 @@ Responses follow OpenAI's shapes, so its clients (the `openai` package,
 Continue, Zed, ...) work unchanged. Extensions: the sampler's parameters as
 extra request fields, `reasoning_content` for the thinking channel, and with
 `"drafts": true` on a streamed request, chunks with an empty delta and a
-`draft` field holding each denoising step's view of the canvas.
+`draft` field holding each denoising step's view of the canvas. Images come as
+`image_url` content parts: data: URLs (base64), or http(s) URLs on a server
+started with --allow-remote-images.
 """
 
 from __future__ import annotations
@@ -29,17 +31,18 @@ from .runs import (
     Server,
     Text,
     chat_history_length,
-    chat_ids,
+    chat_prompt,
     draft_payload,
     parse_body,
     prepare_fill,
     prepare_generation,
     sampler_settings,
+    server_image,
     sse,
     stop_strings,
     text_ids,
 )
-from .schemas import ChatCompletionRequest, ChatMessage, CompletionRequest
+from .schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, ContentPart
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions, and the hole's size with a suffix
@@ -135,28 +138,56 @@ def _refuse_completion_extras(body: CompletionRequest) -> None:
 # ----------------------------------------------------------------- building the job (in a worker thread)
 
 
-def template_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
-    """OpenAI messages as the chat template takes them: roles checked, text parts joined."""
+def chat_messages(server: Server, messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """OpenAI messages as the chat template takes them: roles checked, text parts joined, images prepared."""
     converted = []
     for i, message in enumerate(messages):
         role = ROLES.get(message.role)
         if role is None:
             message_text = f"role {message.role!r} is not supported: use system, user or assistant"
             raise ApiError(400, message_text, param=f"messages[{i}].role")
-        converted.append({"role": role, "content": _message_text(message, f"messages[{i}].content")})
+        converted.append({"role": role, "content": _message_content(server, message, f"messages[{i}].content")})
     return converted
 
 
-def _message_text(message: ChatMessage, param: str) -> str:
+def _message_content(server: Server, message: ChatMessage, param: str) -> str | list[dict[str, Any]]:
+    """The text (parts joined by newlines), or with images the parts in order: text and prepared images."""
     if message.content is None or isinstance(message.content, str):
         return message.content or ""
-    texts = []
+    texts: list[str] = []
+    parts: list[dict[str, Any]] = []
     for j, part in enumerate(message.content):
+        if part.type == "image_url":
+            parts.append(
+                {
+                    "type": "image",
+                    "image": server_image(server, _image_url(part, f"{param}[{j}]"), _url_param(param, j, part)),
+                }
+            )
+            continue
         if part.type != "text" or part.text is None:
-            kind = f"content parts of type {part.type!r} are not supported: send text"
+            kind = f"content parts of type {part.type!r} are not supported: send text or image_url"
             raise ApiError(400, kind, param=f"{param}[{j}]")
         texts.append(part.text)
-    return "\n".join(texts)
+        parts.append({"type": "text", "text": part.text})
+    if len(parts) == len(texts):  # no images: the text as one string, as before
+        return "\n".join(texts)
+    return parts
+
+
+def _image_url(part: ContentPart, param: str) -> Any:
+    """An image_url part's URL: {"image_url": {"url": ...}} as OpenAI sends it, or {"image_url": "..."}."""
+    value = (part.model_extra or {}).get("image_url")
+    if isinstance(value, dict):
+        value = value.get("url")
+    if not isinstance(value, str) or not value:
+        raise ApiError(400, 'an image_url part needs {"image_url": {"url": "data:image/...;base64,..."}}', param=param)
+    return value
+
+
+def _url_param(param: str, index: int, part: ContentPart) -> str:
+    nested = isinstance((part.model_extra or {}).get("image_url"), dict)
+    return f"{param}[{index}].image_url" + (".url" if nested else "")
 
 
 def _settings(
@@ -170,10 +201,10 @@ def _prepare_chat(server: Server, body: ChatCompletionRequest) -> Prepared:
     names = Names(prompt="messages", max_tokens="max_completion_tokens" if body.max_completion_tokens else "max_tokens")
     max_tokens = body.max_completion_tokens or body.max_tokens
     settings = _settings(server, body, max_tokens, names)
-    messages = template_messages(body.messages)
-    ids = chat_ids(server, messages, thinking)
+    messages = chat_messages(server, body.messages)
+    ids, images = chat_prompt(server, messages, thinking)
     history = chat_history_length(server, messages, thinking, ids)
-    return prepare_generation(server, ids, settings, stop_strings(body.stop), names, max_tokens, history)
+    return prepare_generation(server, ids, settings, stop_strings(body.stop), names, max_tokens, history, images)
 
 
 def _prepare_completion(server: Server, body: CompletionRequest) -> Prepared:

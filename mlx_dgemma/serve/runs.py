@@ -6,6 +6,11 @@ problem with the request into a 400 naming the field; `Generation` submits it
 (a full queue is a 429) and turns the engine's events into `Text` pieces and
 `Draft`s, applying stop strings: the text is cut before the first one and the
 job cancelled, so it stops at its next step.
+
+Images come as `data:` URLs or bare base64 (Ollama); http(s) URLs only when
+the server was started with `--allow-remote-images` (then fetched with a size
+cap and a timeout). A local path is never read on a client's behalf. A bad
+image is a 400 naming its field.
 """
 
 from __future__ import annotations
@@ -27,7 +32,28 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from ..constrained import PINNED, Slot, fill_layout, infill_layout
-from ..generate import Commit, Done, Draft, GenerationStats, check_context, checked_token_ids, default_settings
+from ..generate import (
+    Commit,
+    Done,
+    Draft,
+    GenerationStats,
+    check_context,
+    check_vision,
+    checked_token_ids,
+    default_settings,
+    image_token_id,
+    message_images,
+    template_messages,
+    vision_settings,
+)
+from ..images import (
+    PreparedImage,
+    decode_base64,
+    expand_placeholders,
+    fetch_remote_image,
+    image_tokens,
+    prepare_image,
+)
 from ..sampler import SamplerSettings
 from ..tokenizer import TemplateError, encode_text, render_chat
 from .engine import Encoded, Engine, Failed, FillDone, Job, QueueFull
@@ -43,6 +69,7 @@ class Server:
 
     engine: Engine
     model_name: str
+    allow_remote_images: bool = False  # fetch http(s) image URLs (off: a client could make the server fetch any URL)
     created: int = field(default_factory=lambda: int(time.time()))
     _preparing: threading.Lock = field(default_factory=threading.Lock)
 
@@ -87,6 +114,7 @@ class Prepared:
     slots: list[Slot] | None = None  # a fill-in-the-middle layout
     stop: tuple[str, ...] = ()
     keep_prefix: int | None = None  # see engine.Job
+    images: list[PreparedImage] = field(default_factory=list)  # the prompt's, in order
 
 
 # ----------------------------------------------------------------- building a job
@@ -132,27 +160,79 @@ def stop_strings(stop: str | Sequence[str] | None, param: str = "stop") -> tuple
     return tuple(item for item in items if item)
 
 
-def chat_ids(server: Server, messages: list[dict[str, str]], thinking: bool, param: str = "messages") -> list[int]:
-    """The chat template's prompt for `messages`, as token ids."""
+def server_image(server: Server, source: Any, param: str) -> PreparedImage:
+    """A client's image, preprocessed for the model: a data: URL, bare base64, or (when the server allows it)
+    an http(s) URL. Anything wrong is a 400 naming `param`."""
+    model = server.engine.model
+    try:
+        check_vision(model)
+    except ValueError as error:
+        raise ApiError(400, str(error), param=param, code="images_not_supported") from None
+    if not isinstance(source, str) or not source.strip():
+        raise ApiError(400, "an image must be a data: URL or base64 text", param=param)
+    source = source.strip()
+    try:
+        if source[:8].lower().startswith(("http://", "https://")):
+            if not server.allow_remote_images:
+                message = (
+                    "remote image URLs are not fetched by this server: send the image as a data: URL "
+                    "(base64), or start the server with --allow-remote-images"
+                )
+                raise ApiError(400, message, param=param, code="remote_images_disabled")
+            data: Any = fetch_remote_image(source)
+        elif source[:5].lower() == "data:":
+            data = source
+        else:
+            data = decode_base64(source)
+        return prepare_image(data, vision_settings(model, server.engine.tokenizer))
+    except ValueError as error:
+        raise ApiError(400, " ".join(str(error).split()), param=param, code="invalid_image") from None
+
+
+def chat_ids(server: Server, messages: list[dict[str, Any]], thinking: bool, param: str = "messages") -> list[int]:
+    """The chat template's prompt for text-only `messages`, as token ids."""
+    return chat_prompt(server, messages, thinking, param)[0]
+
+
+def chat_prompt(
+    server: Server, messages: list[dict[str, Any]], thinking: bool, param: str = "messages"
+) -> tuple[list[int], list[PreparedImage]]:
+    """The chat template's prompt for `messages`, as token ids with each image's run expanded, and the images
+    (already prepared, in the messages' image parts) in prompt order."""
     if not messages:
         raise ApiError(400, "messages must not be empty", param=param)
     tokenizer = server.engine.tokenizer
     try:
-        rendered = render_chat(tokenizer, messages, add_generation_prompt=True, thinking=thinking)
+        rendered = render_chat(tokenizer, template_messages(messages), add_generation_prompt=True, thinking=thinking)
     except TemplateError as error:
         raise ApiError(400, str(error), param=param) from None
-    return _checked(server, encode_text(tokenizer, rendered), param)
+    ids = encode_text(tokenizer, rendered)
+    images = message_images(messages)
+    if images:
+        ids = _expanded(server, ids, images, param)
+    return _checked(server, ids, param), images
 
 
-def chat_history_length(server: Server, messages: list[dict[str, str]], thinking: bool, ids: list[int]) -> int | None:
+def _expanded(server: Server, ids: list[int], images: list[PreparedImage], param: str) -> list[int]:
+    model = server.engine.model
+    tokens = image_tokens({**model.config.raw, "image_token_id": image_token_id(model)}, server.engine.tokenizer)
+    try:
+        return expand_placeholders(ids, images, tokens)
+    except ValueError as error:  # a message's text holding the image placeholder itself
+        raise ApiError(400, str(error), param=param) from None
+
+
+def chat_history_length(server: Server, messages: list[dict[str, Any]], thinking: bool, ids: list[int]) -> int | None:
     """How many leading tokens of a chat prompt `ids` are its history without this turn's generation prompt:
     the part the next turn's prompt extends (None where the template does not render it as a prefix)."""
     tokenizer = server.engine.tokenizer
     try:
-        history = encode_text(
-            tokenizer, render_chat(tokenizer, messages, add_generation_prompt=False, thinking=thinking)
-        )
-    except TemplateError:
+        rendered = render_chat(tokenizer, template_messages(messages), add_generation_prompt=False, thinking=thinking)
+        history = encode_text(tokenizer, rendered)
+        images = message_images(messages)
+        if images:
+            history = _expanded(server, history, images, "messages")
+    except (TemplateError, ApiError):
         return None
     return len(history) if 0 < len(history) < len(ids) and ids[: len(history)] == history else None
 
@@ -186,17 +266,20 @@ def prepare_generation(
     names: Names,
     max_tokens: int | None,
     keep_prefix: int | None = None,
+    images: list[PreparedImage] | None = None,
 ) -> Prepared:
-    """A free generation after `ids`, refused when prompt and reply would not fit the context. Without a
-    requested `max_tokens`, the default shrinks to the room the prompt leaves (whole canvases)."""
+    """A free generation after `ids` (with its `images`), refused when prompt and reply would not fit the
+    context. Without a requested `max_tokens`, the default shrinks to the room the prompt leaves (whole
+    canvases)."""
+    images = images or []
     if max_tokens is None:
         settings = _fitted(server, len(ids), settings)
     try:
-        check_context(server.engine.model, 0, len(ids), settings)
+        check_context(server.engine.model, 0, len(ids), settings, images)
     except ValueError as error:
         param = names.prompt if len(ids) >= server.context else names.max_tokens
         raise ApiError(400, str(error), param=param, code="context_length_exceeded") from None
-    return Prepared(ids, settings, None, stop, keep_prefix)
+    return Prepared(ids, settings, None, stop, keep_prefix, images)
 
 
 def _fitted(server: Server, prompt: int, settings: SamplerSettings) -> SamplerSettings:
@@ -285,7 +368,13 @@ class Generation:
 
     def __init__(self, engine: Engine, prepared: Prepared, drafts: bool = False) -> None:
         self.engine, self.drafts = engine, drafts
-        self.job = Job(prepared.prompt_ids, prepared.settings, slots=prepared.slots, keep_prefix=prepared.keep_prefix)
+        self.job = Job(
+            prepared.prompt_ids,
+            prepared.settings,
+            slots=prepared.slots,
+            keep_prefix=prepared.keep_prefix,
+            images=prepared.images,
+        )
         self.fill = prepared.slots is not None
         self.hole = sum(slot.kind != PINNED for slot in prepared.slots or ())
         self.scanner = StopScanner(prepared.stop)
