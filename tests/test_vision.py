@@ -37,6 +37,8 @@ EOS, PAD = 1, 0
 # of 70 soft tokens (4-pixel patches pooled 3 x 3): grids of 6 x 10, 12 x 5, 8 x 8 and 2 x 28 soft tokens, each
 # image longer than the text's sliding window of 12.
 SIZES = [(40, 60), (100, 30), (24, 24), (20, 230)]
+# A tower of two layers (tests/checkpoints.py has one).
+TWO_LAYERS = dict(num_hidden_layers=2)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +61,7 @@ def process(processor, sizes, seed=0) -> dict:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    reference = build_reference_model(seed=0).eval()
+    reference = build_reference_model(seed=0, vision_overrides=TWO_LAYERS).eval()
     reference.config._attn_implementation = "eager"
     path = save_reference_checkpoint(reference, tmp_path_factory.mktemp("vision"))
     return reference, path, mlx_dgemma.load_model(path)
@@ -110,7 +112,7 @@ def test_soft_tokens_match_the_reference_for_a_batch_of_sizes(checkpoint, proces
     ids=["clipped linears, no standardization", "grouped heads of 8, 2 x 2 pooling"],
 )
 def test_soft_tokens_match_for_other_tower_shapes(tmp_path, overrides):
-    reference = build_reference_model(seed=4, vision_overrides=overrides).eval()
+    reference = build_reference_model(seed=4, vision_overrides={**TWO_LAYERS, **overrides}).eval()
     model = mlx_dgemma.load_model(save_reference_checkpoint(reference, tmp_path))
     kernel = overrides.get("pooling_kernel_size", 3)
     batch = process(Gemma4ImageProcessorPil(patch_size=4, max_soft_tokens=70, pooling_kernel_size=kernel), SIZES[:2])
