@@ -18,6 +18,7 @@ from .generate import (
     generate,
     stream_generate,
 )
+from .images import PreparedImage, VisionSettings, load_image, prepare_image
 from .loader import LoadError, load, load_model
 from .model import Model
 from .sampler import FastSettings, Noise, SamplerSettings, SeededNoise
@@ -38,13 +39,17 @@ __all__ = [
     "Model",
     "ModelConfig",
     "Noise",
+    "PreparedImage",
     "SamplerSettings",
     "SeededNoise",
+    "VisionSettings",
     "edit",
     "fill_template",
     "generate",
     "infill",
     "load",
+    "load_image",
     "load_model",
+    "prepare_image",
     "stream_generate",
 ]

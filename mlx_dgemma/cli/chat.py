@@ -156,7 +156,8 @@ class ChatRepl:
         events = None
         images, self.images = self.images, []  # sent with this message, whatever becomes of it
         try:
-            events = self.chat.stream(text, drafts=self.live, images=images)
+            attached = {"images": images} if images else {}
+            events = self.chat.stream(text, drafts=self.live, **attached)
             view.start()
             for event in events:
                 if isinstance(event, Draft):
