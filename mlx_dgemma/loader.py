@@ -119,11 +119,17 @@ def _quantization_params(config: ModelConfig, path: str) -> dict[str, Any]:
     return {"group_size": quantization["group_size"], "bits": quantization["bits"], "mode": mode}
 
 
-def load_model(path: str | Path, revision: str | None = None, cuda_options: cuda.CudaOptions | None = None) -> Model:
+def load_model(
+    path: str | Path,
+    revision: str | None = None,
+    cuda_options: cuda.CudaOptions | None = None,
+    adapter_path: str | Path | None = None,
+) -> Model:
     """Build the model from a checkpoint directory (or hub repo id).
 
     The default device's plug-in, if any, is applied (backends/): under MLX's CUDA backend the CUDA plug-in with
-    `cuda_options` (None: its defaults; `CudaOptions(enabled=False)`: none of it).
+    `cuda_options` (None: its defaults; `CudaOptions(enabled=False)`: none of it). `adapter_path`: a LoRA adapter
+    directory (`dgemma lora`) put on the model first (lora.apply_adapter; its AdapterError is one line).
     """
     path = resolve_model_path(path, revision)
     options = cuda_options or cuda.CudaOptions()
@@ -149,21 +155,29 @@ def load_model(path: str | Path, revision: str | None = None, cuda_options: cuda
         raise LoadError(f"{path}: generation_config.json: {error}") from None
     mx.eval(model.parameters())
     del weights  # the model holds them now: what the plug-in replaces is freed as it goes
+    if adapter_path is not None:
+        from .lora.adapters import apply_adapter
+
+        apply_adapter(model, adapter_path)  # before the plug-in, which leaves adapted layers as they are
     backends.apply(model, options)
     model.eval()
     return model
 
 
 def load(
-    path_or_repo: str | Path, revision: str | None = None, cuda_options: cuda.CudaOptions | None = None
+    path_or_repo: str | Path,
+    revision: str | None = None,
+    cuda_options: cuda.CudaOptions | None = None,
+    adapter_path: str | Path | None = None,
 ) -> tuple[Model, Any]:
-    """The model and its tokenizer (mlx-lm's TokenizerWrapper) from a checkpoint."""
+    """The model and its tokenizer (mlx-lm's TokenizerWrapper) from a checkpoint, with the LoRA adapter at
+    `adapter_path` if given."""
     from .tokenizer import load_tokenizer
 
     path = resolve_model_path(path_or_repo, revision)
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise LoadError(f"no tokenizer in {path}: expected one of {', '.join(TOKENIZER_FILES)}")
-    return load_model(path, cuda_options=cuda_options), load_tokenizer(path)
+    return load_model(path, cuda_options=cuda_options, adapter_path=adapter_path), load_tokenizer(path)
 
 
 def _weights_mismatch(error: Exception) -> str:
