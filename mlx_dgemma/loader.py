@@ -19,6 +19,7 @@ import mlx.nn as nn
 from . import backends
 from .backends import cuda
 from .config import ConfigError, ModelConfig, VisionConfig
+from .images import VisionSettings
 from .model import Model
 from .sampler import SamplerSettings
 
@@ -153,6 +154,11 @@ def load_model(
         model.generation_settings = SamplerSettings.from_checkpoint(path, config.text)
     except ValueError as error:
         raise LoadError(f"{path}: generation_config.json: {error}") from None
+    if config.vision is not None:
+        try:
+            model.vision_settings = VisionSettings.from_checkpoint(path, config.raw)
+        except ValueError as error:
+            raise LoadError(str(error)) from None
     mx.eval(model.parameters())
     del weights  # the model holds them now: what the plug-in replaces is freed as it goes
     if adapter_path is not None:
