@@ -80,6 +80,66 @@ QUICK_TEXT = dict(
 )
 
 
+# Vision towers, for `python -m bench image` (bench/image.py): a Gemma 4 vision config per preset. `released` is
+# DiffusionGemma 26B-A4B's (its config.json: 27 layers of hidden 1152, 16 heads x 72, MLP 4304, standardized soft
+# tokens, no clipped linears, 16-pixel patches pooled 3 x 3, 280 soft tokens per image); `bench` keeps its
+# structure at a width a 2-core CPU runs in seconds (4 layers of 384, 6 heads x 64, MLP 1536) and the same
+# patching, so an image is as many patches and soft tokens as in the released model; `quick` is the tests' toy.
+_VISION_COMMON = dict(model_type="gemma4_vision", hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6)
+
+BENCH_VISION = dict(
+    _VISION_COMMON,
+    hidden_size=384,
+    intermediate_size=1536,
+    num_hidden_layers=4,
+    num_attention_heads=6,
+    num_key_value_heads=6,
+    head_dim=64,
+    patch_size=16,
+    pooling_kernel_size=3,
+    position_embedding_size=10240,
+    standardize=True,
+    use_clipped_linears=False,
+)
+
+RELEASED_VISION = dict(
+    _VISION_COMMON,
+    hidden_size=1152,
+    intermediate_size=4304,
+    num_hidden_layers=27,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    head_dim=72,
+    patch_size=16,
+    pooling_kernel_size=3,
+    position_embedding_size=10240,
+    standardize=True,
+    use_clipped_linears=False,
+)
+
+QUICK_VISION = dict(
+    _VISION_COMMON,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    head_dim=16,
+    patch_size=4,
+    pooling_kernel_size=3,
+    position_embedding_size=256,
+    standardize=True,
+    use_clipped_linears=False,
+)
+
+# Per preset: the vision config, the processor's soft-token budget per image, the default image (width, height).
+VISION = {
+    "bench": (BENCH_VISION, 280, (640, 480)),
+    "released": (RELEASED_VISION, 280, (640, 480)),
+    "quick": (QUICK_VISION, 70, (64, 48)),
+}
+
+
 @dataclass(frozen=True)
 class Shape:
     name: str
