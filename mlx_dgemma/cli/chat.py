@@ -19,6 +19,7 @@ from .common import (
     DEFAULT_MODEL,
     SETTABLE,
     SETTABLE_NAMES,
+    AdapterOption,
     FastOption,
     MaxTokensOption,
     ModelOption,
@@ -310,6 +311,7 @@ def chat(
         bool, typer.Option("--no-draft", help="Do not show the canvas refining; print each reply as it commits.")
     ] = False,
     assignments: SetOption = None,
+    adapter: AdapterOption = None,
 ) -> None:
     """Talk with the model. The conversation's cache carries over from turn to turn.
 
@@ -320,7 +322,7 @@ def chat(
     params = sampler_params(assignments, max_tokens, steps, seed, fast)
     if system is not None:
         check_utf8(system, "--system")
-    loaded, tokenizer, path = load_checkpoint(model, params)
+    loaded, tokenizer, path = load_checkpoint(model, params, adapter=adapter)
     session = Chat(loaded, tokenizer, system=system, thinking=thinking, **params)
     interactive = sys.stdin.isatty()
     tolerant_stdin()

@@ -111,6 +111,15 @@ ImageOption = Annotated[
         help="An image (PNG, JPEG, WebP, GIF, BMP, TIFF) for the model to look at; repeatable.",
     ),
 ]
+AdapterOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--adapter",
+        metavar="DIR",
+        help="A LoRA adapter directory (from dgemma lora: adapters.safetensors, adapter_config.json) to put on "
+        "the model; refused if it was trained on another model.",
+    ),
+]
 SetOption = Annotated[
     list[str] | None,
     typer.Option(
@@ -236,9 +245,14 @@ def stats_line(result: GenerationResult) -> str:
 
 
 def load_checkpoint(
-    name: str, params: dict[str, int | float | str], context: int = DEFAULT_CONTEXT
+    name: str, params: dict[str, int | float | str], context: int = DEFAULT_CONTEXT, adapter: Path | None = None
 ) -> tuple[Any, Any, Path]:
-    """Resolve, check the parameters, the weight files and the memory need (for `context` tokens), then load."""
+    """Resolve, check the parameters, the weight files and the memory need (for `context` tokens), then load,
+    with the LoRA adapter at `adapter` if given (its directory and config are checked before the model loads)."""
+    if adapter is not None:
+        from ..lora.adapters import read_adapter_config  # mlx_lm's tuner loads only for an adapter
+
+        read_adapter_config(adapter.expanduser())  # a missing or unreadable adapter: one line, before the load
     if not Path(name).expanduser().exists() and name.count("/") == 1 and not name.startswith((".", "/", "~")):
         status(f"fetching {name} (cached after the first download)")
     path = resolve_model_path(name)
@@ -253,6 +267,8 @@ def load_checkpoint(
         status("keeping the dense layers quantized: dequantized (this GPU's faster path) they would not fit")
     status(f"loading {path} ({format_bytes(estimate.weights)})")
     start = time.perf_counter()
-    model, tokenizer = load(path, cuda_options=cuda_options)
+    model, tokenizer = load(path, cuda_options=cuda_options, adapter_path=adapter)
+    if adapter is not None:
+        status(f"with the adapter {adapter}")
     status(f"loaded in {time.perf_counter() - start:.1f} s")
     return model, tokenizer, path

@@ -11,6 +11,7 @@ from ..files import read_text, span_of_lines
 from ..memory import DEFAULT_CONTEXT
 from .common import (
     DEFAULT_MODEL,
+    AdapterOption,
     FastOption,
     ModelOption,
     SeedOption,
@@ -35,6 +36,7 @@ def edit(
     seed: SeedOption = None,
     fast: FastOption = False,
     in_place: InPlaceOption = False,
+    adapter: AdapterOption = None,
 ) -> None:
     """Rewrite lines A-B of FILE, starting from their current text instead of noise.
 
@@ -47,6 +49,6 @@ def edit(
     if instruction is not None:
         check_utf8(instruction, "--instruction")
     params = sampler_params(None, None, steps, seed, fast)
-    loaded, tokenizer, _ = load_checkpoint(model, params, max(DEFAULT_CONTEXT, len(text) // 2))
+    loaded, tokenizer, _ = load_checkpoint(model, params, max(DEFAULT_CONTEXT, len(text) // 2), adapter)
     result = rewrite_span(loaded, tokenizer, text, start, end, instruction, **params)
     emit(file, result.text, in_place)

@@ -14,6 +14,7 @@ from ..images import load_image
 from ..memory import DEFAULT_CONTEXT, IMAGE_PROMPT_TOKENS
 from .common import (
     DEFAULT_MODEL,
+    AdapterOption,
     FastOption,
     ImageOption,
     MaxTokensOption,
@@ -106,6 +107,7 @@ def generate(
     thinking: ThinkingOption = False,
     fast: FastOption = False,
     image: ImageOption = None,
+    adapter: AdapterOption = None,
     assignments: SetOption = None,
     json_output: Annotated[
         bool,
@@ -130,7 +132,7 @@ def generate(
         DEFAULT_CONTEXT,
         len(text) // 3 + len(images) * IMAGE_PROMPT_TOKENS + int(params.get("max_new_tokens", 0)),
     )
-    loaded, tokenizer, _ = load_checkpoint(model, params, context)
+    loaded, tokenizer, _ = load_checkpoint(model, params, context, adapter)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
     events = stream_generate(loaded, tokenizer, messages, images=images, thinking=thinking, drafts=False, **params)
     result = _stream(events, sys.stdout, sys.stderr, quiet=json_output)

@@ -9,7 +9,16 @@ import typer
 from ..constrained import infill as fill_in
 from ..files import offset_of, read_text
 from ..memory import DEFAULT_CONTEXT
-from .common import DEFAULT_MODEL, FastOption, ModelOption, SeedOption, StepsOption, load_checkpoint, sampler_params
+from .common import (
+    DEFAULT_MODEL,
+    AdapterOption,
+    FastOption,
+    ModelOption,
+    SeedOption,
+    StepsOption,
+    load_checkpoint,
+    sampler_params,
+)
 from .textfile import FileArgument, InPlaceOption, emit
 
 
@@ -29,6 +38,7 @@ def infill(
     seed: SeedOption = None,
     fast: FastOption = False,
     in_place: InPlaceOption = False,
+    adapter: AdapterOption = None,
 ) -> None:
     """Fill in text at a position of FILE, using what comes before and after it.
 
@@ -39,6 +49,6 @@ def infill(
     text = read_text(file)
     offset = offset_of(text, at)
     params = sampler_params(None, None, steps, seed, fast)
-    loaded, tokenizer, _ = load_checkpoint(model, params, max(DEFAULT_CONTEXT, len(text) // 3 + tokens))
+    loaded, tokenizer, _ = load_checkpoint(model, params, max(DEFAULT_CONTEXT, len(text) // 3 + tokens), adapter)
     result = fill_in(loaded, tokenizer, text[:offset], text[offset:], hole_tokens=tokens, **params)
     emit(file, result.text, in_place)

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from .common import DEFAULT_MODEL, ModelOption, load_checkpoint
+from .common import DEFAULT_MODEL, AdapterOption, ModelOption, load_checkpoint
 
 GRACEFUL_SHUTDOWN_SECONDS = 3  # requests in flight at Ctrl-C get this long, then they are cancelled
 
@@ -57,6 +57,7 @@ def serve(
     max_concurrent: MaxConcurrentOption = 4,
     max_queue: MaxQueueOption = 16,
     allow_remote_images: AllowRemoteImagesOption = False,
+    adapter: AdapterOption = None,
 ) -> None:
     """Serve the model over HTTP for editors, agents and scripts.
 
@@ -72,7 +73,7 @@ def serve(
 
     listener = _listen(host, port)
     try:
-        loaded, tokenizer, _ = load_checkpoint(model, {})
+        loaded, tokenizer, _ = load_checkpoint(model, {}, adapter=adapter)
         engine = Engine(loaded, tokenizer, max_concurrent=max_concurrent, max_queue=max_queue)
     except BaseException:
         listener.close()
@@ -90,7 +91,8 @@ def serve(
         app, log_level="warning", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS, access_log=False
     )
     listener.listen(socket.SOMAXCONN)  # connections made from here on wait for uvicorn instead of failing
-    print(f"serving {name} on http://{_url_host(host)}:{listener.getsockname()[1]}", flush=True)
+    with_adapter = f" with the adapter {adapter}" if adapter is not None else ""
+    print(f"serving {name}{with_adapter} on http://{_url_host(host)}:{listener.getsockname()[1]}", flush=True)
     try:
         uvicorn.Server(config).run(sockets=[listener])
     except KeyboardInterrupt:
