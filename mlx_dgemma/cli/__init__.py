@@ -1,4 +1,4 @@
-"""`dgemma`: chat, generate, info, infill, edit, convert, serve and lora from the command line.
+"""`dgemma`: chat, generate, info, infill, edit, convert, serve, lora and fuse from the command line.
 
 Every command resolves the model (a directory, or a hub repo id downloaded into
 the Hugging Face cache), checks its weight files and that it fits this machine's
@@ -18,7 +18,7 @@ from typing import Annotated
 
 import typer
 
-from . import chat, convert, edit, generate, infill, info, lora, serve
+from . import chat, convert, edit, fuse, generate, infill, info, lora, serve
 from .common import DEFAULT_MODEL, DEFAULT_MODEL_EPILOG, KNOWN_ERRORS, State, one_line
 
 try:  # typer >= 0.22 ships its own copy of click; older typers use click itself
@@ -75,6 +75,7 @@ app.command("infill", epilog=DEFAULT_MODEL_EPILOG)(infill.infill)
 app.command("edit", epilog=DEFAULT_MODEL_EPILOG)(edit.edit)
 app.command("serve", epilog=DEFAULT_MODEL_EPILOG)(serve.serve)
 app.command("lora", epilog=DEFAULT_MODEL_EPILOG)(lora.lora)
+app.command("fuse", epilog=DEFAULT_MODEL_EPILOG)(fuse.fuse)
 
 _NO_ARGS_IS_HELP = getattr(click_errors, "NoArgsIsHelpError", ())
 

@@ -90,7 +90,7 @@ def convert_command(
     """
     err = Console(stderr=True)
     try:
-        with _progress_reporter(err) as report:
+        with progress_reporter(err) as report:
             out = convert_checkpoint(
                 src,
                 dst,
@@ -110,13 +110,15 @@ def convert_command(
 
 
 @contextmanager
-def _progress_reporter(console: Console) -> Iterator[ProgressCallback]:
-    """A rich bar on a terminal, a few plain lines otherwise (logs, CI)."""
+def progress_reporter(
+    console: Console, doing: str = "converting", done_line: str = "converted {done}/{total} tensors"
+) -> Iterator[ProgressCallback]:
+    """A rich bar on a terminal (`doing` before it), a few plain `done_line`s otherwise (logs, CI)."""
     if not console.is_terminal:
-        yield _plain_reporter()
+        yield _plain_reporter(done_line)
         return
     columns = (
-        TextColumn("converting"),
+        TextColumn(doing),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
@@ -131,11 +133,11 @@ def _progress_reporter(console: Console) -> Iterator[ProgressCallback]:
         yield report
 
 
-def _plain_reporter() -> ProgressCallback:
+def _plain_reporter(done_line: str) -> ProgressCallback:
     def report(done: int, total: int, name: str) -> None:
         step = max(1, total // PLAIN_PROGRESS_LINES)
         if done % step == 0 or done == total:
-            print(f"converted {done}/{total} tensors", file=sys.stderr, flush=True)
+            print(done_line.format(done=done, total=total), file=sys.stderr, flush=True)
 
     return report
 
