@@ -227,6 +227,9 @@ def test_a_fused_float_model_answers_as_base_plus_adapter(base, adapter, capsys,
     np.testing.assert_allclose(logits(out), logits(base, adapter), atol=2e-4)
     assert api_generate(out).tokens == api_generate(base, adapter).tokens
     assert "wrote" in err  # progress: a few plain lines off a terminal
+    # The fused model keeps the base's norms, so the base check would take the adapter again: refused.
+    with pytest.raises(AdapterError, match="already fused into this model"):
+        load_model(out, adapter_path=adapter)
 
     # --dtype casts every float tensor (and names the dtype in config.json).
     half = fuse_checkpoint(base, adapter, tmp_path / "bf16", dtype="bfloat16").path

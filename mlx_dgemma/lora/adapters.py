@@ -182,6 +182,26 @@ def check_base(model: Model, config: dict[str, Any], where: Path, strict: bool =
         )
 
 
+def adapter_digest(directory: Path) -> str | None:
+    """The sha256 of the adapter's arrays file (None when there is none to read)."""
+    digest = hashlib.sha256()
+    try:
+        with open(directory / ADAPTER_FILE, "rb") as file:
+            while chunk := file.read(1 << 20):
+                digest.update(chunk)
+    except OSError:
+        return None
+    return "sha256:" + digest.hexdigest()
+
+
+def check_not_fused(model: Model, directory: Path) -> None:
+    """Refuse to add an adapter to a model that `dgemma fuse` already merged it into: the fused model keeps its
+    base's norm weights, so the base check alone would let the update in twice."""
+    fused = model.config.raw.get("fused_adapter")
+    if isinstance(fused, dict) and fused.get("digest") and fused["digest"] == adapter_digest(directory):
+        raise AdapterError(f"the adapter at {directory} is already fused into this model (dgemma fuse): load it alone")
+
+
 # ----------------------------------------------------------------- files
 
 
@@ -306,6 +326,7 @@ def apply_adapter(model: Model, path: str | Path, strict_base: bool = True) -> d
     directory = Path(path).expanduser()
     config = read_adapter_config(directory)
     check_base(model, config, directory, strict_base)
+    check_not_fused(model, directory)
     settings, _ = settings_from_config(config, directory)
     if settings.num_layers > len(model.layers):
         raise AdapterError(

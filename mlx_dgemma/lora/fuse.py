@@ -42,7 +42,7 @@ from ..convert.quantize import MODE, Recipe, parse_dtype
 from ..convert.writer import DEFAULT_MAX_SHARD_BYTES, ShardWriter, publish, remove_stale_dirs, staging_dir
 from ..loader import VISION_PREFIXES, load_model, resolve_model_path
 from ..model import Model
-from .adapters import read_adapter_config
+from .adapters import adapter_digest, read_adapter_config
 
 Progress = Callable[[int, int, str], None]
 Quantization = tuple[int, int, str]  # group size, bits, mode
@@ -289,6 +289,7 @@ def _adapter_note(adapter: Path, config: dict[str, Any]) -> dict[str, Any]:
     params = config.get("lora_parameters") or {}
     return {
         "path": str(adapter),
+        "digest": adapter_digest(adapter),
         "rank": params.get("rank"),
         "scale": params.get("scale"),
         "keys": params.get("keys"),
