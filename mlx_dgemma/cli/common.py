@@ -267,7 +267,8 @@ def load_checkpoint(
         status("keeping the dense layers quantized: dequantized (this GPU's faster path) they would not fit")
     status(f"loading {path} ({format_bytes(estimate.weights)})")
     start = time.perf_counter()
-    model, tokenizer = load(path, cuda_options=cuda_options, adapter_path=adapter)
+    with_adapter = {} if adapter is None else {"adapter_path": adapter}
+    model, tokenizer = load(path, cuda_options=cuda_options, **with_adapter)
     if adapter is not None:
         status(f"with the adapter {adapter}")
     status(f"loaded in {time.perf_counter() - start:.1f} s")
