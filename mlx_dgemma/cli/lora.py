@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,8 +21,9 @@ from ..lora.adapters import (
     settings_from_config,
 )
 from ..lora.data import LONG_SEQUENCES, load_datasets
+from ..lora.memory import TrainingShape, plan_for_machine, training_plan
 from ..lora.trainer import OPTIMIZERS, Trainer, TrainingConfig, TrainingError, stop_on_interrupt
-from ..memory import check_weights, format_bytes
+from ..memory import available_memory, check_weights, format_bytes
 from .common import DEFAULT_MODEL, ModelOption
 
 # mlx-lm's YAML keys that we read, and those we accept and ignore (with what they must be, when anything).
@@ -163,6 +165,15 @@ def lora(
     test_batches: Annotated[
         int | None, typer.Option("--test-batches", help="Test batches, -1 for all (default 500).")
     ] = None,
+    plan_only: Annotated[
+        bool,
+        typer.Option(
+            "--plan-only",
+            "--dry-run",
+            help="Print the memory plan (with and without --grad-checkpoint) and exit without loading the model; "
+            "--data is optional (without it, sequences of --max-seq-length).",
+        ),
+    ] = False,
 ) -> int:
     """Fine-tune a LoRA adapter on your data with the block-diffusion objective.
 
@@ -203,14 +214,26 @@ def lora(
     if lora_keys is not None:
         lora_params["keys"] = lora_keys
     layers_value = lora_layers if lora_layers is not None else settings.get("lora_layers", settings.get("num_layers"))
-    if not settings.get("data"):
+    if not settings.get("data") and not plan_only:
         raise ValueError("no training data: pass --data DIR (a directory with train.jsonl and valid.jsonl)")
-    return run(settings, lora_params, layers_value)
+    return run(settings, lora_params, layers_value, plan_only)
 
 
-def run(settings: dict[str, Any], lora_params: dict[str, Any], layers_value: Any) -> int:
+def _training_shape(datasets: dict[str, Any] | None, batch: int, max_seq_length: int, checkpoint: bool):
+    """The longest sequence and response a step may see: the data's, or --max-seq-length's without data."""
+    if not datasets:
+        return TrainingShape(batch, max_seq_length, max_seq_length - 1, checkpoint)
+    examples = [example for dataset in datasets.values() for example in dataset.examples]
+    length = max(len(example.tokens) for example in examples)
+    responses = max(example.response_length for example in examples)
+    return TrainingShape(batch, length, responses, checkpoint)
+
+
+def run(settings: dict[str, Any], lora_params: dict[str, Any], layers_value: Any, plan_only: bool = False) -> int:
     from ..backends.cuda import CudaOptions
-    from ..loader import load, resolve_model_path
+    from ..config import ModelConfig
+    from ..loader import TOKENIZER_FILES, LoadError, load_model, resolve_model_path
+    from ..tokenizer import load_tokenizer
 
     out = Path(settings.get("adapter_path") or "adapters").expanduser()
     resume = bool(settings.get("resume"))
@@ -247,11 +270,7 @@ def run(settings: dict[str, Any], lora_params: dict[str, Any], layers_value: Any
             raise AdapterError(f"--resume: the adapter in {out} has rank {saved.rank}, not {given_rank}")
     path = resolve_model_path(settings.get("model") or DEFAULT_MODEL)
     check_weights(path)
-    print(f"loading {path}", file=sys.stderr)
-    began = time.perf_counter()
-    # No backend plug-in: its custom kernels have no gradients.
-    model, tokenizer = load(path, cuda_options=CudaOptions(enabled=False))
-    print(f"loaded in {time.perf_counter() - began:.1f} s", file=sys.stderr)
+    model_config = ModelConfig.from_path(path)
     if saved is not None:
         lora_settings = saved
     else:
@@ -259,19 +278,42 @@ def run(settings: dict[str, Any], lora_params: dict[str, Any], layers_value: Any
             rank=int(lora_params.get("rank", 8)),
             scale=float(lora_params.get("scale", 20.0)),
             dropout=float(lora_params.get("dropout", 0.0)),
-            num_layers=_layers(layers_value, len(model.layers)),
+            num_layers=_layers(layers_value, model_config.text.num_hidden_layers),
             keys=parse_keys(lora_params.get("keys") or DEFAULT_KEYS),
         )
-    datasets = load_datasets(
-        settings["data"],
-        tokenizer,
-        max_seq_length,
-        settings.get("long_sequences", "truncate"),
-        test=bool(settings.get("test")),
-    )
-    for dataset in datasets.values():
-        for note in dataset.notes:
-            print(f"note: {note}", file=sys.stderr)
+    # The data first: its errors come before the model loads, and its longest sequence sizes the memory plan.
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise LoadError(f"no tokenizer in {path}: expected one of {', '.join(TOKENIZER_FILES)}")
+    tokenizer = load_tokenizer(path)
+    datasets = None
+    if settings.get("data"):
+        datasets = load_datasets(
+            settings["data"],
+            tokenizer,
+            max_seq_length,
+            settings.get("long_sequences", "truncate"),
+            test=bool(settings.get("test")),
+        )
+        for dataset in datasets.values():
+            for note in dataset.notes:
+                print(f"note: {note}", file=sys.stderr)
+    shape = _training_shape(datasets, training.batch_size, max_seq_length, training.grad_checkpoint)
+    if plan_only:
+        available, source = available_memory()
+        for checkpoint in (training.grad_checkpoint, not training.grad_checkpoint):
+            plan = training_plan(path, lora_settings, replace(shape, grad_checkpoint=checkpoint), training.optimizer)
+            plan = replace(plan, available=available, source=source)
+            verdict = "fits" if plan.fits else "does not fit"
+            print(f"{plan.describe()}: {verdict}", flush=True)
+        return 0
+    assert datasets is not None  # --data is required unless --plan-only
+    plan = plan_for_machine(path, lora_settings, shape, training.optimizer, max_seq_length)
+    print(plan.describe(), file=sys.stderr)
+    print(f"loading {path}", file=sys.stderr)
+    began = time.perf_counter()
+    # No backend plug-in: its custom kernels have no gradients.
+    model = load_model(path, cuda_options=CudaOptions(enabled=False))
+    print(f"loaded in {time.perf_counter() - began:.1f} s", file=sys.stderr)
     count = add_lora(model, lora_settings, seed=training.seed)
     fill = tokenizer.eos_token_id
     if fill is None:

@@ -258,6 +258,24 @@ def denoise(
     encoder's `states`, as `Model.denoise` computes them after a cache holding those positions.
 
     `self_condition` (batch,) gates `self_conditioning_logits` per row (False: no signal, as on a first step)."""
+    hidden = decoder_states(
+        model, canvas, states, valid, context, padded, self_conditioning_logits, self_condition, checkpoint
+    )
+    return model.logits(hidden)
+
+
+def decoder_states(
+    model: Model,
+    canvas: mx.array,
+    states: Sequence[tuple[mx.array, mx.array]],
+    valid: mx.array,
+    context: int,
+    padded: bool,
+    self_conditioning_logits: mx.array | None = None,
+    self_condition: mx.array | None = None,
+    checkpoint: bool = False,
+) -> mx.array:
+    """`denoise`'s last hidden states (normed, before the tied head)."""
     hidden_size = model.text_config.hidden_size
     h = model.embed_tokens(canvas)
     h = h * embedding_scale(hidden_size, h.dtype)
@@ -285,7 +303,37 @@ def denoise(
             return layer(h, _Context(keys, values), context, mask, False, layer.layer_scalar)
 
         h = _checkpointed(layer, run, checkpoint)(h, keys[:, :, first:context], values[:, :, first:context])
-    return model.logits(model.model.decoder.norm(h))
+    return model.model.decoder.norm(h)
+
+
+# Positions whose vocabulary-wide logits are alive at once under gradient checkpointing (lora/memory.py).
+LOGIT_CHUNK = 256
+
+
+def head_cross_entropy(
+    model: Model, hidden: mx.array, targets: mx.array, mask: mx.array, checkpoint: bool = False
+) -> mx.array:
+    """Σ mask x cross-entropy of the tied head's logits of `hidden` (batch, positions, hidden) against `targets`.
+
+    With `checkpoint` the positions go through the head `LOGIT_CHUNK` at a time, each chunk recomputed in the
+    backward pass: at the released vocabulary (262144) a chunk's float32 logits are 268 MB, the 2048 positions of a
+    long response 2 GB for each array the loss and its gradient keep."""
+
+    def chunk_loss(hidden, targets, mask):
+        entropy = nn.losses.cross_entropy(model.logits(hidden), targets, reduction="none")
+        return (entropy * mask).sum()
+
+    if not checkpoint or hidden.shape[0] * hidden.shape[1] <= LOGIT_CHUNK:
+        return chunk_loss(hidden, targets, mask)
+    hidden = hidden.reshape(1, -1, hidden.shape[-1])
+    targets, mask = targets.reshape(1, -1), mask.reshape(1, -1)
+    total = mx.array(0.0)
+    for start in range(0, hidden.shape[1], LOGIT_CHUNK):
+        end = start + LOGIT_CHUNK
+        # Targets and mask are constants of the chunk's function: only the hidden states take a gradient.
+        chunk = mx.checkpoint(lambda h, t=targets[:, start:end], m=mask[:, start:end]: chunk_loss(h, t, m))
+        total = total + chunk(hidden[:, start:end])
+    return total
 
 
 @dataclass(frozen=True)
@@ -308,19 +356,18 @@ def loss_parts(model: Model, batch: DiffusionBatch, ar_weight: float = 1.0, chec
         first = denoise(model, batch.canvas, frozen, **{**common, "checkpoint": False})
         self_conditioning_logits = mx.stop_gradient(first)
         coin = mx.array(batch.self_condition)
-    logits = denoise(
+    decoded = decoder_states(
         model, batch.canvas, states, self_conditioning_logits=self_conditioning_logits, self_condition=coin, **common
     )
     canvas_tokens = batch.canvas_mask.sum()
-    cross_entropy = nn.losses.cross_entropy(logits, batch.targets, reduction="none")
-    diffusion = (cross_entropy * batch.canvas_mask).sum() / mx.maximum(canvas_tokens, 1)
+    diffusion = head_cross_entropy(model, decoded, batch.targets, batch.canvas_mask, checkpoint)
+    diffusion = diffusion / mx.maximum(canvas_tokens, 1)
     response_tokens = batch.ar_mask.sum()
     autoregressive = mx.array(0.0)
     if ar_weight:
         picked = mx.take_along_axis(hidden, batch.ar_index[..., None], axis=1)
-        ar_logits = model.logits(picked)
-        ar_entropy = nn.losses.cross_entropy(ar_logits, batch.ar_targets, reduction="none")
-        autoregressive = (ar_entropy * batch.ar_mask).sum() / mx.maximum(response_tokens, 1)
+        autoregressive = head_cross_entropy(model, picked, batch.ar_targets, batch.ar_mask, checkpoint)
+        autoregressive = autoregressive / mx.maximum(response_tokens, 1)
     loss = diffusion + ar_weight * autoregressive if ar_weight else diffusion
     return LossParts(loss, diffusion, autoregressive, canvas_tokens, response_tokens)
 
