@@ -6,8 +6,9 @@
     python -m bench fast --help
 
 On the CPU in float32 a step is compute-bound, as on a Mac's GPU. Two random-weight checkpoints of the shape,
-written by the reference (tests/checkpoints.py): a *confident* one, its final norm scaled up until most
-positions settle over a canvas as with trained weights, and a *flat* one (the tests' scale), whose positions
+written by the reference (tests/checkpoints.py): a *confident* one, its final norm scaled up and its routers and
+attention well conditioned (clear expert margins, softer attention: less chaotic), whose canvases settle over
+about half the step budget as trained weights' are reported to, and a *flat* one (the tests' scale), whose positions
 hardly settle. For each checkpoint and prompt (seeded random tokens), one canvas in exact mode, then one in fast
 mode per `--variant` (default: FastSettings' defaults), from copies of one encoded prompt, the sampler's
 defaults otherwise (48 steps at most, adaptive stopping). Reported per mode: denoising steps per canvas, canvas
@@ -118,16 +119,18 @@ def parse_variant(text: str) -> dict[str, Any]:
 # -- checkpoints ---------------------------------------------------------------------------------------------------
 
 
-def checkpoint(shape: Shape, gain: float, out: Path) -> Path:
-    """A random-weight checkpoint of `shape` with the final norm scaled by `gain`, built once and kept."""
+def checkpoint(shape: Shape, gain: float, out: Path, well_conditioned: bool = False) -> Path:
+    """A random-weight checkpoint of `shape` with the final norm scaled by `gain`, built once and kept;
+    `well_conditioned`: routers with clear margins and softer attention (tests/checkpoints.py)."""
     from .serve import _test_module
 
-    path = out / "checkpoints" / f"{shape.checkpoint_name()}-gain{gain:g}"
+    suffix = "-conditioned" if well_conditioned else ""
+    path = out / "checkpoints" / f"{shape.checkpoint_name()}-gain{gain:g}{suffix}"
     if (path / "config.json").is_file():
         return path
     checkpoints = _test_module("checkpoints")
     model = checkpoints.build_reference_model(
-        seed=0, canvas_length=shape.canvas_length, final_norm_gain=gain, **shape.text
+        seed=0, canvas_length=shape.canvas_length, final_norm_gain=gain, well_conditioned=well_conditioned, **shape.text
     )
     staging = path.with_name(path.name + ".partial")
     checkpoints.save_reference_checkpoint(model, staging)
@@ -439,8 +442,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, gain in (("confident", args.confident_gain), ("flat", args.flat_gain)):
         if name not in chosen:
             continue
-        model = load_model(checkpoint(shape, gain, args.out))
-        label = f"{name} (final norm ×{gain:g})"
+        confident = name == "confident"
+        model = load_model(checkpoint(shape, gain, args.out, well_conditioned=confident))
+        label = f"{name} (final norm ×{gain:g}{', well conditioned' if confident else ''})"
         if name == "confident" and not args.no_buckets:
             buckets = bucket_costs(model, shape, args.prompt_tokens)
         results[label] = []

@@ -340,7 +340,8 @@ def test_bench_fast_quick_runs(tmp_path, capsys):
     arguments = ["--quick", "--prompts", "1", "--no-openblas", "--out", str(tmp_path)]
     assert fast.main([*arguments, "--variant", "bucket=4,refresh_every=0"]) == 0
     table = capsys.readouterr().out
-    assert "| confident (final norm ×11) | exact |" in table and "| flat (final norm ×4) | fast bucket=4" in table
+    assert "| confident (final norm ×11, well conditioned) | exact |" in table
+    assert "| flat (final norm ×4) | fast bucket=4" in table
     assert "| positions forwarded | first step, ms |" in table
     assert json.loads((tmp_path / "quick.json").read_text())["results"]
 
