@@ -253,6 +253,15 @@ def test_resume_continues_identically(task, tmp_path):
     assert losses == straight_losses
 
 
+def test_the_compiled_step_trains_as_the_plain_one(task, tmp_path):
+    path, data = task
+    runs = {}
+    for compiled in (True, False):
+        _, _, trainer = _trainer(path, data, tmp_path / str(compiled), 4, compile=compiled)
+        runs[compiled] = [entry["train_loss"] for entry in trainer.run().history]
+    assert runs[True] == pytest.approx(runs[False], rel=1e-4)
+
+
 def test_qlora_and_expert_adapters_train(task, tmp_path):
     path, data = task
     model, tokenizer = mlx_dgemma.load(path)

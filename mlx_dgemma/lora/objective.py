@@ -111,6 +111,7 @@ class DiffusionBatch:
     targets: mx.array  # (batch, canvas) int32, the clean block (EOS-filled)
     canvas_mask: mx.array  # (batch, canvas) float32, positions counted
     self_condition: np.ndarray  # (batch,) bool, host side: whether a first pass is needed at all
+    coin: mx.array  # (batch,) bool, the same on the device: which rows get the first pass's signal
     ar_index: mx.array  # (batch, responses) int32
     ar_targets: mx.array  # (batch, responses) int32
     ar_mask: mx.array  # (batch, responses) float32
@@ -127,9 +128,19 @@ class DiffusionBatch:
 
 
 def make_batch(
-    examples: Sequence[Example], noise: BlockNoise, canvas_length: int, fill_id: int, pad_id: int = 0
+    examples: Sequence[Example],
+    noise: BlockNoise,
+    canvas_length: int,
+    fill_id: int,
+    pad_id: int = 0,
+    bucket: bool = False,
 ) -> DiffusionBatch:
-    """Lay `examples` out for `block_diffusion_loss` with the blocks and noise of `noise`."""
+    """Lay `examples` out for `block_diffusion_loss` with the blocks and noise of `noise`.
+
+    With `bucket`, the context, the length and the response positions are padded up to the next of eight sizes per
+    octave (`bucketed`: at most 1/8 more, masked: the same loss), so that batches of nearby lengths share one shape,
+    and one compiled training step."""
+    size = bucketed if bucket else (lambda value: value)
     batch = len(examples)
     starts = []
     for row, example in enumerate(examples):
@@ -137,9 +148,9 @@ def make_batch(
         if not 0 <= block < example.blocks(canvas_length):
             raise ValueError(f"row {row}: block {block} is outside its response's {example.blocks(canvas_length)}")
         starts.append(example.response_start + block * canvas_length)
-    context = max(starts)
-    length = context + max(len(example.tokens) - start for example, start in zip(examples, starts))
-    responses = max(example.response_length for example in examples)
+    context = size(max(starts))
+    length = size(context + max(len(example.tokens) - start for example, start in zip(examples, starts)))
+    responses = size(max(example.response_length for example in examples))
     inputs = np.full((batch, length), pad_id, dtype=np.int32)
     valid = np.zeros((batch, length), dtype=bool)
     targets = np.full((batch, canvas_length), fill_id, dtype=np.int32)
@@ -168,11 +179,18 @@ def make_batch(
         targets=mx.array(targets),
         canvas_mask=mx.ones((batch, canvas_length), dtype=mx.float32),
         self_condition=np.asarray(noise.self_condition, dtype=bool),
+        coin=mx.array(np.asarray(noise.self_condition, dtype=bool)),
         ar_index=mx.array(ar_index),
         ar_targets=mx.array(ar_targets),
         ar_mask=mx.array(ar_mask),
         padded=not bool(valid.all()),
     )
+
+
+def bucketed(value: int) -> int:
+    """`value` rounded up to a multiple of 2^(⌊log2 value⌋ - 3): 8 sizes per octave, values below 16 as they are."""
+    multiple = 1 << max(0, value.bit_length() - 4)
+    return -(-value // multiple) * multiple
 
 
 class _Context:
@@ -355,7 +373,7 @@ def loss_parts(model: Model, batch: DiffusionBatch, ar_weight: float = 1.0, chec
         frozen = [(mx.stop_gradient(keys), mx.stop_gradient(values)) for keys, values in states]
         first = denoise(model, batch.canvas, frozen, **{**common, "checkpoint": False})
         self_conditioning_logits = mx.stop_gradient(first)
-        coin = mx.array(batch.self_condition)
+        coin = batch.coin
     decoded = decoder_states(
         model, batch.canvas, states, self_conditioning_logits=self_conditioning_logits, self_condition=coin, **common
     )

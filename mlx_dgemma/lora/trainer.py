@@ -29,10 +29,11 @@ from ..memory import format_bytes
 from ..model import Model
 from .adapters import AdapterError, load_adapter_weights, save_adapter, save_json, save_safetensors
 from .data import Dataset, length_batches, training_batch
-from .objective import DEFAULT_EPS, DEFAULT_SELF_CONDITIONING, BlockNoise, loss_parts, make_batch
+from .objective import DEFAULT_EPS, DEFAULT_SELF_CONDITIONING, BlockNoise, DiffusionBatch, loss_parts, make_batch
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "training_state.json"
+_BATCH_ARRAYS = ("inputs", "valid", "canvas", "targets", "canvas_mask", "coin", "ar_index", "ar_targets", "ar_mask")
 OPTIMIZERS = {"adam": optim.Adam, "adamw": optim.AdamW, "sgd": optim.SGD, "adafactor": optim.Adafactor}
 
 
@@ -57,6 +58,8 @@ class TrainingConfig:
     ar_weight: float = 1.0
     eps: float = DEFAULT_EPS
     self_conditioning: float = DEFAULT_SELF_CONDITIONING
+    # One compiled graph per step (loss, gradients and the optimizer's update), as mlx-lm's trainer does.
+    compile: bool = True
 
     def check(self) -> None:
         positive = ("iters", "batch_size", "steps_per_report", "save_every")
@@ -173,6 +176,7 @@ class Trainer:
             return parts.loss, parts.diffusion, parts.autoregressive
 
         self._loss_and_grad = nn.value_and_grad(model, loss)
+        self._compiled: Callable[..., tuple[mx.array, mx.array, mx.array]] | None = None
 
     # ------------------------------------------------------------- one iteration
 
@@ -181,13 +185,35 @@ class Trainer:
         examples = training_batch(self.train_set.examples, self.train_batches, self.config.seed, iteration)
         rng = np.random.default_rng([self.config.seed, iteration, 0xD1FF])
         noise = BlockNoise.draw(rng, examples, self.canvas, self.vocab, self.config.eps, self.config.self_conditioning)
-        return make_batch(examples, noise, self.canvas, self.fill_id)
+        # Compiled steps are reused across batches of nearby lengths, padded to a few sizes.
+        return make_batch(examples, noise, self.canvas, self.fill_id, bucket=self.config.compile)
+
+    def _update(self, batch: DiffusionBatch) -> tuple[mx.array, mx.array, mx.array]:
+        (loss, diffusion, autoregressive), grads = self._loss_and_grad(self.model, batch)
+        self.optimizer.update(self.model, grads)
+        return loss, diffusion, autoregressive
+
+    def _compiled_update(self, batch: DiffusionBatch) -> tuple[mx.array, mx.array, mx.array]:
+        """`_update` as one compiled graph, its state (the model's arrays, the optimizer's, the random key)
+        captured; built at the first step, after a resume has put the optimizer's state in place. A batch's host
+        values (context, padding, whether any row is self-conditioned) key the compiled graphs with its shapes."""
+        if self._compiled is None:
+            state = [self.model.state, self.optimizer.state, mx.random.state]
+
+            def update(arrays, context, padded, first_pass):
+                rows = arrays["inputs"].shape[0]
+                host = np.full(rows, first_pass, dtype=bool)
+                return self._update(DiffusionBatch(**arrays, context=context, padded=padded, self_condition=host))
+
+            self._compiled = mx.compile(update, inputs=state, outputs=state)
+        arrays = {name: getattr(batch, name) for name in _BATCH_ARRAYS}
+        return self._compiled(arrays, batch.context, batch.padded, bool(batch.self_condition.any()))
 
     def step(self, iteration: int) -> tuple[float, float, float, int]:
         batch = self.batch_for(iteration)
         mx.random.seed((self.config.seed * 1_000_003 + iteration) % 2**63)  # LoRA dropout
-        (loss, diffusion, autoregressive), grads = self._loss_and_grad(self.model, batch)
-        self.optimizer.update(self.model, grads)
+        update = self._compiled_update if self.config.compile else self._update
+        loss, diffusion, autoregressive = update(batch)
         mx.eval(self.model.trainable_parameters(), self.optimizer.state, loss, diffusion, autoregressive)
         return loss.item(), diffusion.item(), autoregressive.item(), batch.tokens
 
