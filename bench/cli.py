@@ -266,7 +266,7 @@ def unavailable(name: str, shape: Shape) -> str | None:
 
 
 # `python -m bench NAME ...` runs bench/NAME.py's main.
-SUBCOMMANDS = ("ops", "serve", "fast", "quality", "image")
+SUBCOMMANDS = ("ops", "serve", "fast", "quality", "image", "lora")
 
 
 def main(argv: list[str] | None = None) -> int:
