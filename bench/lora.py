@@ -27,7 +27,8 @@ The released shape's plan is worked out as `dgemma lora` works it out (mlx_dgemm
 the config.json `dgemma convert --bits 4` writes for it (bfloat16, the mixed recipe), rank 8, batch 1: at this
 run's sequence length and at the default --max-seq-length (2048, every token but the first a response token, the
 worst case), with and without gradient checkpointing, against a 32 GB Mac's usable memory (Metal's recommended
-working set, two thirds of 32 GiB). `dgemma lora --plan-only` cannot print it: it needs the weights on disk.
+working set, two thirds of 32 GiB). `dgemma lora --model DIR --plan-only --batch-size 1` prints the same from a
+directory holding only that config.json.
 """
 
 from __future__ import annotations

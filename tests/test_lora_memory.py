@@ -209,3 +209,17 @@ def test_the_chunked_head_loss_equals_the_plain_one(tiny, monkeypatch):
     assert results[True][0] == pytest.approx(results[False][0], abs=1e-5)
     for name, grad in results[False][1].items():
         assert np.allclose(np.array(results[True][1][name]), np.array(grad), atol=1e-5), name
+
+
+def test_plan_only_needs_only_config_json(tmp_path, capsys, monkeypatch):
+    """The released shape's plan from a directory holding only the config.json its 4-bit conversion has."""
+    _machine(monkeypatch, MAC_32GB_USABLE)
+    (tmp_path / "config.json").write_text(json.dumps(_converted_config(PRESETS["released"].text).raw))
+    argv = ["lora", "--model", str(tmp_path), "--plan-only", "--grad-checkpoint", "--batch-size", "1"]
+    code, out, _ = _dgemma(capsys, *argv)
+    lines = out.strip().splitlines()
+    assert code == 0 and len(lines) == 2, out
+    assert "weights 15.4 GB" in lines[0] and "with gradient checkpointing: fits" in lines[0]
+    assert "without gradient checkpointing: does not fit" in lines[1]
+    code, _, err = _dgemma(capsys, "lora", "--model", str(tmp_path), "--data", str(tmp_path), "--plan-only")
+    assert code == 1 and "no tokenizer" in err

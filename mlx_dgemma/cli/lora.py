@@ -269,7 +269,8 @@ def run(settings: dict[str, Any], lora_params: dict[str, Any], layers_value: Any
         if given_rank is not None and int(given_rank) != saved.rank:
             raise AdapterError(f"--resume: the adapter in {out} has rank {saved.rank}, not {given_rank}")
     path = resolve_model_path(settings.get("model") or DEFAULT_MODEL)
-    check_weights(path)
+    if not plan_only:  # a plan needs only config.json (the weights' headers when there are any)
+        check_weights(path)
     model_config = ModelConfig.from_path(path)
     if saved is not None:
         lora_settings = saved
@@ -282,11 +283,11 @@ def run(settings: dict[str, Any], lora_params: dict[str, Any], layers_value: Any
             keys=parse_keys(lora_params.get("keys") or DEFAULT_KEYS),
         )
     # The data first: its errors come before the model loads, and its longest sequence sizes the memory plan.
-    if not any((path / name).is_file() for name in TOKENIZER_FILES):
-        raise LoadError(f"no tokenizer in {path}: expected one of {', '.join(TOKENIZER_FILES)}")
-    tokenizer = load_tokenizer(path)
-    datasets = None
-    if settings.get("data"):
+    datasets = tokenizer = None
+    if settings.get("data") or not plan_only:
+        if not any((path / name).is_file() for name in TOKENIZER_FILES):
+            raise LoadError(f"no tokenizer in {path}: expected one of {', '.join(TOKENIZER_FILES)}")
+        tokenizer = load_tokenizer(path)
         datasets = load_datasets(
             settings["data"],
             tokenizer,
