@@ -170,6 +170,7 @@ from tokenizer_fixture import write_tokenizer  # noqa: E402
 import mlx_dgemma  # noqa: E402
 from mlx_dgemma.lora.adapters import AdapterError, adapter_config, apply_adapter  # noqa: E402
 from mlx_dgemma.lora.data import load_datasets  # noqa: E402
+from mlx_dgemma.lora.fuse import fuse_checkpoint  # noqa: E402
 from mlx_dgemma.lora.trainer import Trainer, TrainingConfig  # noqa: E402
 
 TASK = {"apple": "red", "sky": "one", "grass": "cat"}  # two tokens each
@@ -214,27 +215,42 @@ def _trainer(path, data, adapters, iters, settings=None, **overrides):
 
 
 def _answers(model, tokenizer):
-    return {
-        prompt: mlx_dgemma.generate(
+    """Each prompt's reply with the normal sampler (fixed seed): {prompt: (text, tokens)}."""
+    replies = {}
+    for prompt in TASK:
+        result = mlx_dgemma.generate(
             model, tokenizer, [{"role": "user", "content": prompt}], max_new_tokens=CANVAS, steps=8, seed=0
-        ).text
-        for prompt in TASK
-    }
+        )
+        replies[prompt] = (result.text, result.tokens)
+    return replies
 
 
 def test_training_teaches_the_task(task, tmp_path):
+    """LoRA learns the fixed mapping: generation with the adapter (trained in memory, reloaded from its files, and
+    fused into the weights by `dgemma fuse`) gives every trained answer exactly, which the base model does not.
+
+    The decoder has to learn from scratch which canvas position holds which token (RoPE alone tells them apart
+    when the canvas is noise): with rank 16 and 60 to 200 steps it knew the answers' tokens but not their places
+    ("atat" for "cat"); rank 32 at scale 40 and 200 steps of 1e-3 learn the places too."""
     path, data = task
-    model, tokenizer, trainer = _trainer(path, data, tmp_path / "adapters", 60, steps_per_eval=30, val_batches=-1)
+    adapters = tmp_path / "adapters"
+    settings = LoraSettings(rank=32, scale=40.0)
+    model, tokenizer, trainer = _trainer(
+        path, data, adapters, 200, settings, learning_rate=1e-3, steps_per_eval=100, val_batches=-1, save_every=200
+    )
     base = _answers(*mlx_dgemma.load(path))
+    assert all(base[prompt][0] != answer for prompt, answer in TASK.items()), base
     result = trainer.run()
     val = [entry["val_loss"] for entry in result.history if "val_loss" in entry]
-    assert len(val) == 3 and val[-1] < val[0] / 5, val
+    assert len(val) == 3 and val[-1] < val[0] / 20, val
     assert result.tokens_per_second > 0 and result.peak_memory > 0
     trained = _answers(model, tokenizer)
-    assert all(base[prompt] != trained[prompt] for prompt in TASK)
-    # The saved adapter, loaded with the model, answers as the trained model does.
-    reloaded = _answers(*mlx_dgemma.load(path, adapter_path=tmp_path / "adapters"))
-    assert reloaded == trained
+    assert {prompt: text for prompt, (text, _) in trained.items()} == TASK
+    # The saved adapter, loaded with the model, answers as the trained model does, token for token.
+    assert _answers(*mlx_dgemma.load(path, adapter_path=adapters)) == trained
+    # So does the model `dgemma fuse` writes with the adapter merged into its weights.
+    fused = fuse_checkpoint(path, adapters, tmp_path / "fused").path
+    assert _answers(*mlx_dgemma.load(fused)) == trained
 
 
 def test_resume_continues_identically(task, tmp_path):
