@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -185,8 +186,16 @@ def git_state() -> dict[str, Any]:
 # -- processes ---------------------------------------------------------------------------------------------------
 
 
-def _relay(command: list[str], env: dict[str, str], log_path: Path, timeout: float) -> tuple[int, bool, float]:
-    """Run a child in its own process group, echo its output live and to a log; kill the group on timeout."""
+def _relay(
+    command: list[str],
+    env: dict[str, str],
+    log_path: Path,
+    timeout: float,
+    on_line: Callable[[float, str], None] | None = None,
+) -> tuple[int, bool, float, int]:
+    """Run a child in its own process group, echo its output live and to a log; kill the group on timeout.
+    `on_line(seconds since start, line)` sees each line as it comes. Returns the exit code, whether it timed out,
+    the wall time and the child's maximum resident set size in bytes."""
     start = time.perf_counter()
     timed_out = threading.Event()
     with open(log_path, "w") as log:
@@ -211,12 +220,15 @@ def _relay(command: list[str], env: dict[str, str], log_path: Path, timeout: flo
         timer.start()
         try:
             for line in proc.stdout:
+                if on_line is not None:
+                    on_line(time.perf_counter() - start, line.rstrip("\n"))
                 sys.stderr.write(line)
                 log.write(line)
-            code = proc.wait()
+            _, status, usage = os.wait4(proc.pid, 0)
+            code = os.waitstatus_to_exitcode(status)
         finally:
             timer.cancel()
-    return code, timed_out.is_set(), time.perf_counter() - start
+    return code, timed_out.is_set(), time.perf_counter() - start, usage.ru_maxrss * 1024  # Linux: kilobytes
 
 
 def child_env(mlx: bool, openblas: bool) -> dict[str, str]:
@@ -238,7 +250,7 @@ def ensure_checkpoint(shape: Shape, out: Path, rebuild: bool, logs: Path) -> Pat
     if rebuild or not is_complete(float_path, float_shape):
         print(f"[bench] building checkpoint {float_path} ...", file=sys.stderr)
         command = [sys.executable, "-m", "bench.build", str(shape_file), str(float_path)]
-        code, _, _ = _relay(command, child_env(False, False), logs / f"{shape.name}-build.log", 7200)
+        code, *_ = _relay(command, child_env(False, False), logs / f"{shape.name}-build.log", 7200)
         if code != 0 or not (float_path / MARKER).is_file():
             raise RuntimeError(f"building the checkpoint failed (see {logs / f'{shape.name}-build.log'})")
     if not shape.bits:
@@ -248,7 +260,7 @@ def ensure_checkpoint(shape: Shape, out: Path, rebuild: bool, logs: Path) -> Pat
         quant_file = logs / f"{shape.name}-shape-q.json"
         quant_file.write_text(json.dumps(shape.to_json(), indent=2))
         command = [sys.executable, "-m", "bench.build", str(quant_file), str(quant_path), str(float_path)]
-        code, _, _ = _relay(command, child_env(False, False), logs / f"{shape.name}-convert.log", 7200)
+        code, *_ = _relay(command, child_env(False, False), logs / f"{shape.name}-convert.log", 7200)
         if code != 0 or not (quant_path / MARKER).is_file():
             raise RuntimeError("converting the checkpoint failed")
     return quant_path

@@ -515,7 +515,7 @@ def main(argv: list[str]) -> int:
             spec_path = logs / f"{shape.name}-build.json"
             spec_path.write_text(json.dumps(build))
             command = [sys.executable, "-m", "bench.image", "--build", str(spec_path)]
-            code, _, _ = _relay(command, child_env(False, False), logs / f"{shape.name}-build.log", 7200)
+            code, *_ = _relay(command, child_env(False, False), logs / f"{shape.name}-build.log", 7200)
             if code != 0 or not (checkpoint / MARKER).is_file():
                 raise SystemExit(f"building the checkpoint failed (see {logs / f'{shape.name}-build.log'})")
         document["checkpoint"] = str(checkpoint)
@@ -542,7 +542,7 @@ def main(argv: list[str]) -> int:
         print(f"[bench image] {name} ...", file=sys.stderr)
         command = [sys.executable, "-m", "bench.image", "--worker", str(spec_path), str(result_path)]
         busy, ours = _machine_busy(), sum(os.times()[:4])
-        code, timed_out, wall = _relay(
+        code, timed_out, wall, _ = _relay(
             command, child_env(True, openblas), logs / f"{shape.name}-{name}.log", args.timeout
         )
         after = _machine_busy()

@@ -40,11 +40,8 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -166,7 +163,7 @@ def ensure_checkpoint(shape: Shape, out: Path, seed: int, rebuild: bool, logs: P
         spec_path = logs / f"{shape.name}-build.json"
         spec_path.write_text(json.dumps({**spec, "dest": str(float_path)}))
         command = [sys.executable, "-m", "bench.lora", "--build", str(spec_path)]
-        code, _, wall = _relay(command, child_env(False, False), logs / f"{shape.name}-build.log", 7200)
+        code, _, wall, _ = _relay(command, child_env(False, False), logs / f"{shape.name}-build.log", 7200)
         if code != 0 or not (float_path / MARKER).is_file():
             raise SystemExit(f"building the checkpoint failed (see {logs / f'{shape.name}-build.log'})")
         timings["build_s"] = wall
@@ -176,7 +173,7 @@ def ensure_checkpoint(shape: Shape, out: Path, seed: int, rebuild: bool, logs: P
         print(f"[bench lora] converting to {quant_path} ...", file=sys.stderr)
         command = [sys.executable, "-m", "mlx_dgemma.cli", "convert", str(float_path), str(quant_path)]
         command += [*convert["convert"], "--force"]
-        code, _, wall = _relay(command, child_env(False, False), logs / f"{shape.name}-convert.log", 7200)
+        code, _, wall, _ = _relay(command, child_env(False, False), logs / f"{shape.name}-convert.log", 7200)
         if code != 0:
             raise SystemExit(f"converting the checkpoint failed (see {logs / f'{shape.name}-convert.log'})")
         (quant_path / MARKER).write_text(json.dumps(convert, indent=2))
@@ -246,45 +243,11 @@ def write_data(checkpoint: Path, folder: Path, prompt_tokens: int, answer_tokens
 
 def run_lora(command: list[str], env: dict[str, str], log_path: Path, timeout: float) -> dict[str, Any]:
     """Run `dgemma lora` in its own process group; each output line timestamped, echoed and logged; its rusage."""
-    start = time.perf_counter()
+    from .cli import _relay
+
     lines: list[tuple[float, str]] = []
-    timed_out = threading.Event()
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            command,
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
-
-        def kill() -> None:
-            timed_out.set()
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-        timer = threading.Timer(timeout, kill)
-        timer.start()
-        try:
-            for line in proc.stdout:
-                lines.append((time.perf_counter() - start, line.rstrip("\n")))
-                sys.stderr.write(line)
-                log.write(line)
-            _, status, usage = os.wait4(proc.pid, 0)
-            proc.returncode = os.waitstatus_to_exitcode(status)
-        finally:
-            timer.cancel()
-    return {
-        "exit_code": proc.returncode,
-        "timed_out": timed_out.is_set(),
-        "wall_s": time.perf_counter() - start,
-        "max_rss": usage.ru_maxrss * 1024,  # Linux: kilobytes
-        "lines": lines,
-    }
+    code, timed_out, wall, max_rss = _relay(command, env, log_path, timeout, lambda at, line: lines.append((at, line)))
+    return {"exit_code": code, "timed_out": timed_out, "wall_s": wall, "max_rss": max_rss, "lines": lines}
 
 
 def parse_run(run: dict[str, Any]) -> dict[str, Any]:

@@ -397,25 +397,31 @@ class MemoryEstimate:
         return self.weights + self.kv_cache + self.activations
 
 
+def config_and_weights(path_or_config: str | Path | ModelConfig) -> tuple[ModelConfig, int, int]:
+    """The config, the weights' bytes as loaded (from the safetensors headers; from the config when there are no
+    weights) and the bytes of one activation value."""
+    if isinstance(path_or_config, ModelConfig):
+        config = path_or_config
+        value_bytes = _activation_bytes_per_value(config, None)
+        return config, config_weight_bytes(config, value_bytes), value_bytes
+    path = Path(path_or_config)
+    config = ModelConfig.from_path(path)
+    headers = _loaded_tensor_headers(path, config)
+    value_bytes = _activation_bytes_per_value(config, headers)
+    if headers:
+        weights = sum(_tensor_bytes(info) for info in headers.values())
+    elif _safetensors_files(path):
+        weights = model_bytes(path)
+    else:
+        weights = config_weight_bytes(config, value_bytes)
+    return config, weights, value_bytes
+
+
 def estimate_memory(path_or_config: str | Path | ModelConfig, context: int) -> MemoryEstimate:
     """The estimate's parts for a context of `context` tokens (see the module docstring)."""
     if context < 1:
         raise ValueError(f"context must be a positive number of tokens, got {context}")
-    if isinstance(path_or_config, ModelConfig):
-        config, headers = path_or_config, None
-        value_bytes = _activation_bytes_per_value(config, None)
-        weights = config_weight_bytes(config, value_bytes)
-    else:
-        path = Path(path_or_config)
-        config = ModelConfig.from_path(path)
-        headers = _loaded_tensor_headers(path, config)
-        value_bytes = _activation_bytes_per_value(config, headers)
-        if headers:
-            weights = sum(_tensor_bytes(info) for info in headers.values())
-        elif _safetensors_files(path):
-            weights = model_bytes(path)
-        else:
-            weights = config_weight_bytes(config, value_bytes)
+    config, weights, value_bytes = config_and_weights(path_or_config)
     text = config.text
     canvas = config.canvas_length
     queries = max(canvas, PREFILL_CHUNK)

@@ -31,17 +31,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..config import ModelConfig
-from ..memory import (
-    InsufficientMemoryError,
-    _activation_bytes_per_value,
-    _loaded_tensor_headers,
-    _safetensors_files,
-    _tensor_bytes,
-    available_memory,
-    config_weight_bytes,
-    format_bytes,
-    model_bytes,
-)
+from ..memory import InsufficientMemoryError, available_memory, config_and_weights, format_bytes
 from .adapters import EXPERT_KEYS, LoraSettings
 from .objective import LOGIT_CHUNK
 
@@ -186,21 +176,7 @@ def training_plan(
     optimizer: str = "adam",
 ) -> TrainingPlan:
     """The memory a training run of `shape` needs (see the module docstring); `available` left 0."""
-    if isinstance(path_or_config, ModelConfig):
-        config, headers = path_or_config, None
-        value_bytes = _activation_bytes_per_value(config, None)
-        weights = config_weight_bytes(config, value_bytes)
-    else:
-        path = Path(path_or_config)
-        config = ModelConfig.from_path(path)
-        headers = _loaded_tensor_headers(path, config)
-        value_bytes = _activation_bytes_per_value(config, headers)
-        if headers:
-            weights = sum(_tensor_bytes(info) for info in headers.values())
-        elif _safetensors_files(path):
-            weights = model_bytes(path)
-        else:
-            weights = config_weight_bytes(config, value_bytes)
+    config, weights, value_bytes = config_and_weights(path_or_config)
     text = config.text
     canvas, batch = config.canvas_length, shape.batch
     length = max(1, shape.length)
