@@ -12,9 +12,10 @@ the median time from a request's send to its first committed text, and, for the
 other way to share the model, the same chat prompts run as one left-padded
 denoising batch straight through the sampler (no HTTP).
 
-Then the head-of-line case: a short infill sent once a long chat reply has
-committed its first canvas, its time to first committed canvas in canvases'
-time (a canvas's time measured alone on the same server).
+Then the head-of-line case: a short infill sent while a long chat reply runs
+its first canvas, its time to first committed canvas in canvases of that reply
+(the time between its commits when it runs alone on the same server) and
+against the infill's own time alone.
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ def timed_request(url: str, kind: str, index: int, steps: int, canvas: int) -> d
     else:
         route = "/v1/completions"
         body |= {"prompt": f"def total_{index}(xs):\n    total = ", "suffix": SUFFIX, "max_tokens": canvas // 4}
-    start, first, tokens = time.perf_counter(), None, 0
+    start, commits, tokens = time.perf_counter(), [], 0
     with httpx.stream("POST", url + route, json=body, timeout=600) as response:
         response.raise_for_status()
         for line in response.iter_lines():
@@ -115,10 +116,10 @@ def timed_request(url: str, kind: str, index: int, steps: int, canvas: int) -> d
             chunk = json.loads(line[6:])
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-            if first is None and any(_committed(choice) for choice in chunk.get("choices", [])):
-                first = time.perf_counter() - start
+            if any(_committed(choice) for choice in chunk.get("choices", [])):
+                commits.append(time.perf_counter() - start)
     total = time.perf_counter() - start
-    return {"tokens": tokens, "first": first if first is not None else total, "total": total}
+    return {"tokens": tokens, "first": commits[0] if commits else total, "total": total, "commits": commits}
 
 
 def _committed(choice: dict[str, Any]) -> bool:
@@ -146,17 +147,28 @@ def level(url: str, clients: int, steps: int, canvas: int) -> dict[str, float]:
 
 
 def head_of_line(url: str, steps: int, canvas: int, repeats: int) -> dict[str, float]:
-    """A short infill behind a long chat reply: its time to first canvas, in canvases' time."""
-    alone = statistics.median(timed_request(url, "infill", 100 + i, steps, canvas)["first"] for i in range(repeats))
+    """A short infill behind a long chat reply: its time to first canvas, in canvases of the long reply (the time
+    between its commits when it runs alone) and against the infill's own time alone."""
+    infill_alone = statistics.median(
+        timed_request(url, "infill", 100 + i, steps, canvas)["first"] for i in range(repeats)
+    )
+    commits = timed_request(url, "chat", 199, steps, 4 * canvas)["commits"]
+    canvas_s = statistics.median(later - earlier for earlier, later in zip(commits, commits[1:]))
     behind = []
     for i in range(repeats):
         long_reply = threading.Thread(target=timed_request, args=(url, "chat", 200 + i, steps, 4 * canvas))
         long_reply.start()
-        time.sleep(alone)  # about when the reply commits its first canvas
+        time.sleep(infill_alone)  # while the reply's prompt and first canvas run
         behind.append(timed_request(url, "infill", 300 + i, steps, canvas)["first"])
         long_reply.join()
     median = statistics.median(behind)
-    return {"canvas_s": alone, "median_first_canvas_s": median, "canvases": median / alone}
+    return {
+        "canvas_s": canvas_s,
+        "infill_alone_s": infill_alone,
+        "median_first_canvas_s": median,
+        "canvases": median / canvas_s,
+        "vs_infill_alone": median / infill_alone,
+    }
 
 
 def batched(path: Path, clients: int, steps: int, canvas: int) -> float:
@@ -208,7 +220,8 @@ def table(levels: list[dict[str, float]], hol: dict[str, float]) -> str:
         )
     lines.append(
         f"\nA short infill behind a long chat reply: first canvas after {hol['median_first_canvas_s']:.2f} s, "
-        f"{hol['canvases']:.1f} canvases' time (one canvas alone: {hol['canvas_s']:.2f} s)."
+        f"{hol['canvases']:.1f} canvases of the reply's time (one of its canvases alone: {hol['canvas_s']:.2f} s), "
+        f"{hol['vs_infill_alone']:.1f}× the infill's time alone ({hol['infill_alone_s']:.2f} s)."
     )
     return "\n".join(lines)
 

@@ -601,6 +601,55 @@ def test_clients_that_disconnect_are_dropped(loaded):
         engine.close()
 
 
+def test_an_infill_behind_a_long_reply_is_answered_after_its_own_canvas(loaded):
+    """A fill-in-the-middle request arriving while a long reply runs gets its holes when its canvas is done, not
+    after another of the reply's canvases."""
+    model, tokenizer = loaded
+    reply = encode_text(tokenizer, " and the sea said hello back" * 8)[: 3 * CANVAS]  # no EOS: three canvases
+    gated = GatedModel(ScriptedModel(model, reply, pad=tokenizer.pad_token_id), hold="canvas")
+    engine = Engine(gated, tokenizer, max_concurrent=4, max_queue=4)
+    assert len(reply) == 3 * CANVAS
+    events: list[tuple[int, str]] = []  # (job, event) in the order the worker emits them
+    jobs, submit = [], engine.submit
+
+    def recording_submit(job):
+        index, emit = len(jobs), job._emit
+        jobs.append(job)
+        job._emit = lambda event: (events.append((index, type(event).__name__)), emit(event))
+        return submit(job)
+
+    engine.submit = recording_submit
+    try:
+        with LiveServer(create_app(engine, MODEL)) as live:
+            long_body = {"model": MODEL, "messages": HELLO, "seed": 1, "max_tokens": 3 * CANVAS, **SAMPLER}
+            url = f"{live.url}{OPENAI_CHAT}"
+            long_reply = threading.Thread(target=lambda: httpx.post(url, json=long_body, timeout=60))
+            long_reply.start()
+            wait_until(gated.entered.is_set, "the reply to be held after its first canvas")
+            fill_body = {"model": MODEL, "prompt": FIM_PREFIX, "suffix": FIM_SUFFIX, "max_tokens": 4, **SAMPLER}
+            answers: dict[str, httpx.Response] = {}
+            fill_url = f"{live.url}/v1/completions"
+
+            def post_fill() -> None:
+                answers.update(fill=httpx.post(fill_url, json=fill_body, timeout=60))
+
+            fill = threading.Thread(target=post_fill)
+            fill.start()
+            wait_until(lambda: engine.load["waiting"] == 1, "the infill to be queued")
+            gated.gate.set()
+            fill.join(timeout=60)
+            long_reply.join(timeout=60)
+            assert answers["fill"].status_code == 200, answers["fill"].text
+            reply_commits = [at for at, (job, kind) in enumerate(events) if job == 0 and kind == "Commit"]
+            fill_done = next(at for at, (job, kind) in enumerate(events) if job == 1 and kind == "FillDone")
+            assert len(reply_commits) == 3, events
+            # The reply's second canvas was running when the infill came; its third waits for the infill.
+            assert reply_commits[1] < fill_done < reply_commits[2], events
+    finally:
+        gated.gate.set()
+        engine.close()
+
+
 def test_queue_full_is_429_at_once(loaded):
     """With one request running and no room to wait, the next is refused at once (and later ones served)."""
     model, tokenizer = loaded

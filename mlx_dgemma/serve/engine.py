@@ -316,7 +316,8 @@ class Engine:
             stats.canvases += 1
             stats.denoising_steps += result.steps[0]
             stats.positions_forwarded += result.forwarded
-            yield Commit("", "", row)
+            if not result.finished[0]:  # a turn for the others; after the last canvas, the holes come at once
+                yield Commit("", "", row)
         holes = filled_holes(self.model, slots, tokens)
         stats.record_generation(sum(len(hole) for hole in holes), time.perf_counter() - begin)
         yield FillDone([self.tokenizer.decode(hole, skip_special_tokens=True) for hole in holes], stats)
