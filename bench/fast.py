@@ -149,6 +149,7 @@ class Recorder:
     def __init__(self, model: Any):
         self.model = model
         self.segments: list[list[tuple[int, Any, Any]]] = []  # runs of (pass number, positions, logits)
+        self.whole_argmax: list[Any] = []  # each pass over the whole canvas's argmax, left lazy until read
         self.count = 0
         self._denoise = model.denoise
 
@@ -158,6 +159,7 @@ class Recorder:
             self.count += 1
             if positions is None:
                 self.segments = [*self.segments[-2:], []]
+                self.whole_argmax.append(logits.argmax(axis=-1))
             self.segments[-1].append((self.count, positions, logits))
             return logits
 
@@ -166,6 +168,12 @@ class Recorder:
 
     def __exit__(self, *exc: object) -> None:
         del self.model.denoise
+
+    def changing(self, passes: int) -> float:
+        """The share of positions whose argmax differs from the previous whole pass's, averaged over the first
+        `passes` whole passes (exact mode: its steps): what a mode forwarding only changing positions forwards."""
+        argmaxes = [np.array(argmax) for argmax in self.whole_argmax[:passes]]
+        return statistics.fmean(float((a != b).mean()) for a, b in zip(argmaxes, argmaxes[1:]))
 
     def merged(self, upto: int) -> np.ndarray:
         """The logits as of pass number `upto` (1-based): the last whole pass before it, the later ones merged in."""
@@ -204,6 +212,7 @@ class Run:
     tokens: np.ndarray
     logits: np.ndarray
     sizes: list[int] = field(default_factory=list)
+    changing: float | None = None  # exact mode: positions whose argmax changes from one step to the next
 
 
 def one_canvas(model: Any, cache: Any, settings: Any, seed: int) -> Run:
@@ -224,7 +233,8 @@ def one_canvas(model: Any, cache: Any, settings: Any, seed: int) -> Run:
         step_passes = steps + (steps < settings.steps)  # the step launched before the stop was seen is dropped
         upto = recorder.count if recorder.count > step_passes else steps
         logits = recorder.merged(upto)[0]
-    return Run(settings.speed, steps, result.forwarded, seconds, tokens, logits)
+        changing = recorder.changing(steps) if settings.speed == "exact" and steps > 1 else None
+    return Run(settings.speed, steps, result.forwarded, seconds, tokens, logits, changing=changing)
 
 
 def step_errors(model: Any, cache: Any, settings: Any, seed: int) -> tuple[float, float]:
@@ -295,7 +305,14 @@ def compare(model: Any, shape: Shape, args: argparse.Namespace, variants: list[d
         prefill(model, cache, mx.array(ids))
         exact = one_canvas(model, cache, base, prompt)
         figures = _figures(exact, exact, shape)
-        yield {"prompt": prompt, "variant": "exact", **figures, "step_kl": 0.0, "step_argmax": 0.0}
+        yield {
+            "prompt": prompt,
+            "variant": "exact",
+            **figures,
+            "step_kl": 0.0,
+            "step_argmax": 0.0,
+            "changing": exact.changing,
+        }
         if args.noise_floor:
             noisy = one_canvas(NoisyLogits(model, args.noise_floor, prompt), cache, base, prompt)
             figures = _figures(noisy, exact, shape)
@@ -462,6 +479,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{title}\n\n`{command.strip()}` ({blas}, wall {time.perf_counter() - started:.0f} s)\n")
     print(f"FastSettings defaults: {FastSettings()}\n")
     print(table(results, variants, shape.canvas_length, args.noise_floor))
+    for label, rows in results.items():
+        changing = [row["changing"] for row in rows if row["variant"] == "exact" and row.get("changing") is not None]
+        if changing:
+            print(
+                f"\nExact mode, {label}: {statistics.fmean(changing):.0%} of the positions change their argmax "
+                "from one step to the next (mean over its steps): what a fast mode forwarding only those would forward."
+            )
     if buckets:
         print(f"\nA fast step per live-count bucket, confident checkpoint, prompt {args.prompt_tokens}:\n")
         print(bucket_table(buckets))

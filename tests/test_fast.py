@@ -343,6 +343,7 @@ def test_bench_fast_quick_runs(tmp_path, capsys):
     assert "| confident (final norm ×11, well conditioned) | exact |" in table
     assert "| flat (final norm ×4) | fast bucket=4" in table
     assert "| positions forwarded | first step, ms |" in table
+    assert "Exact mode, confident (final norm ×11, well conditioned): " in table and "change their argmax" in table
     assert json.loads((tmp_path / "quick.json").read_text())["results"]
 
 
