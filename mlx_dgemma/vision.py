@@ -68,18 +68,20 @@ class PatchEmbedder(nn.Module):
         return patches + (table[0][positions[:, 0]] + table[1][positions[:, 1]])
 
 
-class AxialRotaryEmbedding:
+class AxialRotaryEmbedding(nn.Module):
     """RoPE over two axes: the first half of each head rotates by the patch's column, the second half by its row,
     each half in the rotate-half layout with the same frequencies (theta^(-4i/head_dim))."""
 
     def __init__(self, config: VisionConfig):
+        super().__init__()
         quarter = config.head_dim // 4
         exponents = mx.arange(0, 2 * quarter, 2, dtype=mx.float32) / (config.head_dim // 2)
-        self.inv_freq = 1.0 / mx.power(mx.array(config.rope_theta, dtype=mx.float32), exponents)
+        # Not a parameter (leading underscore), as the text model's RoPE wavelengths.
+        self._inv_freq = 1.0 / mx.power(mx.array(config.rope_theta, dtype=mx.float32), exponents)
 
     def angles(self, positions: mx.array, dtype: mx.Dtype) -> tuple[mx.array, mx.array]:
         """cos and sin (patches, head_dim) for `positions` (patches, 2), laid out column, column, row, row."""
-        angles = positions.astype(mx.float32)[:, :, None] * self.inv_freq  # (patches, 2, head_dim / 4)
+        angles = positions.astype(mx.float32)[:, :, None] * self._inv_freq  # (patches, 2, head_dim / 4)
         columns, rows = angles[:, 0], angles[:, 1]
         layout = mx.concatenate([columns, columns, rows, rows], axis=-1)
         return mx.cos(layout).astype(dtype), mx.sin(layout).astype(dtype)

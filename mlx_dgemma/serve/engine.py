@@ -25,7 +25,6 @@ from collections.abc import AsyncIterator, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import mlx.core as mx
-import mlx.nn as nn
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from ..cache import EncoderCache
@@ -162,7 +161,7 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         # MLX streams are per thread (MLX >= 0.31.2): an array the model left lazy on this thread (RoPE's
         # frequencies are not parameters) cannot be evaluated on the worker's, so evaluate every one here.
-        mx.eval(model.filter_and_map(lambda _module, _key, _value: True), _helper_arrays(model))
+        mx.eval(model.filter_and_map(lambda _module, _key, _value: True))
         self.max_concurrent, self.max_queue = max_concurrent, max_queue
         self.prompt_cache = PromptCache(prompt_cache_entries)
         self._waiting: collections.deque[Job] = collections.deque()
@@ -321,20 +320,6 @@ class Engine:
         holes = filled_holes(self.model, slots, tokens)
         stats.record_generation(sum(len(hole) for hole in holes), time.perf_counter() - begin)
         yield FillDone([self.tokenizer.decode(hole, skip_special_tokens=True) for hole in holes], stats)
-
-
-def _helper_arrays(model: Model) -> list[mx.array]:
-    """Arrays the model's layers keep in helper objects that are not modules (the vision tower's RoPE
-    frequencies), which `filter_and_map` does not reach."""
-    modules = getattr(model, "modules", None)
-    found = []
-    for module in modules() if modules is not None else []:
-        for value in vars(module).values():
-            if isinstance(value, mx.array):
-                found.append(value)
-            elif not isinstance(value, (nn.Module, type)) and hasattr(value, "__dict__"):
-                found += [item for item in vars(value).values() if isinstance(item, mx.array)]
-    return found
 
 
 def _one_line(error: Exception) -> str:
