@@ -207,9 +207,10 @@ def check_vision(model: Model) -> None:
         raise ValueError("this checkpoint has no vision tower: it takes text only, not images")
 
 
-def image_token_id(model: Model) -> int | None:
-    token = getattr(model.config, "image_token_id", None)
-    return token if token is not None else model.config.raw.get("image_token_id")
+def model_image_tokens(model: Model, tokenizer: TokenizerWrapper) -> ImageTokens:
+    """The model's image token ids: the image token as the model reads it, the markers from config.json or the
+    tokenizer."""
+    return image_tokens({**model.config.raw, "image_token_id": model.config.image_token_id}, tokenizer)
 
 
 def prompt_with_images(
@@ -247,7 +248,7 @@ def prompt_with_images(
         return ids, []
     check_vision(model)
     prepared = prepare_images(sources, vision_settings(model, tokenizer))
-    tokens = image_tokens({**model.config.raw, "image_token_id": image_token_id(model)}, tokenizer)
+    tokens = model_image_tokens(model, tokenizer)
     if sources is images and _expanded_already(ids, prepared, tokens):
         return ids, prepared
     return checked_token_ids(expand_placeholders(ids, prepared, tokens), vocab), prepared
@@ -308,7 +309,7 @@ def prefill(
     if ids.shape[0] != 1:
         raise ValueError("prompts with images are encoded one at a time")
     row = ids[0].tolist()
-    spans = image_spans(row, image_token_id(model))
+    spans = image_spans(row, model.config.image_token_id)
     if len(spans) != len(images):
         raise ValueError(f"the prompt has {len(spans)} runs of image tokens for {len(images)} images")
     begin = 0
@@ -562,5 +563,5 @@ class Chat:
         images: list[PreparedImage] = message_images(messages)
         if not images:
             return ids, []
-        tokens = image_tokens({**self.model.config.raw, "image_token_id": image_token_id(self.model)}, self.tokenizer)
+        tokens = model_image_tokens(self.model, self.tokenizer)
         return expand_placeholders(ids, images, tokens), images

@@ -38,7 +38,6 @@ from ..generate import (
     Turn,
     check_context,
     encode_chunk,
-    image_token_id,
 )
 from ..images import PreparedImage, chunk_ends, image_spans
 from ..model import Model
@@ -275,7 +274,7 @@ class Engine:
         """Encode what the prompt cache lacks, a chunk at a time, the end of each chunk but the last a turn for
         the next request (a long prompt does not hold the others up); returns the cache."""
         ids = job.prompt_ids
-        spans = image_spans(ids, image_token_id(self.model)) if job.images else []
+        spans = image_spans(ids, self.model.config.image_token_id) if job.images else []
         if len(spans) != len(job.images):
             raise ValueError(f"the prompt has {len(spans)} runs of image tokens for {len(job.images)} images")
         key = prompt_key(ids, spans, job.images)

@@ -41,8 +41,8 @@ from ..generate import (
     check_vision,
     checked_token_ids,
     default_settings,
-    image_token_id,
     message_images,
+    model_image_tokens,
     template_messages,
     vision_settings,
 )
@@ -51,7 +51,6 @@ from ..images import (
     decode_base64,
     expand_placeholders,
     fetch_remote_image,
-    image_tokens,
     prepare_image,
 )
 from ..sampler import SamplerSettings
@@ -215,7 +214,7 @@ def chat_prompt(
 
 def _expanded(server: Server, ids: list[int], images: list[PreparedImage], param: str) -> list[int]:
     model = server.engine.model
-    tokens = image_tokens({**model.config.raw, "image_token_id": image_token_id(model)}, server.engine.tokenizer)
+    tokens = model_image_tokens(model, server.engine.tokenizer)
     try:
         return expand_placeholders(ids, images, tokens)
     except ValueError as error:  # a message's text holding the image placeholder itself
