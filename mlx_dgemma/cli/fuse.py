@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from ..convert.cli import _one_of, progress_reporter
+from ..convert.cli import one_of, progress_reporter
 from ..convert.quantize import DTYPES, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 from .common import DEFAULT_MODEL, ModelOption, stderr_console
 
@@ -29,7 +29,7 @@ def fuse(
     bits: Annotated[
         int | None,
         typer.Option(
-            callback=lambda value: value if value is None else _one_of(*SUPPORTED_BITS)(value),
+            callback=one_of(*SUPPORTED_BITS),
             metavar="[4|8]",
             show_default=False,
             help="Quantize the output with the conversion's recipe at these bits (see --recipe). Default: keep "
@@ -39,7 +39,7 @@ def fuse(
     group_size: Annotated[
         int | None,
         typer.Option(
-            callback=lambda value: value if value is None else _one_of(*SUPPORTED_GROUP_SIZES)(value),
+            callback=one_of(*SUPPORTED_GROUP_SIZES),
             metavar="[32|64|128]",
             show_default=False,
             help="Weights sharing one scale and bias, with --bits (default 64).",
@@ -48,7 +48,7 @@ def fuse(
     recipe: Annotated[
         str,
         typer.Option(
-            callback=_one_of("mixed", "uniform"),
+            callback=one_of("mixed", "uniform"),
             metavar="[mixed|uniform]",
             help="With --bits: mixed puts the experts at --bits and attention, dense MLPs, self-conditioning and "
             "the embedding at 8 bits; uniform puts all of them at --bits (as dgemma convert).",
@@ -60,7 +60,7 @@ def fuse(
     dtype: Annotated[
         str | None,
         typer.Option(
-            callback=lambda value: value if value is None else _one_of(*DTYPES)(value),
+            callback=one_of(*DTYPES),
             metavar="[bfloat16|float16|float32]",
             show_default=False,
             help="Float dtype of every unquantized tensor and of the quantization scales (default: the base's).",

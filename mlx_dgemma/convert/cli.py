@@ -23,11 +23,11 @@ from .quantize import DTYPES, RECIPES, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 PLAIN_PROGRESS_LINES = 20
 
 
-def _one_of(*choices: object) -> Callable[[object], object]:
-    """A Typer callback that turns a value outside CHOICES into a usage error."""
+def one_of(*choices: object) -> Callable[[object], object]:
+    """A Typer callback that turns a value outside CHOICES into a usage error (an option left out, None, passes)."""
 
     def check(value: object) -> object:
-        if value not in choices:
+        if value is not None and value not in choices:
             raise typer.BadParameter(f"{value!r} is not one of {', '.join(map(str, choices))}")
         return value
 
@@ -43,7 +43,7 @@ def convert_command(
     dtype: Annotated[
         str,
         typer.Option(
-            callback=_one_of(*DTYPES),
+            callback=one_of(*DTYPES),
             metavar="[bfloat16|float16|float32]",
             help="Float dtype of every unquantized tensor and of the quantization scales.",
         ),
@@ -51,7 +51,7 @@ def convert_command(
     bits: Annotated[
         int,
         typer.Option(
-            callback=_one_of(*SUPPORTED_BITS),
+            callback=one_of(*SUPPORTED_BITS),
             metavar="[4|8]",
             help="Bits per weight for the experts (and, with --recipe uniform, every quantized layer).",
         ),
@@ -59,7 +59,7 @@ def convert_command(
     group_size: Annotated[
         int,
         typer.Option(
-            callback=_one_of(*SUPPORTED_GROUP_SIZES),
+            callback=one_of(*SUPPORTED_GROUP_SIZES),
             metavar="[32|64|128]",
             help="Weights sharing one scale and bias; tensors whose width it does not divide stay float.",
         ),
@@ -67,7 +67,7 @@ def convert_command(
     recipe: Annotated[
         str,
         typer.Option(
-            callback=_one_of(*RECIPES),
+            callback=one_of(*RECIPES),
             metavar="[mixed|uniform|none]",
             help="mixed: experts at --bits, attention, dense MLPs, self-conditioning and embedding at 8 bits; "
             "uniform: all of those at --bits; none: only cast to --dtype. Router, norms, scalars and the "
