@@ -16,42 +16,30 @@ from mlx.utils import tree_flatten
 from tokenizer_fixture import write_tokenizer
 
 import mlx_dgemma.loader
+from bench.lora import converted_config
 from bench.shapes import PRESETS
 from mlx_dgemma import load_model
 from mlx_dgemma.cli import lora as lora_command
 from mlx_dgemma.config import ModelConfig
-from mlx_dgemma.convert.quantize import Recipe
 from mlx_dgemma.lora import memory as lora_memory
 from mlx_dgemma.lora import objective
 from mlx_dgemma.lora.adapters import LoraSettings, add_lora
 from mlx_dgemma.lora.memory import TrainingShape, adapter_parameter_count, training_plan
 from mlx_dgemma.lora.objective import BlockNoise, Example, loss_parts, make_batch
-from mlx_dgemma.memory import _tensors, config_weight_bytes
+from mlx_dgemma.memory import config_weight_bytes
 
 GB = 1000**3
 # Metal's recommended working set on a 32 GB Mac: two thirds of its 32 GiB.
 MAC_32GB_USABLE = 2 * 32 * 2**30 // 3
 
 
-def _converted_config(text: dict, bits: int = 4, group_size: int = 64, dtype: str = "bfloat16") -> ModelConfig:
-    """config.json as `dgemma convert --bits 4` (the mixed recipe: experts at 4 bits, other linears and the
-    embedding at 8) writes it for a checkpoint of `text`'s shape."""
-    raw = {"model_type": "diffusion_gemma", "canvas_length": 256, "text_config": dict(text), "dtype": dtype}
-    config = ModelConfig.from_dict(raw)
-    recipe = Recipe.parse("mixed", bits, group_size)
-    module_bits = {}
-    for tensor in _tensors(config):
-        if tensor.matrix:
-            name = tensor.module if ".experts." in tensor.module else f"{tensor.module}.weight"
-            chosen = recipe.bits_for(name, (1, tensor.in_features))
-            if chosen:
-                module_bits[tensor.module] = chosen
-    raw["quantization"] = recipe.config_block(module_bits)
-    return ModelConfig.from_dict(raw)
+def _released_4_bit() -> ModelConfig:
+    """config.json as `dgemma convert --bits 4` writes it for the released shape."""
+    return converted_config(PRESETS["released"].text, PRESETS["released"].canvas_length)
 
 
 def test_the_released_shape_at_4_bits_fits_a_32_gb_mac_with_gradient_checkpointing():
-    config = _converted_config(PRESETS["released"].text)
+    config = _released_4_bit()
     weights = config_weight_bytes(config)
     assert 15 * GB < weights < 16 * GB  # 26B parameters, experts at 4 bits, the rest at 8
     settings = LoraSettings(rank=8)
@@ -71,7 +59,7 @@ def test_the_released_shape_at_4_bits_fits_a_32_gb_mac_with_gradient_checkpointi
 
 
 def test_the_plan_grows_with_what_a_step_holds():
-    config = _converted_config(PRESETS["bench"].text, dtype="float32")
+    config = converted_config(PRESETS["bench"].text, 256, dtype="float32")
     settings = LoraSettings(rank=8)
     base = training_plan(config, settings, TrainingShape(1, 512, 256))
     assert training_plan(config, settings, TrainingShape(2, 512, 256)).activations > 1.9 * base.activations
@@ -214,7 +202,7 @@ def test_the_chunked_head_loss_equals_the_plain_one(tiny, monkeypatch):
 def test_plan_only_needs_only_config_json(tmp_path, capsys, monkeypatch):
     """The released shape's plan from a directory holding only the config.json its 4-bit conversion has."""
     _machine(monkeypatch, MAC_32GB_USABLE)
-    (tmp_path / "config.json").write_text(json.dumps(_converted_config(PRESETS["released"].text).raw))
+    (tmp_path / "config.json").write_text(json.dumps(_released_4_bit().raw))
     argv = ["lora", "--model", str(tmp_path), "--plan-only", "--grad-checkpoint", "--batch-size", "1"]
     code, out, _ = _dgemma(capsys, *argv)
     lines = out.strip().splitlines()
