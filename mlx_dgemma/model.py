@@ -363,9 +363,17 @@ class Model(nn.Module):
     def make_cache(self) -> EncoderCache:
         return EncoderCache(self.text_config.sliding_window, [shape.is_sliding for shape in self.text_config.layers])
 
-    def _embed(self, ids: mx.array) -> mx.array:
+    def embed(self, ids: mx.array) -> mx.array:
+        """Token embeddings as the layers read them: scaled by √hidden."""
         embeddings = self.embed_tokens(ids)
         return embeddings * embedding_scale(self.text_config.hidden_size, embeddings.dtype)
+
+    def self_conditioning_signal(self, self_conditioning_logits: mx.array) -> mx.array:
+        """The previous prediction as the self-conditioning block reads it: softmax(logits) @ embeddings, scaled
+        as token embeddings are."""
+        probs = mx.softmax(self_conditioning_logits.astype(mx.float32), axis=-1)
+        soft = expected_embedding(self.embed_tokens, probs)
+        return soft * embedding_scale(self.text_config.hidden_size, soft.dtype)
 
     def encode(
         self,
@@ -390,7 +398,7 @@ class Model(nn.Module):
         batch, length = input_ids.shape
         cache.check_batch(batch)
         offset = cache.offset
-        h = self._embed(input_ids)
+        h = self.embed(input_ids)
         blocks = None
         if image_features is not None:
             h, blocks = self._place_images(input_ids, h, image_features)
@@ -490,12 +498,8 @@ class Model(nn.Module):
         """
         batch, length = canvas_ids.shape
         cache.check_batch(batch)
-        soft = None
-        if self_conditioning_logits is not None:
-            probs = mx.softmax(self_conditioning_logits.astype(mx.float32), axis=-1)
-            soft = expected_embedding(self.embed_tokens, probs)
-            soft = soft * embedding_scale(self.text_config.hidden_size, soft.dtype)
-        h = self.model.decoder.self_conditioning(self._embed(canvas_ids), soft)
+        soft = None if self_conditioning_logits is None else self.self_conditioning_signal(self_conditioning_logits)
+        h = self.model.decoder.self_conditioning(self.embed(canvas_ids), soft)
         canvas = length if positions is None else cache.layers[0].written
         # Layers keeping the same number of cached positions share one mask.
         masks = {kept: self._decoder_mask(cache, kept, canvas) for kept in {lc.length for lc in cache.layers}}

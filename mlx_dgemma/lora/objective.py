@@ -32,7 +32,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..model import DecoderLayer, Model, embedding_scale, expected_embedding
+from ..model import DecoderLayer, Model
 
 DEFAULT_EPS = 1e-3
 DEFAULT_SELF_CONDITIONING = 0.5
@@ -244,8 +244,7 @@ def encode(
     """The encoder over whole sequences: its last hidden states (normed, before the tied head) and each
     layer's keys and values (batch, kv_heads, length, head_dim) as the cache would hold them."""
     masks = _encoder_masks(model, valid, padded)
-    h = model.embed_tokens(inputs)
-    h = h * embedding_scale(model.text_config.hidden_size, h.dtype)
+    h = model.embed(inputs)
     states = []
     scalars = model.model.encoder.language_model.layers
     for layer, scalar, shape in zip(model.layers, scalars, model.text_config.layers):
@@ -294,17 +293,12 @@ def decoder_states(
     checkpoint: bool = False,
 ) -> mx.array:
     """`denoise`'s last hidden states (normed, before the tied head)."""
-    hidden_size = model.text_config.hidden_size
-    h = model.embed_tokens(canvas)
-    h = h * embedding_scale(hidden_size, h.dtype)
     soft = None
     if self_conditioning_logits is not None:
-        probs = mx.softmax(self_conditioning_logits.astype(mx.float32), axis=-1)
-        soft = expected_embedding(model.embed_tokens, probs)
-        soft = soft * embedding_scale(hidden_size, soft.dtype)
+        soft = model.self_conditioning_signal(self_conditioning_logits)
         if self_condition is not None:
             soft = soft * self_condition[:, None, None].astype(soft.dtype)
-    h = model.model.decoder.self_conditioning(h, soft)
+    h = model.model.decoder.self_conditioning(model.embed(canvas), soft)
     keep = model.text_config.sliding_window - 1
     masks: dict[bool, mx.array | None] = {}
     for sliding in (False, True):
