@@ -16,6 +16,8 @@ SLIDING = "sliding_attention"
 FULL = "full_attention"
 SUPPORTED_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu", "gelu_new", "silu", "relu")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "proportional")
+# Checkpoint keys of the vision tower and the projection of its soft tokens (`model.encoder.*`).
+VISION_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
 
 
 class ConfigError(ValueError):

@@ -18,13 +18,11 @@ import mlx.nn as nn
 
 from . import backends
 from .backends import cuda
-from .config import ConfigError, ModelConfig, VisionConfig
+from .config import VISION_PREFIXES, ConfigError, ModelConfig, VisionConfig
 from .images import VisionSettings
 from .model import Model
 from .sampler import SamplerSettings
 
-# The vision tower and its projection: loaded when the checkpoint has them.
-VISION_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
 # The ranges of clipped linear layers, meaningful only when the vision config asks for clipping.
 _CLIP_RANGES = (".input_min", ".input_max", ".output_min", ".output_max")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")

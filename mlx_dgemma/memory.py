@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .backends.cuda import CudaOptions
 
-from .config import ModelConfig
+from .config import VISION_PREFIXES, ModelConfig
 from .generate import PREFILL_CHUNK
 
 # The context the pre-load check assumes when none is given: a long chat, not the model's maximum.
@@ -42,7 +42,6 @@ IMAGE_PROMPT_TOKENS = 280 + 2
 # Float32 arrays of canvas x vocab alive at once in a denoising step (see the module docstring).
 VOCAB_ARRAYS = 6
 FLOAT32_BYTES = 4
-VISION_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
 _DTYPE_BYTES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
     "I64": 8, "U64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1,

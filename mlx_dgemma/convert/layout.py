@@ -9,9 +9,8 @@ from __future__ import annotations
 import re
 from enum import Enum
 
-from mlx_dgemma.config import LayerShape, ModelConfig, TextConfig
+from mlx_dgemma.config import VISION_PREFIXES, LayerShape, ModelConfig, TextConfig
 
-VISION_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
 ENCODER_TEXT_PREFIX = "model.encoder.language_model."
 _ENCODER_LAYER_SCALAR = re.compile(r"^model\.encoder\.language_model\.layers\.\d+\.layer_scalar$")
 

@@ -35,12 +35,12 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 from mlx_lm.tuner.lora import LoRALinear, LoRASwitchLinear
 
 from ..backends import cuda
-from ..config import read_config_json
+from ..config import VISION_PREFIXES, read_config_json
 from ..convert.errors import ConversionError
 from ..convert.pipeline import copy_side_files
 from ..convert.quantize import MODE, Recipe, parse_dtype
 from ..convert.writer import DEFAULT_MAX_SHARD_BYTES, ShardWriter, publish, remove_stale_dirs, staging_dir
-from ..loader import VISION_PREFIXES, load_model, resolve_model_path
+from ..loader import load_model, resolve_model_path
 from ..model import Model
 from .adapters import adapter_digest, read_adapter_config
 
