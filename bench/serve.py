@@ -3,19 +3,21 @@
     python -m bench serve                    # quick shape, canvas 64, 1/2/4/8 clients, a few minutes on a CPU
     python -m bench serve --help
 
-One live server (`dgemma serve` in its own process, loopback) on a random-weight
-checkpoint with the test tokenizer. For each client count N, N clients send
-their requests at once (half chat replies of two canvases, half short infills
-through /v1/completions with a suffix), all streamed; then the same requests are
-sent one after another. Reported per N: aggregate completion tokens/s both ways,
-the median time from a request's send to its first committed text, and, for the
-other way to share the model, the same chat prompts run as one left-padded
-denoising batch straight through the sampler (no HTTP).
+A live server (`dgemma serve` in its own process, loopback) on a random-weight
+checkpoint with the test tokenizer, run both ways it can share the model: as
+it does by default, denoising the running requests together as one batch
+(joining and leaving at canvas boundaries), and with `--max-batch 1`, taking
+turns canvas by canvas. For each client count N, N clients send their requests
+at once (half chat replies of two canvases, half short infills through
+/v1/completions with a suffix), all streamed, to each server; then the same
+requests are sent one after another. Reported per N: aggregate completion
+tokens/s each way, and the median time from a request's send to its first
+committed text.
 
-Then the head-of-line case: a short infill sent while a long chat reply runs
-its first canvas, its time to first committed canvas in canvases of that reply
-(the time between its commits when it runs alone on the same server) and
-against the infill's own time alone.
+Then the head-of-line case, on the default server: a short infill sent while a
+long chat reply runs its first canvas, its time to first committed canvas in
+canvases of that reply (the time between its commits when it runs alone on the
+same server) and against the infill's own time alone.
 """
 
 from __future__ import annotations
@@ -64,12 +66,14 @@ class LiveServer:
     """`dgemma serve` in a process of its own (the clients' threads stay out of its interpreter), on a free
     loopback port."""
 
-    def __init__(self, path: Path, max_concurrent: int):
+    def __init__(self, path: Path, max_concurrent: int, max_batch: int | None = None):
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
         command = [sys.executable, "-m", "mlx_dgemma.cli", "serve", "--model", str(path), "--port", str(self.port)]
         command += ["--max-concurrent", str(max_concurrent), "--max-queue", "64"]
+        if max_batch is not None:
+            command += ["--max-batch", str(max_batch)]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.url = f"http://127.0.0.1:{self.port}"
         self._wait_until_up()
@@ -127,23 +131,32 @@ def _committed(choice: dict[str, Any]) -> bool:
     return bool(delta.get("content") or delta.get("text") or delta.get("reasoning_content"))
 
 
-def level(url: str, clients: int, steps: int, canvas: int) -> dict[str, float]:
-    """N clients at once against the same requests sent one after another."""
-    kinds = ["chat" if i % 2 == 0 else "infill" for i in range(clients)]
+def _kinds(clients: int) -> list[str]:
+    return ["chat" if i % 2 == 0 else "infill" for i in range(clients)]
+
+
+def _figures(results: list[dict[str, Any]], seconds: float) -> dict[str, float]:
+    return {
+        "tokens_per_s": sum(r["tokens"] for r in results) / seconds,
+        "median_first_canvas_s": statistics.median(r["first"] for r in results),
+    }
+
+
+def at_once(url: str, clients: int, steps: int, canvas: int) -> dict[str, float]:
+    """N clients' requests sent at once: aggregate tokens/s and the median time to a first commit."""
+    kinds = _kinds(clients)
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
-        together = list(pool.map(lambda i: timed_request(url, kinds[i], i, steps, canvas), range(clients)))
-    together_s = time.perf_counter() - start
+        results = list(pool.map(lambda i: timed_request(url, kinds[i], i, steps, canvas), range(clients)))
+    return _figures(results, time.perf_counter() - start)
+
+
+def one_after_another(url: str, clients: int, steps: int, canvas: int) -> dict[str, float]:
+    """The same requests sent one after another."""
+    kinds = _kinds(clients)
     start = time.perf_counter()
-    alone = [timed_request(url, kinds[i], i, steps, canvas) for i in range(clients)]
-    alone_s = time.perf_counter() - start
-    return {
-        "clients": clients,
-        "tokens_per_s_concurrent": sum(r["tokens"] for r in together) / together_s,
-        "tokens_per_s_one_at_a_time": sum(r["tokens"] for r in alone) / alone_s,
-        "median_first_canvas_s_concurrent": statistics.median(r["first"] for r in together),
-        "median_first_canvas_s_one_at_a_time": statistics.median(r["first"] for r in alone),
-    }
+    results = [timed_request(url, kinds[i], i, steps, canvas) for i in range(clients)]
+    return _figures(results, time.perf_counter() - start)
 
 
 def head_of_line(url: str, steps: int, canvas: int, repeats: int) -> dict[str, float]:
@@ -171,52 +184,19 @@ def head_of_line(url: str, steps: int, canvas: int, repeats: int) -> dict[str, f
     }
 
 
-def batched(path: Path, clients: int, steps: int, canvas: int) -> float:
-    """The other way to share the model: the same chat prompts as one left-padded batch through the sampler,
-    canvas by canvas (what joining requests into one denoising batch would do); its tokens/s."""
-    import mlx.core as mx
-
-    from mlx_dgemma import load
-    from mlx_dgemma.generate import default_settings, prefill
-    from mlx_dgemma.sampler import BlockSampler
-    from mlx_dgemma.tokenizer import encode_text, render_chat
-
-    model, tokenizer = load(path)
-    prompts = [
-        encode_text(tokenizer, render_chat(tokenizer, [{"role": "user", "content": f"Tell story number {i}."}]))
-        for i in range(clients)
-    ]
-    width = max(len(ids) for ids in prompts)
-    pad = default_settings(model).pad_token_id or 0
-    ids = mx.array([[pad] * (width - len(p)) + p for p in prompts])
-    mask = mx.array([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    settings = default_settings(model).updated(steps=steps, max_new_tokens=2 * canvas, eos_token_ids=[])
-
-    def run() -> tuple[int, float]:
-        start = time.perf_counter()
-        cache = model.make_cache()
-        prefill(model, cache, ids, mask)
-        results = BlockSampler(model, settings).canvases(cache, clients)
-        tokens = sum(result.tokens.size for result in results if hasattr(result, "tokens"))
-        return tokens, time.perf_counter() - start
-
-    run()  # compile for this batch size
-    tokens, seconds = run()
-    return tokens / seconds
-
-
-def table(levels: list[dict[str, float]], hol: dict[str, float]) -> str:
+def table(levels: list[dict[str, Any]], hol: dict[str, float]) -> str:
     lines = [
-        "| clients | tokens/s, at once | tokens/s, one at a time | ratio | first canvas, median s (at once / alone)"
-        " | tokens/s, one denoising batch |",
+        "| clients | tokens/s, one batch | tokens/s, taking turns | tokens/s, one at a time | batch ÷ one at a time"
+        " | first canvas, median s (batch / turns / alone) |",
         "|---|---|---|---|---|---|",
     ]
     for row in levels:
-        ratio = row["tokens_per_s_concurrent"] / row["tokens_per_s_one_at_a_time"]
+        batch, turns, alone = row["batch"], row["turns"], row["alone"]
         lines.append(
-            f"| {row['clients']} | {row['tokens_per_s_concurrent']:.1f} | {row['tokens_per_s_one_at_a_time']:.1f}"
-            f" | {ratio:.2f}× | {row['median_first_canvas_s_concurrent']:.2f} / "
-            f"{row['median_first_canvas_s_one_at_a_time']:.2f} | {row['tokens_per_s_batched']:.1f} |"
+            f"| {row['clients']} | {batch['tokens_per_s']:.1f} | {turns['tokens_per_s']:.1f}"
+            f" | {alone['tokens_per_s']:.1f} | {batch['tokens_per_s'] / alone['tokens_per_s']:.2f}×"
+            f" | {batch['median_first_canvas_s']:.2f} / {turns['median_first_canvas_s']:.2f}"
+            f" / {alone['median_first_canvas_s']:.2f} |"
         )
     lines.append(
         f"\nA short infill behind a long chat reply: first canvas after {hol['median_first_canvas_s']:.2f} s, "
@@ -240,17 +220,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     counts = [int(n) for n in args.clients.split(",") if n.strip()]
+    levels: list[dict[str, Any]] = [{"clients": n} for n in counts]
     with tempfile.TemporaryDirectory() as folder:
         path = build_checkpoint(args.shape, args.canvas, Path(folder))
-        server = LiveServer(path, max_concurrent=max(counts))
-        try:
-            timed_request(server.url, "infill", 0, args.steps, args.canvas)  # compile the graphs once
-            levels = [level(server.url, n, args.steps, args.canvas) for n in counts]
-            hol = head_of_line(server.url, args.steps, args.canvas, args.repeats)
-        finally:
-            server.close()
-        for row in levels:  # the server is gone: this process has the CPU to itself
-            row["tokens_per_s_batched"] = batched(path, int(row["clients"]), args.steps, args.canvas)
+        for way, max_batch in (("batch", None), ("turns", 1)):  # one server at a time: the CPU is theirs alone
+            server = LiveServer(path, max_concurrent=max(counts), max_batch=max_batch)
+            try:
+                timed_request(server.url, "infill", 0, args.steps, args.canvas)  # compile the graphs once
+                for row in levels:
+                    row[way] = at_once(server.url, row["clients"], args.steps, args.canvas)
+                    if way == "batch":
+                        row["alone"] = one_after_another(server.url, row["clients"], args.steps, args.canvas)
+                if way == "batch":
+                    hol = head_of_line(server.url, args.steps, args.canvas, args.repeats)
+            finally:
+                server.close()
     command = "python -m bench serve " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"## dgemma serve, {args.shape} shape, canvas {args.canvas}, {args.steps} steps\n\n`{command.strip()}`\n")
     print(table(levels, hol))

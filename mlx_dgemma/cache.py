@@ -13,6 +13,7 @@ so neither copies the cache at every step (what concatenating would do).
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
 import mlx.core as mx
 
@@ -98,6 +99,21 @@ class LayerCache:
             self._start += self.length - self.keep
             self.length = self.keep
 
+    @classmethod
+    def stacked(cls, rows: Sequence[LayerCache], room: int) -> LayerCache:
+        """One-row caches of the same layer as one batch, each row's states right-aligned to the longest, with
+        `room` positions after them for a canvas."""
+        stacked = cls(rows[0].keep)
+        stacked.length = max(row.length for row in rows)
+
+        def aligned(states: mx.array, length: int) -> mx.array:
+            # Zeros before the row's states (never attended to: the cache's validity says so), room after.
+            return mx.pad(states, [(0, 0), (0, 0), (stacked.length - length, room), (0, 0)])
+
+        stacked._keys = mx.concatenate([aligned(row.keys, row.length) for row in rows])
+        stacked._values = mx.concatenate([aligned(row.values, row.length) for row in rows])
+        return stacked
+
     def _make_room(self, keys: mx.array, values: mx.array, count: int) -> None:
         if self._keys is not None and self._start + self.length + count <= self._keys.shape[2]:
             return
@@ -117,6 +133,11 @@ class EncoderCache:
 
     `valid` is None while no padding has been seen (the common case, which lets
     attention run without a mask); otherwise a (batch, offset) bool array.
+
+    A position's slot in the cache is its position in the sequence, except in a
+    batch `stacked` from caches of different lengths: there row r's slots run
+    `position_shift[r]` ahead of its positions, which RoPE reads (`rope_offset`),
+    so each row is computed as it would be alone.
     """
 
     def __init__(self, sliding_window: int, layer_is_sliding: list[bool]):
@@ -124,6 +145,40 @@ class EncoderCache:
         self.offset = 0
         self.valid: mx.array | None = None
         self.batch_size: int | None = None
+        self.position_shift: mx.array | None = None
+
+    @classmethod
+    def stacked(cls, rows: Sequence[EncoderCache], room: int) -> EncoderCache:
+        """One-row caches as one batch (a copy: the rows are left as they are), each row left-padded to the
+        longest and keeping its own positions, with `room` positions after them for a canvas: what the decoder
+        computes for a row of it is what it computes for that row's cache alone, up to float rounding."""
+        if any(row.batch_size != 1 or row.position_shift is not None or not row.offset for row in rows):
+            raise ValueError("only one-row caches holding a prompt are stacked")
+        batch = copy.copy(rows[0])
+        batch.layers = [LayerCache.stacked(layers, room) for layers in zip(*(row.layers for row in rows))]
+        batch.offset = max(row.offset for row in rows)
+        batch.batch_size = len(rows)
+        shifts = [batch.offset - row.offset for row in rows]
+        if any(shifts) or any(row.valid is not None for row in rows):
+            batch.valid = mx.concatenate(
+                [
+                    mx.concatenate(
+                        [
+                            mx.zeros((1, shift), dtype=mx.bool_),
+                            row.valid if row.valid is not None else mx.ones((1, row.offset), dtype=mx.bool_),
+                        ],
+                        axis=1,
+                    )
+                    for row, shift in zip(rows, shifts)
+                ]
+            )
+        batch.position_shift = mx.array(shifts, dtype=mx.int32) if any(shifts) else None
+        return batch
+
+    @property
+    def rope_offset(self) -> int | mx.array:
+        """The position of the next slot: one for every row, or per row (batch,) in a stacked batch."""
+        return self.offset if self.position_shift is None else self.offset - self.position_shift
 
     def __len__(self) -> int:
         return len(self.layers)

@@ -104,9 +104,13 @@ def fill_canvases(
     drafts: bool = False,
 ) -> Iterator[CanvasResult | StepDraft]:
     """Denoise a layout (`fill_layout`'s) canvas by canvas into a cache that holds its prompt."""
+    yield from BlockSampler(model, settings, noise).pinned_canvases(cache, canvas_pins(model, slots), drafts=drafts)
+
+
+def canvas_pins(model: Model, slots: Sequence[Slot]) -> list[Pins]:
+    """A layout's pins, one per canvas (the last may be shorter)."""
     canvas = model.config.canvas_length
-    layouts = [_pins(slots[start : start + canvas]) for start in range(0, len(slots), canvas)]
-    yield from BlockSampler(model, settings, noise).pinned_canvases(cache, layouts, drafts=drafts)
+    return [_pins(slots[start : start + canvas]) for start in range(0, len(slots), canvas)]
 
 
 def _pins(slots: Sequence[Slot]) -> Pins:

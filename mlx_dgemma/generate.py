@@ -37,7 +37,7 @@ from .images import (
     prepare_images,
 )
 from .model import Model
-from .sampler import BlockSampler, Noise, SamplerSettings, StepDraft
+from .sampler import BlockSampler, CanvasResult, Noise, SamplerSettings, StepDraft
 from .tokenizer import Message, ReplyDecoder, encode_text, render_chat
 
 PREFILL_CHUNK = 512
@@ -343,9 +343,16 @@ def encode_chunk(
 class Turn:
     """One reply generated into a cache that already holds its prompt."""
 
-    def __init__(self, model: Model, tokenizer: TokenizerWrapper, settings: SamplerSettings, noise: Noise | None):
+    def __init__(
+        self,
+        model: Model,
+        tokenizer: TokenizerWrapper,
+        settings: SamplerSettings,
+        noise: Noise | None,
+        sampler: BlockSampler | None = None,
+    ):
         self.model, self.tokenizer, self.settings = model, tokenizer, settings
-        self.sampler = BlockSampler(model, settings, noise)
+        self.sampler = sampler if sampler is not None else BlockSampler(model, settings, noise)
         self.decoder = ReplyDecoder(tokenizer)
         self.tokens: list[int] = []  # the reply, EOS and pads removed, capped at max_new_tokens
         self.last_canvas: list[int] = []  # the reply tokens not yet in the cache
@@ -359,6 +366,9 @@ class Turn:
             if isinstance(result, StepDraft):
                 text = self.tokenizer.decode(result.argmax[0].tolist(), skip_special_tokens=True)
                 yield Draft(result.canvas, result.step, text)
+                continue
+            if not isinstance(result, CanvasResult):  # a scheduler's request from its sampler (serve.engine)
+                yield result
                 continue
             self.stats.canvases += 1
             self.stats.denoising_steps += result.steps[0]

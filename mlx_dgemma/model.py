@@ -59,9 +59,10 @@ class RotaryEmbedding(nn.Module):
         self._wavelengths = mx.concatenate([wavelengths, mx.full((pairs - rotated,), mx.inf)])
 
     def __call__(self, x: mx.array, offset: int | mx.array) -> mx.array:
-        """`x` (batch, heads, length, head_dim) rotated for positions offset, offset + 1, ...; or, with `offset` a
-        (batch, length) array, for each row's own positions (a fast-mode step's live canvas positions)."""
-        if isinstance(offset, mx.array):
+        """`x` (batch, heads, length, head_dim) rotated for positions offset, offset + 1, ... (`offset` one for
+        every row, or (batch,) one per row); or, with `offset` a (batch, length) array, for each row's own positions
+        (a fast-mode step's live canvas positions)."""
+        if isinstance(offset, mx.array) and offset.ndim == 2:
             return self._at(x, offset)
         return mx.fast.rope(
             x, self.head_dim, traditional=False, base=None, scale=1.0, offset=offset, freqs=self._wavelengths
@@ -131,7 +132,7 @@ class Attention(nn.Module):
         self,
         x: mx.array,
         cache: LayerCache,
-        offset: int,
+        offset: int | mx.array,
         mask: mx.array | None,
         store: bool,
         positions: mx.array | None = None,
@@ -143,9 +144,10 @@ class Attention(nn.Module):
         """
         batch, length, _ = x.shape
         queries, keys, values = self.projections(x)
-        at = offset if positions is None else offset + positions
-        queries = self.rope(self.q_norm(self._heads(queries, self.num_heads)).transpose(0, 2, 1, 3), at)
-        states = self.keys_and_values(keys, values, at)
+        if positions is not None:  # canvas positions after each row's offset
+            offset = positions + (offset[:, None] if isinstance(offset, mx.array) else offset)
+        queries = self.rope(self.q_norm(self._heads(queries, self.num_heads)).transpose(0, 2, 1, 3), offset)
+        states = self.keys_and_values(keys, values, offset)
         keys, values = cache.extended(*states) if positions is None else cache.rewritten(*states, positions)
         if store:
             cache.commit()
@@ -244,7 +246,7 @@ class DecoderLayer(nn.Module):
         self,
         h: mx.array,
         cache: LayerCache,
-        offset: int,
+        offset: int | mx.array,
         mask: mx.array | None,
         store: bool,
         layer_scalar: mx.array,
@@ -397,7 +399,7 @@ class Model(nn.Module):
         """
         batch, length = input_ids.shape
         cache.check_batch(batch)
-        offset = cache.offset
+        offset = cache.rope_offset
         h = self.embed(input_ids)
         blocks = None
         if image_features is not None:
@@ -501,10 +503,11 @@ class Model(nn.Module):
         soft = None if self_conditioning_logits is None else self.self_conditioning_signal(self_conditioning_logits)
         h = self.model.decoder.self_conditioning(self.embed(canvas_ids), soft)
         canvas = length if positions is None else cache.layers[0].written
+        offset = cache.rope_offset
         # Layers keeping the same number of cached positions share one mask.
         masks = {kept: self._decoder_mask(cache, kept, canvas) for kept in {lc.length for lc in cache.layers}}
         for layer, layer_cache in zip(self.layers, cache.layers):
-            h = layer(h, layer_cache, cache.offset, masks[layer_cache.length], False, layer.layer_scalar, positions)
+            h = layer(h, layer_cache, offset, masks[layer_cache.length], False, layer.layer_scalar, positions)
         return self.logits(self.model.decoder.norm(h))
 
     def logits(self, hidden: mx.array) -> mx.array:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -167,6 +167,22 @@ class Noise(Protocol):
     def gumbel(self, canvas: int, step: int, shape: tuple[int, ...]) -> mx.array: ...
 
 
+class RowNoise:
+    """Each row of a batch drawing from a noise of its own at a canvas of its own: a denoising batch of
+    requests in which each gets the numbers it would get alone. The `canvas` the sampler passes is ignored."""
+
+    def __init__(self, rows: Sequence[tuple[Noise, int]]):
+        self.rows = list(rows)  # (noise, canvas index) per row
+
+    def tokens(self, canvas: int, step: int, shape: tuple[int, ...], vocab: int) -> mx.array:
+        row_shape = (1, *shape[1:])
+        return mx.concatenate([noise.tokens(index, step, row_shape, vocab) for noise, index in self.rows])
+
+    def gumbel(self, canvas: int, step: int, shape: tuple[int, ...]) -> mx.array:
+        row_shape = (1, *shape[1:])
+        return mx.concatenate([noise.gumbel(index, step, row_shape) for noise, index in self.rows])
+
+
 def _mix32(x: mx.array) -> mx.array:
     """murmur3's 32-bit finaliser: a bijection of uint32 that scatters every input bit."""
     x = x ^ (x >> 16)
@@ -273,6 +289,21 @@ class Pins:
     def initial_canvas(self, noise: mx.array) -> mx.array:
         use_tokens = self.pinned if self.start is None else self.pinned | self.start
         return mx.where(use_tokens, self.tokens, noise)
+
+    @classmethod
+    def stacked(cls, rows: Sequence[Pins | None], length: int) -> Pins | None:
+        """The pins of several canvases of `length` as one batch's, a row without pins free throughout; None when
+        no row has any."""
+        if all(row is None for row in rows):
+            return None
+        free = mx.zeros((1, length), dtype=mx.bool_)
+        tokens = mx.zeros((1, length), dtype=mx.int32)
+        pinned = mx.concatenate([free if row is None else row.pinned for row in rows])
+        pinned_tokens = mx.concatenate([tokens if row is None else row.tokens.astype(mx.int32) for row in rows])
+        if all(row is None or row.start is None for row in rows):
+            return cls(pinned, pinned_tokens)
+        start = mx.concatenate([free if row is None or row.start is None else row.start for row in rows])
+        return cls(pinned, pinned_tokens, start)
 
 
 @dataclass
@@ -444,7 +475,7 @@ class BlockSampler:
             if previous is not None:
                 # The committed canvas becomes context for the next one.
                 self.model.encode(previous, cache)
-            argmax, steps, forwarded = yield from self._denoise(cache, batch, index, finished, drafts)
+            argmax, steps, forwarded = yield from self.denoise_canvas(cache, batch, index, finished, drafts)
             previous, finished_now = self._commit(argmax, finished, last=index == self.max_canvases - 1)
             yield CanvasResult(previous, steps, finished_now, forwarded)
             finished = finished_now
@@ -464,7 +495,8 @@ class BlockSampler:
             batch = pins.tokens.shape[0]
             if previous is not None:
                 self.model.encode(previous, cache)
-            previous, steps, forwarded = yield from self._denoise(cache, batch, index, [False] * batch, drafts, pins)
+            denoised = yield from self.denoise_canvas(cache, batch, index, [False] * batch, drafts, pins)
+            previous, steps, forwarded = denoised
             yield CanvasResult(previous, steps, [index == len(layouts) - 1] * batch, forwarded)
 
     def initial_state(self, batch: int, length: int, canvas_index: int, pins: Pins | None) -> StepState:
@@ -477,7 +509,7 @@ class BlockSampler:
             history = mx.full((self.settings.stability_threshold, batch, length), -1, dtype=canvas.dtype)
         return StepState(canvas, canvas, None, mx.zeros((batch,), dtype=mx.bool_), history)
 
-    def _denoise(
+    def denoise_canvas(
         self,
         cache: EncoderCache,
         batch: int,
@@ -486,7 +518,10 @@ class BlockSampler:
         drafts: bool,
         pins: Pins | None = None,
     ) -> Generator[StepDraft, None, tuple[mx.array, list[int], int]]:
-        """Denoise one canvas: its argmax canvas, the steps each row ran, and the positions forwarded per row."""
+        """Denoise one canvas: its argmax canvas, the steps each row ran, and the positions forwarded per row.
+
+        A generator (its value is the return's): with `drafts` it yields each step's StepDraft as it is ready.
+        """
         # A constrained layout's last canvas may be shorter than the model's.
         length = self.canvas_length if pins is None else pins.tokens.shape[1]
         settings = self.settings

@@ -100,10 +100,12 @@ class GatedModel(_ModelProxy):
         self.denoised = False
         self.gate = threading.Event()
         self.entered = threading.Event()  # the worker is held at the gate
+        self.batch_sizes: list[int] = []  # rows of each decoder pass
 
-    def denoise(self, *args: Any, **kwargs: Any) -> Any:
+    def denoise(self, canvas_ids: mx.array, *args: Any, **kwargs: Any) -> Any:
         self.denoised = True
-        return self._model.denoise(*args, **kwargs)
+        self.batch_sizes.append(canvas_ids.shape[0])
+        return self._model.denoise(canvas_ids, *args, **kwargs)
 
     def encode(self, *args: Any, **kwargs: Any) -> None:
         if self.hold == "prompt" or self.denoised:

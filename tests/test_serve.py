@@ -465,7 +465,7 @@ def test_unknown_ollama_model(http):
 
 
 def test_four_clients_at_once_each_get_what_they_get_alone(server, loaded):
-    """Interleaved canvas by canvas, each request's answer is its own seed's, not its neighbours'."""
+    """Denoised together in one batch, each request's answer is its own seed's, not its neighbours'."""
     requests = [
         ("/v1/chat/completions", {"model": MODEL, "messages": HELLO, "seed": 21, "max_tokens": 48, **SAMPLER}),
         (
@@ -516,7 +516,7 @@ def test_four_clients_at_once_each_get_what_they_get_alone(server, loaded):
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as session:
             return [await one(session, path, body) for path, body in requests]
 
-    # Together on an engine held until all four are in: they provably run interleaved, not one after another.
+    # Together on an engine held until all four are in: they provably share denoising batches.
     model, tokenizer = loaded
     gated = GatedModel(model)
     engine = Engine(gated, tokenizer, max_concurrent=4)
@@ -542,6 +542,7 @@ def test_four_clients_at_once_each_get_what_they_get_alone(server, loaded):
         gated.gate.set()
         engine.close()
     assert len(submitted) == len(requests)
+    assert max(gated.batch_sizes) == len(requests), gated.batch_sizes
 
 
 def test_clients_that_disconnect_are_dropped(loaded):
@@ -603,7 +604,7 @@ def test_clients_that_disconnect_are_dropped(loaded):
 
 def test_an_infill_behind_a_long_reply_is_answered_after_its_own_canvas(loaded):
     """A fill-in-the-middle request arriving while a long reply runs gets its holes when its canvas is done, not
-    after another of the reply's canvases."""
+    after another of the reply's canvases (its canvas is shorter than the reply's: the two do not share a batch)."""
     model, tokenizer = loaded
     reply = encode_text(tokenizer, " and the sea said hello back" * 8)[: 3 * CANVAS]  # no EOS: three canvases
     gated = GatedModel(ScriptedModel(model, reply, pad=tokenizer.pad_token_id), hold="canvas")
@@ -643,8 +644,9 @@ def test_an_infill_behind_a_long_reply_is_answered_after_its_own_canvas(loaded):
             reply_commits = [at for at, (job, kind) in enumerate(events) if job == 0 and kind == "Commit"]
             fill_done = next(at for at, (job, kind) in enumerate(events) if job == 1 and kind == "FillDone")
             assert len(reply_commits) == 3, events
-            # The reply's second canvas was running when the infill came; its third waits for the infill.
-            assert reply_commits[1] < fill_done < reply_commits[2], events
+            # The reply was appending its first canvas to its cache when the infill came; its second waits for the
+            # infill's canvas.
+            assert reply_commits[0] < fill_done < reply_commits[1], events
     finally:
         gated.gate.set()
         engine.close()

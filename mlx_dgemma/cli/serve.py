@@ -40,8 +40,15 @@ AllowRemoteImagesOption = Annotated[
         "could make the server fetch any URL it can reach. data: URLs and base64 images are always taken.",
     ),
 ]
-MaxConcurrentOption = Annotated[
-    int, typer.Option("--max-concurrent", min=1, help="Requests generated at once (interleaved canvas by canvas).")
+MaxConcurrentOption = Annotated[int, typer.Option("--max-concurrent", min=1, help="Requests generated at once.")]
+MaxBatchOption = Annotated[
+    int | None,
+    typer.Option(
+        "--max-batch",
+        min=1,
+        help="Running requests denoised together as one batch, joining and leaving at canvas boundaries "
+        "(default: --max-concurrent; 1: they take turns canvas by canvas).",
+    ),
 ]
 MaxQueueOption = Annotated[
     int, typer.Option("--max-queue", min=0, help="Requests that may wait beyond those; more get HTTP 429.")
@@ -55,6 +62,7 @@ def serve(
     api_key: ApiKeyOption = None,
     allow_origin: AllowOriginOption = None,
     max_concurrent: MaxConcurrentOption = 4,
+    max_batch: MaxBatchOption = None,
     max_queue: MaxQueueOption = 16,
     allow_remote_images: AllowRemoteImagesOption = False,
     adapter: AdapterOption = None,
@@ -74,7 +82,7 @@ def serve(
     listener = _listen(host, port)
     try:
         loaded, tokenizer, _ = load_checkpoint(model, {}, adapter=adapter)
-        engine = Engine(loaded, tokenizer, max_concurrent=max_concurrent, max_queue=max_queue)
+        engine = Engine(loaded, tokenizer, max_concurrent=max_concurrent, max_queue=max_queue, max_batch=max_batch)
     except BaseException:
         listener.close()
         raise

@@ -1,18 +1,24 @@
-"""Serving many requests with one model: a worker thread interleaves them canvas by canvas.
+"""Serving many requests with one model: a worker thread denoises them together, canvas by canvas.
 
 MLX runs on the worker thread alone. Each admitted request is a generator of
-events (its prompt's encoding, then a `Draft` per denoising step and a `Commit`
-per canvas); the worker advances one request until it commits a canvas (or
-ends), hands its events to the request's asyncio queue, then moves on to the
-next, round robin, a newly admitted request first. So no request waits for
-another to finish: a short infill that arrives behind a long reply starts after
-the canvas in progress. A long prompt's chunks take turns the same way. A
-request's randomness is its own (`SeededNoise(seed)`), so what it gets does not
-depend on who else is served. A cancelled request (its client gone) is dropped
-at its next step. Prompts are encoded in chunks, and a prompt that extends one
-encoded before reuses that encoder cache (`PromptCache`). A prompt's images are
-encoded with the chunk that holds their tokens (never split), and the prompt
-cache tells prompts apart by their images too.
+events (its prompt's encoding, then a `Commit` per canvas) that hands each
+canvas it needs to the worker as a `CanvasRequest`. The worker takes turns: a
+turn is one chunk of one request's prompt, or one canvas for every running
+request that can share a denoising batch with the one whose turn it is (the
+same step settings and canvas length, exact mode: up to `max_batch` of them).
+Requests join and leave the batch at canvas boundaries, so none waits for
+another to finish: a short infill that arrives behind a long reply is encoded,
+then denoised with the reply's next canvas. A batch's rows are the requests'
+own caches stacked (`EncoderCache.stacked`: each keeps its positions) and each
+row draws its own noise (`RowNoise` over each request's `SeededNoise(seed)`),
+so what a request gets does not depend on who else is served, up to float
+rounding. A request's drafts come from its row of each step. A cancelled
+request (its client gone) is dropped at its next step when it is alone in its
+batch, at the canvas's end otherwise (its neighbours' canvas runs on), and its
+events stop at once. Prompts are encoded in chunks, and a prompt that extends
+one encoded before reuses that encoder cache (`PromptCache`). A prompt's images
+are encoded with the chunk that holds their tokens (never split), and the
+prompt cache tells prompts apart by their images too.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import mlx.core as mx
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from ..cache import EncoderCache
-from ..constrained import Slot, fill_canvases, fill_layout, filled_holes
+from ..constrained import Slot, canvas_pins, fill_layout, filled_holes
 from ..generate import (
     PREFILL_CHUNK,
     Commit,
@@ -41,7 +47,7 @@ from ..generate import (
 )
 from ..images import PreparedImage, chunk_ends, image_spans
 from ..model import Model
-from ..sampler import CanvasResult, SamplerSettings, SeededNoise, StepDraft
+from ..sampler import BlockSampler, Noise, Pins, RowNoise, SamplerSettings, SeededNoise, StepDraft
 
 
 class QueueFull(RuntimeError):
@@ -71,6 +77,41 @@ class Encoded:
 
 
 Event = Encoded | Draft | Commit | Done | FillDone | Failed
+
+
+@dataclass
+class CanvasRequest:
+    """A request's next canvas, for the worker to denoise (with others' when it can): its sampler yields this
+    and reads `result` when the request resumes."""
+
+    settings: SamplerSettings
+    noise: Noise
+    cache: EncoderCache
+    canvas_index: int
+    pins: Pins | None
+    length: int
+    result: tuple[mx.array, list[int], int] | None = None  # as BlockSampler.denoise_canvas returns it
+
+    @property
+    def batch_key(self) -> tuple | None:
+        """Requests with equal keys can share a denoising batch: the same steps, schedule, decisions and canvas
+        length. None: this one runs alone (in fast mode the positions a row forwards would depend on the
+        other rows')."""
+        s = self.settings
+        if s.speed != "exact":
+            return None
+        return (s.steps, s.entropy_bound, s.t_min, s.t_max, s.stability_threshold, s.confidence_threshold, self.length)
+
+
+class ScheduledSampler(BlockSampler):
+    """A request's sampler whose canvases the worker denoises: each is a CanvasRequest yielded up the request's
+    events, answered before the request resumes."""
+
+    def denoise_canvas(self, cache, batch, canvas_index, finished, drafts, pins=None):  # noqa: ANN001, ANN201
+        length = self.canvas_length if pins is None else pins.tokens.shape[1]
+        request = CanvasRequest(self.settings, self.noise, cache, canvas_index, pins, length)
+        yield request
+        return request.result
 
 
 def prompt_key(ids: Sequence[int], spans: Sequence[tuple[int, int]], images: Sequence[PreparedImage]) -> tuple:
@@ -125,6 +166,7 @@ class Job:
     # which the next turn's prompt extends (its full prompt, which the next turn does not, is kept anyway).
     keep_prefix: int | None = None
     images: list[PreparedImage] = field(default_factory=list)  # one per run of image tokens, in order
+    drafts: bool = False  # hand out each denoising step's draft of the canvas
     cancelled: threading.Event = field(default_factory=threading.Event)
     queued_at: float = field(default_factory=time.perf_counter)
     _queue: asyncio.Queue | None = None
@@ -146,8 +188,24 @@ class Job:
             yield event
 
 
+@dataclass
+class _Running:
+    """An admitted request on the worker: its events, and the canvas it waits for (None: other work first)."""
+
+    job: Job
+    events: Iterator[Event | CanvasRequest]
+    request: CanvasRequest | None = None
+    started: bool = False  # it has had a turn
+    canvases: int = 0  # canvases denoised for it so far
+    failure: str | None = None  # its canvas failed: the one-line reason
+
+
 class Engine:
-    """The model, its tokenizer and the worker thread that serves every request."""
+    """The model, its tokenizer and the worker thread that serves every request.
+
+    `max_concurrent` requests run at once, up to `max_batch` of them denoised as one batch (1: one after
+    another, canvas by canvas); beyond them up to `max_queue` wait.
+    """
 
     def __init__(
         self,
@@ -156,16 +214,18 @@ class Engine:
         max_concurrent: int = 4,
         max_queue: int = 16,
         prompt_cache_entries: int = 8,
+        max_batch: int | None = None,
     ):
         self.model, self.tokenizer = model, tokenizer
         # MLX streams are per thread (MLX >= 0.31.2): an array the model left lazy on this thread (RoPE's
         # frequencies are not parameters) cannot be evaluated on the worker's, so evaluate every one here.
         mx.eval(model.filter_and_map(lambda _module, _key, _value: True))
         self.max_concurrent, self.max_queue = max_concurrent, max_queue
+        self.max_batch = max_concurrent if max_batch is None else max_batch
         self.prompt_cache = PromptCache(prompt_cache_entries)
         self._waiting: collections.deque[Job] = collections.deque()
-        self._active: collections.deque[tuple[Job, Iterator[Event]]] = collections.deque()
-        self._advancing = 0  # the request the worker is running now (1), which `_active` lacks meanwhile
+        self._active: collections.deque[_Running] = collections.deque()
+        self._advancing = 0  # requests in the worker's turn now, which `_active` lacks meanwhile
         self._wake = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._serve, name="dgemma-engine", daemon=True)
@@ -211,44 +271,125 @@ class Engine:
                     self._wake.wait()
                 if self._stopping:
                     break
-                while self._waiting and len(self._active) < self.max_concurrent:
-                    job = self._waiting.popleft()
-                    if job.cancelled.is_set():  # its client left while it waited
-                        job._emit(None)
-                        continue
-                    # A newcomer goes first: its wait for a first canvas is the canvas in progress, not a round.
-                    self._active.appendleft((job, self._run(job)))
+                self._admit()
                 if not self._active:
                     continue
-                job, events = self._active.popleft()
-                self._advancing = 1  # off `_active` while it runs, but still a request being served
-            more = self._advance(job, events)
+                turn = self._next_turn()
+                self._advancing = len(turn)
+            if turn[0].request is not None:
+                self._denoise(turn)
+            ahead, behind = [], []
+            for running in turn:
+                if self._advance(running):
+                    # A request's first canvas goes first: its wait is the turn in progress, not a round.
+                    (ahead if running.request is not None and not running.canvases else behind).append(running)
             with self._wake:
                 self._advancing = 0
-                if more:
-                    self._active.append((job, events))
-        for job, events in self._active:
-            events.close()
-            job._emit(Failed("the server is shutting down"))
-            job._emit(None)
+                self._active.extendleft(reversed(ahead))
+                self._active.extend(behind)
+        for running in self._active:
+            running.events.close()
+            running.job._emit(Failed("the server is shutting down"))
+            running.job._emit(None)
 
-    def _advance(self, job: Job, events: Iterator[Event]) -> bool:
-        """Run `job` up to its next committed canvas (or encoded prompt chunk); whether it has more to do."""
-        try:
-            if job.cancelled.is_set():
-                events.close()
+    def _admit(self) -> None:
+        while self._waiting and len(self._active) < self.max_concurrent:
+            job = self._waiting.popleft()
+            if job.cancelled.is_set():  # its client left while it waited
                 job._emit(None)
-                return False
-            for event in events:
+                continue
+            self._active.appendleft(_Running(job, self._run(job)))
+
+    def _next_turn(self) -> list[_Running]:
+        """The request whose turn it is, and those whose canvas can share a batch with its canvas. A request that
+        has not started yet goes before a canvas: its prompt's first chunk (a short prompt's whole) is encoded,
+        and it joins that canvas's batch rather than the next."""
+        if self._active[0].request is not None:
+            newcomer = next((running for running in self._active if not running.started), None)
+            if newcomer is not None:
+                self._active.remove(newcomer)
+                return [newcomer]
+        turn = [self._active.popleft()]
+        key = turn[0].request.batch_key if turn[0].request is not None else None
+        if key is None:
+            return turn
+        for running in list(self._active):
+            if len(turn) == self.max_batch:
+                break
+            if running.request is not None and running.request.batch_key == key:
+                self._active.remove(running)
+                turn.append(running)
+        return turn
+
+    def _denoise(self, turn: list[_Running]) -> None:
+        """One canvas for every request of `turn` as one denoising batch; each request's `result` is its row's."""
+        requests = [running.request for running in turn]
+        try:
+            steps = self._canvas_steps(requests)
+            while True:
+                try:
+                    draft = next(steps)
+                except StopIteration as done:
+                    argmax, rows_steps, forwarded = done.value
+                    break
+                if all(running.job.cancelled.is_set() for running in turn):  # everyone left: stop here
+                    steps.close()
+                    return
+                self._hand_out_drafts(turn, draft)
+        except Exception as error:  # a failure ends these requests, never the server
+            for running in turn:
+                running.failure = _one_line(error)
+            return
+        for row, (running, request) in enumerate(zip(turn, requests)):
+            request.result = argmax[row : row + 1], [rows_steps[row]], forwarded
+            running.canvases += 1
+
+    def _canvas_steps(self, requests: list[CanvasRequest]) -> Iterator[StepDraft]:
+        """The requests' canvas denoised, a step at a time: one request's alone, or several stacked as one batch."""
+        first = requests[0]
+        if len(requests) == 1:
+            sampler = BlockSampler(self.model, first.settings, first.noise)
+            return sampler.denoise_canvas(first.cache, 1, first.canvas_index, [False], True, first.pins)
+        batch = len(requests)
+        cache = EncoderCache.stacked([request.cache for request in requests], first.length)
+        noise = RowNoise([(request.noise, request.canvas_index) for request in requests])
+        pins = Pins.stacked([request.pins for request in requests], first.length)
+        sampler = BlockSampler(self.model, first.settings, noise)
+        return sampler.denoise_canvas(cache, batch, 0, [False] * batch, True, pins)
+
+    def _hand_out_drafts(self, turn: list[_Running], draft: StepDraft) -> None:
+        wanted = [row for row, running in enumerate(turn) if running.job.drafts and not running.job.cancelled.is_set()]
+        if not wanted:
+            return
+        rows = draft.argmax.tolist()
+        for row in wanted:
+            text = self.tokenizer.decode(rows[row], skip_special_tokens=True)
+            turn[row].job._emit(Draft(turn[row].request.canvas_index, draft.step, text))
+
+    def _advance(self, running: _Running) -> bool:
+        """Run a request up to its next canvas (or the next chunk of its prompt); whether it has more to do."""
+        job = running.job
+        if running.failure is not None or job.cancelled.is_set():
+            running.events.close()
+            if running.failure is not None:
+                job._emit(Failed(running.failure))
+            job._emit(None)
+            return False
+        running.request, running.started = None, True
+        try:
+            for event in running.events:
+                if isinstance(event, CanvasRequest):
+                    running.request = event
+                    return True
                 if job.cancelled.is_set():
-                    events.close()
+                    running.events.close()
                     job._emit(None)
                     return False
                 job._emit(event)
                 if isinstance(event, (Done, FillDone)):
                     job._emit(None)
                     return False
-                if isinstance(event, (Commit, Encoded)):
+                if isinstance(event, Encoded):
                     return True
         except Exception as error:  # a failure ends this request, never the server
             job._emit(Failed(_one_line(error)))
@@ -257,22 +398,22 @@ class Engine:
         job._emit(None)
         return False
 
-    def _run(self, job: Job) -> Iterator[Event]:
-        """A job's events: its prompt encoded (reusing a cached prefix), then its canvases."""
+    def _run(self, job: Job) -> Iterator[Event | CanvasRequest]:
+        """A request's events: its prompt encoded (reusing a cached prefix), then its canvases."""
         stats = GenerationStats()
         cache = yield from self._encoded(job, stats)
-        noise = SeededNoise(job.settings.seed)
+        sampler = ScheduledSampler(self.model, job.settings, SeededNoise(job.settings.seed))
         if job.slots is None:
-            turn = Turn(self.model, self.tokenizer, job.settings, noise)
+            turn = Turn(self.model, self.tokenizer, job.settings, None, sampler=sampler)
             turn.stats = stats
-            yield from turn.run(cache, drafts=True)
+            yield from turn.run(cache, drafts=False)
             yield Done(turn.result())
             return
-        yield from self._fill(job, cache, noise, stats)
+        yield from self._fill(job, cache, sampler, stats)
 
     def _encoded(self, job: Job, stats: GenerationStats) -> Iterator[Event]:
-        """Encode what the prompt cache lacks, a chunk at a time, the end of each chunk but the last a turn for
-        the next request (a long prompt does not hold the others up); returns the cache."""
+        """Encode what the prompt cache lacks, a chunk at a time, a turn for the next request after each chunk's
+        worth of tokens (a long prompt does not hold the others up); returns the cache."""
         ids = job.prompt_ids
         spans = image_spans(ids, self.model.config.image_token_id) if job.images else []
         if len(spans) != len(job.images):
@@ -285,10 +426,11 @@ class Engine:
         start = time.perf_counter()
         extra = [job.keep_prefix] if job.keep_prefix is not None else []
         ends = chunk_ends(len(ids), spans, PREFILL_CHUNK, start=reused, extra=extra) if reused < len(ids) else []
-        begin = reused
+        begin = this_turn = reused
         for end in ends:
-            if begin > reused:
+            if begin - this_turn >= PREFILL_CHUNK:
                 yield Encoded(begin)
+                this_turn = begin
             encode_chunk(self.model, cache, ids, begin, end, spans, job.images)
             if end == job.keep_prefix:
                 self.prompt_cache.store(key[:end], cache)
@@ -299,23 +441,20 @@ class Engine:
         self.prompt_cache.store(key, cache)
         return cache
 
-    def _fill(self, job: Job, cache: EncoderCache, noise: SeededNoise, stats: GenerationStats) -> Iterator[Event]:
+    def _fill(
+        self, job: Job, cache: EncoderCache, sampler: ScheduledSampler, stats: GenerationStats
+    ) -> Iterator[Event | CanvasRequest]:
         slots = fill_layout(self.model, job.prompt_ids, job.slots, job.settings)
         tokens: list[int] = []
         begin = time.perf_counter()
-        for result in fill_canvases(self.model, cache, slots, job.settings, noise, drafts=True):
-            if isinstance(result, StepDraft):
-                text = self.tokenizer.decode(result.argmax[0].tolist(), skip_special_tokens=True)
-                yield Draft(result.canvas, result.step, text)
+        for result in sampler.pinned_canvases(cache, canvas_pins(self.model, slots)):
+            if isinstance(result, CanvasRequest):
+                yield result
                 continue
-            assert isinstance(result, CanvasResult)
-            row = result.tokens[0].tolist()
-            tokens += row
+            tokens += result.tokens[0].tolist()
             stats.canvases += 1
             stats.denoising_steps += result.steps[0]
             stats.positions_forwarded += result.forwarded
-            if not result.finished[0]:  # a turn for the others; after the last canvas, the holes come at once
-                yield Commit("", "", row)
         holes = filled_holes(self.model, slots, tokens)
         stats.record_generation(sum(len(hole) for hole in holes), time.perf_counter() - begin)
         yield FillDone([self.tokenizer.decode(hole, skip_special_tokens=True) for hole in holes], stats)

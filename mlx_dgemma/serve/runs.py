@@ -373,6 +373,7 @@ class Generation:
             slots=prepared.slots,
             keep_prefix=prepared.keep_prefix,
             images=prepared.images,
+            drafts=drafts,
         )
         self.fill = prepared.slots is not None
         self.hole = sum(slot.kind != PINNED for slot in prepared.slots or ())
