@@ -5,12 +5,12 @@
 
 A live server (`dgemma serve` in its own process, loopback) on a random-weight
 checkpoint with the test tokenizer, run both ways it can share the model: as
-it does by default, denoising the running requests together as one batch
-(joining and leaving at canvas boundaries), and with `--max-batch 1`, taking
-turns canvas by canvas. For each client count N, N clients send their requests
-at once (half chat replies of two canvases, half short infills through
-/v1/completions with a suffix), all streamed, to each server; then the same
-requests are sent one after another. Reported per N: aggregate completion
+it does by default, the running requests taking turns canvas by canvas, and
+with `--max-batch N`, denoising them together as one batch (joining and
+leaving at canvas boundaries). For each client count N, N clients send their
+requests at once (half chat replies of two canvases, half short infills
+through /v1/completions with a suffix), all streamed, to each server; then the
+same requests are sent one after another. Reported per N: aggregate completion
 tokens/s each way, and the median time from a request's send to its first
 committed text.
 
@@ -186,16 +186,16 @@ def head_of_line(url: str, steps: int, canvas: int, repeats: int) -> dict[str, f
 
 def table(levels: list[dict[str, Any]], hol: dict[str, float]) -> str:
     lines = [
-        "| clients | tokens/s, one batch | tokens/s, taking turns | tokens/s, one at a time | batch ÷ one at a time"
-        " | first canvas, median s (batch / turns / alone) |",
+        "| clients | tokens/s, taking turns | tokens/s, one batch | tokens/s, one at a time | turns ÷ one at a time"
+        " | first canvas, median s (turns / batch / alone) |",
         "|---|---|---|---|---|---|",
     ]
     for row in levels:
-        batch, turns, alone = row["batch"], row["turns"], row["alone"]
+        turns, batch, alone = row["turns"], row["batch"], row["alone"]
         lines.append(
-            f"| {row['clients']} | {batch['tokens_per_s']:.1f} | {turns['tokens_per_s']:.1f}"
-            f" | {alone['tokens_per_s']:.1f} | {batch['tokens_per_s'] / alone['tokens_per_s']:.2f}×"
-            f" | {batch['median_first_canvas_s']:.2f} / {turns['median_first_canvas_s']:.2f}"
+            f"| {row['clients']} | {turns['tokens_per_s']:.1f} | {batch['tokens_per_s']:.1f}"
+            f" | {alone['tokens_per_s']:.1f} | {turns['tokens_per_s'] / alone['tokens_per_s']:.2f}×"
+            f" | {turns['median_first_canvas_s']:.2f} / {batch['median_first_canvas_s']:.2f}"
             f" / {alone['median_first_canvas_s']:.2f} |"
         )
     lines.append(
@@ -212,6 +212,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--canvas", type=int, default=64, help="canvas length of the checkpoint (default 64)")
     parser.add_argument("--clients", default="1,2,4,8", help="comma-separated client counts")
     parser.add_argument("--steps", type=int, default=8, help="denoising steps per canvas (default 8)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of every measurement, medians kept (default 3)")
     parser.add_argument("--repeats", type=int, default=3, help="head-of-line repeats (default 3)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     return parser.parse_args(argv)
@@ -220,27 +221,45 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     counts = [int(n) for n in args.clients.split(",") if n.strip()]
-    levels: list[dict[str, Any]] = [{"clients": n} for n in counts]
     with tempfile.TemporaryDirectory() as folder:
         path = build_checkpoint(args.shape, args.canvas, Path(folder))
-        for way, max_batch in (("batch", None), ("turns", 1)):  # one server at a time: the CPU is theirs alone
-            server = LiveServer(path, max_concurrent=max(counts), max_batch=max_batch)
-            try:
-                timed_request(server.url, "infill", 0, args.steps, args.canvas)  # compile the graphs once
-                for row in levels:
-                    row[way] = at_once(server.url, row["clients"], args.steps, args.canvas)
-                    if way == "batch":
-                        row["alone"] = one_after_another(server.url, row["clients"], args.steps, args.canvas)
-                if way == "batch":
-                    hol = head_of_line(server.url, args.steps, args.canvas, args.repeats)
-            finally:
+        # Both servers up at once, one of them busy at a time (an idle server takes no CPU): each round measures
+        # every way back to back, so a drift in the machine's speed touches them alike.
+        # The server's default (taking turns), and every client's request in one batch.
+        ways = {"turns": None, "batch": max(counts)}
+        servers = {way: LiveServer(path, max(counts), max_batch) for way, max_batch in ways.items()}
+        try:
+            for server in servers.values():
+                for n in counts:  # compile the graphs once, for every batch size
+                    at_once(server.url, n, args.steps, args.canvas)
+            rounds: list[dict[int, dict[str, dict[str, float]]]] = []
+            for _ in range(args.rounds):
+                rounds.append({n: _level(servers, n, args.steps, args.canvas) for n in counts})
+            hol = head_of_line(servers["turns"].url, args.steps, args.canvas, args.repeats)
+        finally:
+            for server in servers.values():
                 server.close()
+    levels = [{"clients": n, **_medians([measured[n] for measured in rounds])} for n in counts]
     command = "python -m bench serve " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"## dgemma serve, {args.shape} shape, canvas {args.canvas}, {args.steps} steps\n\n`{command.strip()}`\n")
     print(table(levels, hol))
     if args.json:
         args.json.write_text(json.dumps({"levels": levels, "head_of_line": hol, "command": command}, indent=2))
     return 0
+
+
+def _level(servers: dict[str, LiveServer], clients: int, steps: int, canvas: int) -> dict[str, dict[str, float]]:
+    figures = {way: at_once(server.url, clients, steps, canvas) for way, server in servers.items()}
+    figures["alone"] = one_after_another(servers["turns"].url, clients, steps, canvas)
+    return figures
+
+
+def _medians(rounds: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """Each figure's median over the rounds."""
+    return {
+        way: {name: statistics.median(measured[way][name] for measured in rounds) for name in rounds[0][way]}
+        for way in rounds[0]
+    }
 
 
 if __name__ == "__main__":

@@ -42,12 +42,13 @@ AllowRemoteImagesOption = Annotated[
 ]
 MaxConcurrentOption = Annotated[int, typer.Option("--max-concurrent", min=1, help="Requests generated at once.")]
 MaxBatchOption = Annotated[
-    int | None,
+    int,
     typer.Option(
         "--max-batch",
         min=1,
-        help="Running requests denoised together as one batch, joining and leaving at canvas boundaries "
-        "(default: --max-concurrent; 1: they take turns canvas by canvas).",
+        help="Running requests denoised together as one batch, joining and leaving at canvas boundaries; 1: they "
+        "take turns canvas by canvas. More pays where a step is bound by memory rather than compute: measure "
+        "with python -m bench serve.",
     ),
 ]
 MaxQueueOption = Annotated[
@@ -62,7 +63,7 @@ def serve(
     api_key: ApiKeyOption = None,
     allow_origin: AllowOriginOption = None,
     max_concurrent: MaxConcurrentOption = 4,
-    max_batch: MaxBatchOption = None,
+    max_batch: MaxBatchOption = 1,
     max_queue: MaxQueueOption = 16,
     allow_remote_images: AllowRemoteImagesOption = False,
     adapter: AdapterOption = None,

@@ -1,24 +1,26 @@
-"""Serving many requests with one model: a worker thread denoises them together, canvas by canvas.
+"""Serving many requests with one model: a worker thread runs them canvas by canvas, in turns or batched.
 
 MLX runs on the worker thread alone. Each admitted request is a generator of
 events (its prompt's encoding, then a `Commit` per canvas) that hands each
-canvas it needs to the worker as a `CanvasRequest`. The worker takes turns: a
-turn is one chunk of one request's prompt, or one canvas for every running
-request that can share a denoising batch with the one whose turn it is (the
-same step settings and canvas length, exact mode: up to `max_batch` of them).
-Requests join and leave the batch at canvas boundaries, so none waits for
-another to finish: a short infill that arrives behind a long reply is encoded,
-then denoised with the reply's next canvas. A batch's rows are the requests'
-own caches stacked (`EncoderCache.stacked`: each keeps its positions) and each
-row draws its own noise (`RowNoise` over each request's `SeededNoise(seed)`),
-so what a request gets does not depend on who else is served, up to float
-rounding. A request's drafts come from its row of each step. A cancelled
-request (its client gone) is dropped at its next step when it is alone in its
-batch, at the canvas's end otherwise (its neighbours' canvas runs on), and its
-events stop at once. Prompts are encoded in chunks, and a prompt that extends
-one encoded before reuses that encoder cache (`PromptCache`). A prompt's images
-are encoded with the chunk that holds their tokens (never split), and the
-prompt cache tells prompts apart by their images too.
+canvas it needs to the worker as a `CanvasRequest`. The worker takes turns,
+round robin: a turn is one chunk's worth of one request's prompt, or one
+canvas of the request whose turn it is, denoised together with the canvases
+of up to `max_batch` - 1 other running requests that can share its batch (the
+same step settings and canvas length, exact mode). A request that has not
+started goes before a canvas, and its first canvas before the others'. So no
+request waits for another to finish: a short infill that arrives behind a long
+reply waits for the canvas in progress, not for the reply. A batch's rows are
+the requests' own caches stacked (`EncoderCache.stacked`: each keeps its
+positions) and each row draws its own noise (`RowNoise` over each request's
+`SeededNoise(seed)`), so what a request gets does not depend on who else is
+served, up to float rounding. A request's drafts come from its row of each
+step. A cancelled request (its client gone) is dropped at its next step when it
+is alone in its batch, at the canvas's end otherwise (its neighbours' canvas
+runs on), and its events stop at once. Prompts are encoded in chunks, and a
+prompt that extends one encoded before reuses that encoder cache
+(`PromptCache`). A prompt's images are encoded with the chunk that holds their
+tokens (never split), and the prompt cache tells prompts apart by their images
+too.
 """
 
 from __future__ import annotations
@@ -203,8 +205,10 @@ class _Running:
 class Engine:
     """The model, its tokenizer and the worker thread that serves every request.
 
-    `max_concurrent` requests run at once, up to `max_batch` of them denoised as one batch (1: one after
-    another, canvas by canvas); beyond them up to `max_queue` wait.
+    `max_concurrent` requests run at once, up to `max_batch` of them denoised as one batch (1: they take turns
+    canvas by canvas); beyond them up to `max_queue` wait. Where a step is bound by compute (a Mac's GPU, a
+    CPU), a batch of N takes about N times one row's time: the same throughput as taking turns, and each row's
+    canvas later; where it is bound by memory, a batch costs little more than a row.
     """
 
     def __init__(
@@ -214,14 +218,14 @@ class Engine:
         max_concurrent: int = 4,
         max_queue: int = 16,
         prompt_cache_entries: int = 8,
-        max_batch: int | None = None,
+        max_batch: int = 1,
     ):
         self.model, self.tokenizer = model, tokenizer
         # MLX streams are per thread (MLX >= 0.31.2): an array the model left lazy on this thread (RoPE's
         # frequencies are not parameters) cannot be evaluated on the worker's, so evaluate every one here.
         mx.eval(model.filter_and_map(lambda _module, _key, _value: True))
         self.max_concurrent, self.max_queue = max_concurrent, max_queue
-        self.max_batch = max_concurrent if max_batch is None else max_batch
+        self.max_batch = max_batch
         self.prompt_cache = PromptCache(prompt_cache_entries)
         self._waiting: collections.deque[Job] = collections.deque()
         self._active: collections.deque[_Running] = collections.deque()
