@@ -404,7 +404,7 @@ class Model(nn.Module):
         blocks = None
         if image_features is not None:
             h, blocks = self._place_images(input_ids, h, image_features)
-        masks = self._encoder_masks(cache, batch, length, attention_mask, blocks)
+        masks = self.encoder_masks(cache, batch, length, attention_mask, blocks)
         scalars = self.model.encoder.language_model.layers
         *layers, last = list(zip(self.layers, cache.layers, scalars))
         for layer, layer_cache, scalar in layers:
@@ -516,7 +516,7 @@ class Model(nn.Module):
         cap = self.text_config.final_logit_softcapping
         return logit_softcap(mx.array(cap, dtype=mx.float32), logits) if cap else logits
 
-    def _encoder_masks(
+    def encoder_masks(
         self,
         cache: EncoderCache,
         batch: int,
@@ -524,7 +524,8 @@ class Model(nn.Module):
         attention_mask: mx.array | None,
         blocks: mx.array | None = None,
     ) -> dict[int | None, mx.array]:
-        """Boolean masks (batch|1, 1, length, keys), one per kind of layer cache (keyed by what it keeps).
+        """Boolean masks (batch|1, 1, length, keys) for `length` new positions after `cache`'s, one per kind of
+        layer cache (keyed by what it keeps: `LayerCache.keep`).
 
         `blocks` (batch, length) numbers each image's tokens (-1: text): a block's tokens also see each other.
         """

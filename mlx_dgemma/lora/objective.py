@@ -225,30 +225,18 @@ def _checkpointed(layer: nn.Module, fn: Callable[..., object], enabled: bool) ->
     return lambda *arrays: checkpoint(layer.trainable_parameters(), *arrays)
 
 
-def _encoder_masks(model: Model, valid: mx.array, padded: bool) -> dict[bool, mx.array]:
-    """Causal masks (batch|1, 1, length, length) for full (False) and sliding (True) layers."""
-    length = valid.shape[1]
-    query = mx.arange(length)[:, None]
-    key = mx.arange(length)[None, :]
-    causal = key <= query
-    masks = {False: causal, True: causal & (key > query - model.text_config.sliding_window)}
-    if padded:
-        # A padded query sees itself at least, so its (never read) output stays finite.
-        return {k: ((m[None] & valid[:, None, :]) | (key == query)[None])[:, None] for k, m in masks.items()}
-    return {k: m[None, None] for k, m in masks.items()}
-
-
 def encode(
     model: Model, inputs: mx.array, valid: mx.array, padded: bool = True, checkpoint: bool = False
 ) -> tuple[mx.array, list[tuple[mx.array, mx.array]]]:
     """The encoder over whole sequences: its last hidden states (normed, before the tied head) and each
     layer's keys and values (batch, kv_heads, length, head_dim) as the cache would hold them."""
-    masks = _encoder_masks(model, valid, padded)
+    empty = model.make_cache()  # the masks are those the encoder uses for a first chunk
+    masks = model.encoder_masks(empty, *inputs.shape, valid if padded else None)
     h = model.embed(inputs)
     states = []
     scalars = model.model.encoder.language_model.layers
-    for layer, scalar, shape in zip(model.layers, scalars, model.text_config.layers):
-        mask = masks[shape.is_sliding]
+    for layer, scalar, layer_cache in zip(model.layers, scalars, empty.layers):
+        mask = masks[layer_cache.keep]
 
         def run(h, layer=layer, scalar=scalar.layer_scalar, mask=mask):
             context = _Context()
