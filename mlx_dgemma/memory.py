@@ -15,6 +15,12 @@ Peak memory for a context of N tokens is estimated as
   + attention scores             query heads x Q x (N + Q) x 4 bytes, Q = max(canvas, prefill chunk)
   + one layer's KV copy          the decoder attends over [cache, canvas], a concatenated copy
 
+A server keeps several caches (`caches`: its running requests' and its prompt
+cache's) and may denoise several canvases as one batch (`rows`): the KV cache
+counts once per cache; the vocabulary-wide arrays, the decoder's attention
+scores and the layer copy once per row, and a batch of rows also holds a
+stacked copy of its rows' caches.
+
 The default context of a model with a vision tower holds one image besides the
 text: `IMAGE_PROMPT_TOKENS` more positions.
 """
@@ -416,19 +422,24 @@ def config_and_weights(path_or_config: str | Path | ModelConfig) -> tuple[ModelC
     return config, weights, value_bytes
 
 
-def estimate_memory(path_or_config: str | Path | ModelConfig, context: int) -> MemoryEstimate:
-    """The estimate's parts for a context of `context` tokens (see the module docstring)."""
+def estimate_memory(
+    path_or_config: str | Path | ModelConfig, context: int, caches: int = 1, rows: int = 1
+) -> MemoryEstimate:
+    """The estimate's parts for a context of `context` tokens, `caches` caches of it kept and `rows` canvases
+    denoised as one batch (see the module docstring)."""
     if context < 1:
         raise ValueError(f"context must be a positive number of tokens, got {context}")
     config, weights, value_bytes = config_and_weights(path_or_config)
     text = config.text
     canvas = config.canvas_length
-    queries = max(canvas, PREFILL_CHUNK)
-    vocab_wide = VOCAB_ARRAYS * canvas * text.vocab_size * FLOAT32_BYTES
-    scores = text.num_attention_heads * queries * (context + queries) * FLOAT32_BYTES
-    layer_copy = max(_layer_kv_bytes(config, shape, context + canvas, value_bytes) for shape in text.layers)
-    kv_cache = kv_cache_bytes(config, context, value_bytes)
-    return MemoryEstimate(context, weights, kv_cache, vocab_wide + scores + layer_copy)
+    vocab_wide = rows * VOCAB_ARRAYS * canvas * text.vocab_size * FLOAT32_BYTES
+    # The larger of a batch's canvases attending over their caches and a prefill chunk over its own.
+    score_values = max(rows * canvas * (context + canvas), PREFILL_CHUNK * (context + PREFILL_CHUNK))
+    scores = text.num_attention_heads * score_values * FLOAT32_BYTES
+    layer_copy = rows * max(_layer_kv_bytes(config, shape, context + canvas, value_bytes) for shape in text.layers)
+    one_cache = kv_cache_bytes(config, context, value_bytes)
+    stacked = rows * one_cache if rows > 1 else 0
+    return MemoryEstimate(context, weights, caches * one_cache, vocab_wide + scores + layer_copy + stacked)
 
 
 def estimate_peak_bytes(path_or_config: str | Path | ModelConfig, context: int) -> int:

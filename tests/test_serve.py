@@ -894,3 +894,21 @@ def _proc_address(address: str, width: int) -> str:
         return str(ipaddress.IPv4Address(raw[::-1]))
     # IPv6 in /proc is four little-endian 32-bit words.
     return str(ipaddress.IPv6Address(b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))))
+
+
+def test_serving_memory_warning(model_dir, monkeypatch):
+    """The pre-load check counts one request; a server warns when its running requests' caches, its kept prompts
+    and a batch's canvases may not fit."""
+    from mlx_dgemma import memory
+    from mlx_dgemma.cli.serve import serving_memory_warning
+
+    one = memory.estimate_memory(model_dir, 200)
+    assert memory.estimate_memory(model_dir, 200, caches=3).kv_cache == 3 * one.kv_cache
+    batch = memory.estimate_memory(model_dir, 200, rows=4)
+    assert batch.activations > one.activations + 4 * one.kv_cache and batch.kv_cache == one.kv_cache
+    need = memory.estimate_memory(model_dir, CONTEXT, caches=2 + 8, rows=2).total
+    monkeypatch.setattr(memory, "available_memory", lambda: (need, "a test's budget"))
+    assert serving_memory_warning(model_dir, 2, 2, 8) is None
+    monkeypatch.setattr(memory, "available_memory", lambda: (need - 1, "a test's budget"))
+    warning = serving_memory_warning(model_dir, 2, 2, 8)
+    assert "2 requests at once (up to 2 as one batch)" in warning and "--max-concurrent" in warning, warning

@@ -82,8 +82,11 @@ def serve(
 
     listener = _listen(host, port)
     try:
-        loaded, tokenizer, _ = load_checkpoint(model, {}, adapter=adapter)
+        loaded, tokenizer, path = load_checkpoint(model, {}, adapter=adapter)
         engine = Engine(loaded, tokenizer, max_concurrent=max_concurrent, max_queue=max_queue, max_batch=max_batch)
+        warning = serving_memory_warning(path, max_concurrent, max_batch, engine.prompt_cache.entries)
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
     except BaseException:
         listener.close()
         raise
@@ -139,3 +142,23 @@ def _listen(host: str, port: int) -> socket.socket:
 
 def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
+
+
+def serving_memory_warning(path: Path, max_concurrent: int, max_batch: int, kept_prompts: int) -> str | None:
+    """What to say when serving at these settings may not fit this machine's memory (None: it fits). The check
+    before loading counts one request; a server holds `max_concurrent` requests' caches and `kept_prompts`
+    prompt caches, and denoises up to `max_batch` canvases at once."""
+    from ..config import ModelConfig
+    from ..memory import DEFAULT_CONTEXT, available_memory, estimate_memory, format_bytes
+
+    context = min(DEFAULT_CONTEXT, ModelConfig.from_path(path).text.max_position_embeddings)
+    estimate = estimate_memory(path, context, caches=max_concurrent + kept_prompts, rows=max_batch)
+    available, source = available_memory()
+    if estimate.total <= available:
+        return None
+    return (
+        f"{max_concurrent} requests at once (up to {max_batch} as one batch) with {context}-token prompts, and "
+        f"{kept_prompts} prompts kept for reuse, may need about {format_bytes(estimate.total)}, more than this "
+        f"machine's {format_bytes(available)} ({source}); lower --max-concurrent or --max-batch if requests fail "
+        "for lack of memory"
+    )
