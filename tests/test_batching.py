@@ -128,8 +128,8 @@ def _served(engine: Engine, jobs: list[Job], gate=None) -> list[list[tuple]]:
 
 def test_requests_in_one_batch_get_what_they_get_alone(loaded):
     """Replies after prompts of different lengths, a fill-in-the-middle whose first canvas is a whole one (pinned
-    rows beside free ones) and a reply with other step settings (it cannot share their batch): on an engine that
-    batches, each gets the commits, drafts and text it gets served alone."""
+    rows beside free ones), a reply with other step settings and one in fast mode (neither can share their
+    batch): on an engine that batches, each gets the commits, drafts and text it gets served alone."""
     model, tokenizer = loaded
     settings = default_settings(model).updated(steps=3, max_new_tokens=2 * CANVAS)
     generator = np.random.default_rng(1)
@@ -142,7 +142,8 @@ def test_requests_in_one_batch_get_what_they_get_alone(loaded):
         ]
         fill = Job(fill_ids, settings.updated(seed=14), slots=slots, drafts=True)
         other_steps = Job(prompts[0], settings.updated(seed=15, steps=4))
-        return [*replies, fill, other_steps]
+        fast = Job(prompts[1], settings.updated(seed=16, speed="fast"))  # alone: its forwarded rows are its own
+        return [*replies, fill, other_steps, fast]
 
     prompts = [[2, *generator.integers(10, 300, length).tolist()] for length in PROMPT_LENGTHS]
     alone_engine = Engine(model, tokenizer, max_concurrent=1, max_batch=1)
