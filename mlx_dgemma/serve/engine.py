@@ -29,7 +29,7 @@ import asyncio
 import collections
 import threading
 import time
-from collections.abc import AsyncIterator, Hashable, Iterator, Sequence
+from collections.abc import AsyncIterator, Generator, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -109,7 +109,15 @@ class ScheduledSampler(BlockSampler):
     """A request's sampler whose canvases the worker denoises: each is a CanvasRequest yielded up the request's
     events, answered before the request resumes."""
 
-    def denoise_canvas(self, cache, batch, canvas_index, finished, drafts, pins=None):  # noqa: ANN001, ANN201
+    def denoise_canvas(
+        self,
+        cache: EncoderCache,
+        batch: int,
+        canvas_index: int,
+        finished: list[bool],
+        drafts: bool,
+        pins: Pins | None = None,
+    ) -> Generator[CanvasRequest, None, tuple[mx.array, list[int], int]]:
         length = self.canvas_length if pins is None else pins.tokens.shape[1]
         request = CanvasRequest(self.settings, self.noise, cache, canvas_index, pins, length)
         yield request
