@@ -19,7 +19,7 @@ from tokenizer_fixture import write_tokenizer
 import mlx_dgemma
 from mlx_dgemma.cache import EncoderCache
 from mlx_dgemma.constrained import infill_layout
-from mlx_dgemma.generate import Commit, Done, Draft, default_settings
+from mlx_dgemma.generate import PREFILL_CHUNK, Commit, Done, Draft, default_settings
 from mlx_dgemma.sampler import Pins, RowNoise, SeededNoise
 from mlx_dgemma.serve.engine import Encoded, Engine, FillDone, Job
 
@@ -161,3 +161,38 @@ def test_requests_in_one_batch_get_what_they_get_alone(loaded):
     assert together == alone
     assert max(gated.batch_sizes) == 4, gated.batch_sizes  # three replies and the fill's first canvas
     assert [kind for kind, *_ in alone[3]].count("draft") > 0 and alone[3][-1][0] == "fill"
+
+
+def test_a_long_prompt_takes_turns_with_a_running_reply(loaded):
+    """A prompt of several chunks is encoded a chunk's worth per turn: a running reply commits canvases in
+    between, and both get what they get alone."""
+    model, tokenizer = loaded
+    settings = default_settings(model).updated(steps=2, eos_token_ids=[])
+    generator = np.random.default_rng(2)
+    long_prompt = [2, *generator.integers(10, 300, 2 * PREFILL_CHUNK + 100).tolist()]
+
+    def jobs() -> list[Job]:
+        reply = Job([2, 40, 41, 42], settings.updated(seed=21, max_new_tokens=4 * CANVAS))
+        return [reply, Job(long_prompt, settings.updated(seed=22, max_new_tokens=CANVAS))]
+
+    alone_engine = Engine(model, tokenizer, max_concurrent=1)
+    try:
+        alone = [_served(alone_engine, [job])[0] for job in jobs()]
+    finally:
+        alone_engine.close()
+    gated = GatedModel(model)  # the reply is held at its prompt until the long prompt is queued too
+    engine = Engine(gated, tokenizer, max_concurrent=2)
+    order: list[tuple[int, str]] = []
+    together_jobs = jobs()
+    for index, job in enumerate(together_jobs):  # what the worker hands each job, in the order it does
+        emit = job._emit
+        job._emit = lambda event, index=index, emit=emit: (order.append((index, type(event).__name__)), emit(event))
+    try:
+        together = _served(engine, together_jobs, gated.gate)
+    finally:
+        gated.gate.set()
+        engine.close()
+    assert together == alone
+    chunk_turns = [at for at, (job, kind) in enumerate(order) if job == 1 and kind == "Encoded"]
+    assert len(chunk_turns) == 2, order
+    assert any(job == 0 and kind == "Commit" for job, kind in order[chunk_turns[0] : chunk_turns[1]]), order
