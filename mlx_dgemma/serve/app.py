@@ -1,7 +1,7 @@
 """The HTTP app of `dgemma serve`: OpenAI's, Ollama's and llama.cpp's APIs over one Engine.
 
-Every request becomes a Job on the engine, which interleaves them canvas by
-canvas; the routes only translate. `Guard` stands in front of all of them
+Every request becomes a Job on the engine, which runs them canvas by canvas,
+in turns or batched; the routes only translate. `Guard` stands in front of all of them
 (Host, Origin, API key, body size); errors come out in each API's own shape.
 """
 
