@@ -180,3 +180,17 @@ def assert_llamacpp_error(response: httpx.Response, statuses: tuple[int, ...] = 
     error = body["error"]
     assert isinstance(error, dict) and isinstance(error["message"], str) and error["message"], body
     return error["message"]
+
+
+class BrokenModel(_ModelProxy):
+    """The denoiser raises while `broken` is set (a failure inside generation, which must end only the requests
+    it hits)."""
+
+    def __init__(self, model: Any):
+        super().__init__(model)
+        self.broken = True
+
+    def denoise(self, *args: Any, **kwargs: Any) -> Any:
+        if self.broken:
+            raise RuntimeError("the device went away\nin the middle of a step")
+        return self._model.denoise(*args, **kwargs)

@@ -13,7 +13,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from checkpoints import build_reference_model, save_reference_checkpoint
-from serve_fixtures import GatedModel
+from serve_fixtures import BrokenModel, GatedModel, wait_until
 from tokenizer_fixture import write_tokenizer
 
 import mlx_dgemma
@@ -21,7 +21,7 @@ from mlx_dgemma.cache import EncoderCache
 from mlx_dgemma.constrained import infill_layout
 from mlx_dgemma.generate import PREFILL_CHUNK, Commit, Done, Draft, default_settings
 from mlx_dgemma.sampler import Pins, RowNoise, SeededNoise
-from mlx_dgemma.serve.engine import Encoded, Engine, FillDone, Job
+from mlx_dgemma.serve.engine import Encoded, Engine, Failed, FillDone, Job
 
 CANVAS = 16
 PROMPT_LENGTHS = (5, 9, 30)  # shorter and longer than the sliding window (12)
@@ -196,3 +196,39 @@ def test_a_long_prompt_takes_turns_with_a_running_reply(loaded):
     chunk_turns = [at for at, (job, kind) in enumerate(order) if job == 1 and kind == "Encoded"]
     assert len(chunk_turns) == 2, order
     assert any(job == 0 and kind == "Commit" for job, kind in order[chunk_turns[0] : chunk_turns[1]]), order
+
+
+@pytest.mark.parametrize("max_batch", [1, 2])
+def test_a_failing_canvas_ends_its_requests_and_the_engine_serves_on(loaded, max_batch):
+    """A step that raises fails the requests whose canvas it was (each with the error in one line); the next
+    request is served."""
+    model, tokenizer = loaded
+    settings = default_settings(model).updated(steps=2, max_new_tokens=CANVAS)
+    broken = BrokenModel(model)
+    gated = GatedModel(broken)
+    engine = Engine(gated, tokenizer, max_concurrent=2, max_batch=max_batch)
+
+    async def events_of(jobs: list[Job], gate=None) -> list[list]:
+        for job in jobs:
+            engine.submit(job)
+        if gate is not None:
+            gate.set()
+
+        async def collect(job: Job) -> list:
+            return [event async for event in job.events()]
+
+        return await asyncio.gather(*(collect(job) for job in jobs))
+
+    try:
+        failed = asyncio.run(events_of([Job([2, 40, 41], settings.updated(seed=s)) for s in (1, 2)], gated.gate))
+        for events in failed:
+            assert isinstance(events[-1], Failed), events
+            assert events[-1].message == "the device went away in the middle of a step"
+            assert not any(isinstance(event, (Commit, Done)) for event in events)
+        broken.broken = False
+        (served,) = asyncio.run(events_of([Job([2, 40, 41], settings.updated(seed=3))]))
+        assert isinstance(served[-1], Done), served
+        wait_until(lambda: engine.load == {"active": 0, "waiting": 0}, "the engine to be idle")
+    finally:
+        gated.gate.set()
+        engine.close()

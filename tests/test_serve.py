@@ -27,6 +27,7 @@ import openai
 import pytest
 from checkpoints import build_reference_model, save_reference_checkpoint
 from serve_fixtures import (
+    BrokenModel,
     GatedModel,
     LiveServer,
     ScriptedModel,
@@ -912,3 +913,27 @@ def test_serving_memory_warning(model_dir, monkeypatch):
     monkeypatch.setattr(memory, "available_memory", lambda: (need - 1, "a test's budget"))
     warning = serving_memory_warning(model_dir, 2, 2, 8)
     assert "2 requests at once (up to 2 as one batch)" in warning and "--max-concurrent" in warning, warning
+
+
+def test_a_failure_inside_generation_is_a_500_and_the_server_serves_on(loaded):
+    """A step that raises answers its request with a 500 (an error event on a stream), the error in one line; the
+    next request is answered."""
+    model, tokenizer = loaded
+    broken = BrokenModel(model)
+    engine = Engine(broken, tokenizer)
+    body = {"model": MODEL, "messages": HELLO, "seed": 1, "max_tokens": 16, **SAMPLER}
+    try:
+        with LiveServer(create_app(engine, MODEL)) as live, httpx.Client(base_url=live.url, timeout=60) as http:
+            response = http.post(OPENAI_CHAT, json=body)
+            assert response.status_code == 500, response.text
+            error = response.json()["error"]
+            assert error["code"] == "generation_failed"
+            assert error["message"] == "generation failed: the device went away in the middle of a step"
+            with http.stream("POST", OPENAI_CHAT, json={**body, "stream": True}) as stream:
+                lines = [line for line in stream.iter_lines() if line.startswith("data:")]
+            assert lines[-1] == "data: [DONE]"
+            assert json.loads(lines[-2][len("data:") :])["error"]["code"] == "generation_failed"
+            broken.broken = False
+            assert http.post(OPENAI_CHAT, json=body).status_code == 200
+    finally:
+        engine.close()
