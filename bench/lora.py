@@ -9,7 +9,7 @@ shape.
 A random-weight checkpoint of the shape is written by the transformers reference (tests/checkpoints.py, with the
 test tokenizer) and converted by our converter, through the real command: `dgemma convert SRC DST --bits 4
 --dtype float32` (the mixed recipe: experts at 4 bits, the other linears and the embedding at 8; float32 because
-MLX's CPU gather_mm takes float32 only: a bfloat16 mixture of experts cannot train on the CPU). Both are cached
+MLX's CPU gather_mm takes float32 only: a bfloat16 model's float parts would be cast at every matmul). Both are cached
 under OUT/checkpoints. A synthetic data set (train.jsonl, valid.jsonl of prompt/completion records of random
 words, each prompt `--prompt-tokens` and each answer about `--answer-tokens` tokens long once the chat template
 has rendered them) is written next to them. Then `dgemma lora` itself runs, in a process of its own, once per

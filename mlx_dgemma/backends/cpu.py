@@ -33,17 +33,18 @@ class Float32SwitchLinear(SwitchLinear):
 
 def needed(model: Model) -> bool:
     """Whether `apply` changes anything for this model."""
-    return any(_reduced_float(layer.experts) for layer in model.layers)
+    return any(_reduced_float_stacks(layer.experts) for layer in model.layers)
 
 
 def apply(model: Model) -> None:
     """Make reduced-precision float experts multiply in float32 (see the module's docstring)."""
     for layer in model.layers:
-        if _reduced_float(layer.experts):
-            for stack in (layer.experts.gate_up_proj, layer.experts.down_proj):
-                stack.__class__ = Float32SwitchLinear
+        for stack in _reduced_float_stacks(layer.experts):
+            stack.__class__ = Float32SwitchLinear
 
 
-def _reduced_float(experts: Experts) -> bool:
-    stack = experts.gate_up_proj
-    return type(stack) is SwitchLinear and stack.weight.dtype in (mx.bfloat16, mx.float16)
+def _reduced_float_stacks(experts: Experts) -> list[SwitchLinear]:
+    """The experts' stacks stored as reduced-precision floats: both, or one where a quantization left the other
+    float (a group size that does not divide its width)."""
+    stacks = (experts.gate_up_proj, experts.down_proj)
+    return [s for s in stacks if type(s) is SwitchLinear and s.weight.dtype in (mx.bfloat16, mx.float16)]
