@@ -232,3 +232,10 @@ def test_a_failing_canvas_ends_its_requests_and_the_engine_serves_on(loaded, max
     finally:
         gated.gate.set()
         engine.close()
+
+
+def test_engine_settings_are_checked(loaded):
+    model, tokenizer = loaded
+    for settings in ({"max_batch": 0}, {"max_concurrent": 0}, {"max_queue": -1}):
+        with pytest.raises(ValueError, match="max_batch >= 1"):
+            Engine(model, tokenizer, **settings)

@@ -228,6 +228,11 @@ class Engine:
         prompt_cache_entries: int = 8,
         max_batch: int = 1,
     ):
+        if max_concurrent < 1 or max_batch < 1 or max_queue < 0:
+            raise ValueError(
+                f"need max_concurrent >= 1, max_batch >= 1 and max_queue >= 0, got {max_concurrent}, "
+                f"{max_batch} and {max_queue}"
+            )
         self.model, self.tokenizer = model, tokenizer
         # MLX streams are per thread (MLX >= 0.31.2): an array the model left lazy on this thread (RoPE's
         # frequencies are not parameters) cannot be evaluated on the worker's, so evaluate every one here.
