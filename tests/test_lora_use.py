@@ -120,6 +120,16 @@ def test_generate_with_an_adapter_gives_the_libraries_tokens(base, adapter, caps
     assert tokens != api_generate(base).tokens  # the adapter changes what the model says
 
 
+def test_an_adapter_on_bfloat16_experts_runs_on_the_cpu(base, adapter, tmp_path):
+    """Expert adapters over experts stored as bfloat16: the adapted stacks multiply in float32 where MLX's
+    gather_mm takes float32 only (the CPU), so the model runs and agrees with the float32 base's."""
+    bf16 = convert_checkpoint(base, tmp_path / "bf16", dtype="bfloat16", recipe="none")
+    ours, reference = logits(bf16, adapter), logits(base, adapter)
+    ours, reference = ours.reshape(-1, ours.shape[-1]), reference.reshape(-1, reference.shape[-1])
+    cosine = (ours * reference).sum(-1) / np.linalg.norm(ours, axis=-1) / np.linalg.norm(reference, axis=-1)
+    assert np.isfinite(ours).all() and cosine.mean() > 0.97, cosine
+
+
 def test_chat_infill_and_edit_take_an_adapter(base, adapter, capsys, monkeypatch, tmp_path):
     expected = api_generate(base, adapter).text
     monkeypatch.setattr(sys, "stdin", io.StringIO(f"{PROMPT}\n/quit\n"))

@@ -45,6 +45,6 @@ def apply(model: Model) -> None:
 
 def _reduced_float_stacks(experts: Experts) -> list[SwitchLinear]:
     """The experts' stacks stored as reduced-precision floats: both, or one where a quantization left the other
-    float (a group size that does not divide its width)."""
-    stacks = (experts.gate_up_proj, experts.down_proj)
+    float (a group size that does not divide its width); under a LoRA adapter, the stack it adapts."""
+    stacks = [getattr(stack, "linear", stack) for stack in (experts.gate_up_proj, experts.down_proj)]
     return [s for s in stacks if type(s) is SwitchLinear and s.weight.dtype in (mx.bfloat16, mx.float16)]
