@@ -101,17 +101,21 @@ class GatedModel(_ModelProxy):
         self.gate = threading.Event()
         self.entered = threading.Event()  # the worker is held at the gate
         self.batch_sizes: list[int] = []  # rows of each decoder pass
+        self.denoised_offsets: list[int] = []  # the cache's offset of each decoder pass
+        self.held_offset: int | None = None  # the offset of the cache being encoded at the gate
 
-    def denoise(self, canvas_ids: mx.array, *args: Any, **kwargs: Any) -> Any:
+    def denoise(self, canvas_ids: mx.array, cache: Any, *args: Any, **kwargs: Any) -> Any:
         self.denoised = True
         self.batch_sizes.append(canvas_ids.shape[0])
-        return self._model.denoise(canvas_ids, *args, **kwargs)
+        self.denoised_offsets.append(cache.offset)
+        return self._model.denoise(canvas_ids, cache, *args, **kwargs)
 
-    def encode(self, *args: Any, **kwargs: Any) -> None:
+    def encode(self, input_ids: mx.array, cache: Any, *args: Any, **kwargs: Any) -> None:
         if self.hold == "prompt" or self.denoised:
+            self.held_offset = cache.offset
             self.entered.set()
             self.gate.wait(timeout=60)
-        return self._model.encode(*args, **kwargs)
+        return self._model.encode(input_ids, cache, *args, **kwargs)
 
 
 class ScriptedModel(_ModelProxy):

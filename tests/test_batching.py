@@ -239,3 +239,40 @@ def test_engine_settings_are_checked(loaded):
     for settings in ({"max_batch": 0}, {"max_concurrent": 0}, {"max_queue": -1}):
         with pytest.raises(ValueError, match="max_batch >= 1"):
             Engine(model, tokenizer, **settings)
+
+
+@pytest.mark.parametrize("max_batch", [1, 2])
+def test_a_request_cancelled_while_it_waits_for_its_canvas_costs_no_step(loaded, max_batch):
+    """A request whose client leaves while another request's turn runs is dropped at its own turn, before any
+    step of its canvas (alone, or in the batch it would have joined)."""
+    model, tokenizer = loaded
+    settings = default_settings(model).updated(steps=2, max_new_tokens=3 * CANVAS, eos_token_ids=[])
+    gated = GatedModel(model, hold="canvas")  # held when a first committed canvas is appended to its cache
+    engine = Engine(gated, tokenizer, max_concurrent=2, max_batch=max_batch)
+    prompts = {5: [2, 40, 41, 42, 43], 9: [2, 50, 51, 52, 53, 54, 55, 56, 57]}  # by length: the cache's offset
+    jobs = {length: Job(ids, settings.updated(seed=length)) for length, ids in prompts.items()}
+
+    async def run() -> dict[int, list]:
+        for job in jobs.values():
+            engine.submit(job)
+        while not gated.entered.is_set():
+            await asyncio.sleep(0.01)
+        waiting = next(length for length in prompts if length != gated.held_offset)
+        jobs[waiting].cancel()
+        gated.denoised_offsets.clear()
+        gated.gate.set()
+
+        async def collect(job: Job) -> list:
+            return [type(event).__name__ async for event in job.events()]
+
+        return dict(zip(jobs, await asyncio.gather(*(collect(job) for job in jobs.values())))), waiting
+
+    try:
+        events, waiting = asyncio.run(run())
+    finally:
+        gated.gate.set()
+        engine.close()
+    served = next(length for length in prompts if length != waiting)
+    assert events[served][-1] == "Done" and "Done" not in events[waiting], events
+    assert waiting not in gated.denoised_offsets and gated.denoised_offsets, gated.denoised_offsets
+    assert set(gated.batch_sizes[-len(gated.denoised_offsets) :]) == {1}

@@ -293,8 +293,9 @@ class Engine:
                     continue
                 turn = self._next_turn()
                 self._advancing = len(turn)
-            if turn[0].request is not None:
-                self._denoise(turn)
+            to_denoise = [r for r in turn if r.request is not None and not r.job.cancelled.is_set()]
+            if to_denoise:
+                self._denoise(to_denoise)
             ahead, behind = [], []
             for running in turn:
                 if self._advance(running):
@@ -333,7 +334,7 @@ class Engine:
         for running in list(self._active):
             if len(turn) == self.max_batch:
                 break
-            if running.request is not None and running.request.batch_key == key:
+            if running.request is not None and running.request.batch_key == key and not running.job.cancelled.is_set():
                 self._active.remove(running)
                 turn.append(running)
         return turn
