@@ -12,7 +12,7 @@ requests at once (half chat replies of two canvases, half short infills
 through /v1/completions with a suffix), all streamed, to each server; then the
 same requests are sent one after another. Reported per N: aggregate completion
 tokens/s each way, and the median time from a request's send to its first
-committed text.
+committed text (each request's in the JSON of `--json`).
 
 Then the head-of-line case, on the default server: a short infill sent while a
 long chat reply runs its first canvas, its time to first committed canvas in
@@ -135,10 +135,11 @@ def _kinds(clients: int) -> list[str]:
     return ["chat" if i % 2 == 0 else "infill" for i in range(clients)]
 
 
-def _figures(results: list[dict[str, Any]], seconds: float) -> dict[str, float]:
+def _figures(results: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
     return {
         "tokens_per_s": sum(r["tokens"] for r in results) / seconds,
         "median_first_canvas_s": statistics.median(r["first"] for r in results),
+        "first_canvas_s": [r["first"] for r in results],  # each request's, in order (chat, infill, chat, ...)
     }
 
 
@@ -254,10 +255,16 @@ def _level(servers: dict[str, LiveServer], clients: int, steps: int, canvas: int
     return figures
 
 
-def _medians(rounds: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
-    """Each figure's median over the rounds."""
+def _medians(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Each figure's median over the rounds (each request's, for a figure per request)."""
+
+    def median(values: list[Any]) -> Any:
+        if isinstance(values[0], list):
+            return [statistics.median(each) for each in zip(*values)]
+        return statistics.median(values)
+
     return {
-        way: {name: statistics.median(measured[way][name] for measured in rounds) for name in rounds[0][way]}
+        way: {name: median([measured[way][name] for measured in rounds]) for name in rounds[0][way]}
         for way in rounds[0]
     }
 

@@ -16,6 +16,7 @@ def test_quick_serve_bench_measures_every_way_and_the_head_of_line_case(tmp_path
     for level in report["levels"]:
         for way in ("turns", "batch", "alone"):
             assert level[way]["tokens_per_s"] > 0 and level[way]["median_first_canvas_s"] > 0, (level, way)
+            assert len(level[way]["first_canvas_s"]) == level["clients"] and min(level[way]["first_canvas_s"]) > 0
     head_of_line = report["head_of_line"]
     assert head_of_line["canvas_s"] > 0 and head_of_line["canvases"] > 0
     printed = capsys.readouterr().out
