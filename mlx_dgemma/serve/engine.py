@@ -16,7 +16,8 @@ positions) and each row draws its own noise (`RowNoise` over each request's
 served, up to float rounding. A request's drafts come from its row of each
 step. A cancelled request (its client gone) is dropped at its next step when it
 is alone in its batch, at the canvas's end otherwise (its neighbours' canvas
-runs on), and its events stop at once. Prompts are encoded in chunks, and a
+runs on), at its turn without a step when it was waiting for one; its events
+stop at once. Prompts are encoded in chunks, and a
 prompt that extends one encoded before reuses that encoder cache
 (`PromptCache`). A prompt's images are encoded with the chunk that holds their
 tokens (never split), and the prompt cache tells prompts apart by their images
