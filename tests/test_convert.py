@@ -19,6 +19,7 @@ from checkpoints import build_reference_model, save_reference_checkpoint
 from safetensors.numpy import load_file, save_file
 from typer.testing import CliRunner
 
+import mlx_dgemma
 from mlx_dgemma.config import ModelConfig
 from mlx_dgemma.convert import ConversionError, convert_checkpoint
 from mlx_dgemma.convert.cli import convert_command
@@ -252,10 +253,13 @@ def test_recipes_bits_and_group_sizes(source, tmp_path, recipe, bits, group_size
 
     down = "model.decoder.layers.1.experts.down_proj"
     if expected[down].shape[-1] % group_size:
-        # A width the group size does not divide stays float, under the module's `.weight` name.
+        # A width the group size does not divide stays float, under the module's `.weight` name, and the config
+        # says so (false, as mlx-lm writes a module left float), so that no loader looks for its scales.
         assert f"{down}.scales" not in converted
         assert converted[f"{down}.weight"].shape == expected[down].shape
-        assert down not in block
+        assert block[down] is False
+        model = mlx_dgemma.load_model(dst)
+        assert type(model.layers[1].experts.down_proj).__name__ != "QuantizedSwitchLinear"
     else:
         check_quantized(converted, down, expected[down], bits, group_size)
     assert "model.decoder.layers.1.router.proj.scales" not in converted

@@ -12,7 +12,8 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from mlx_dgemma.config import ConfigError
+from mlx_dgemma.config import ConfigError, ModelConfig
+from mlx_dgemma.memory import quantization_summary
 
 from .errors import ConversionError
 from .pipeline import Progress as ProgressCallback
@@ -107,6 +108,7 @@ def convert_command(
         print(f"error: {_one_line(error)}", file=sys.stderr)
         raise typer.Exit(code=1) from None
     print(f"converted {src} -> {out}", file=sys.stderr)
+    print(f"quantization: {quantization_summary(ModelConfig.from_path(out))}", file=sys.stderr)
 
 
 @contextmanager

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,7 +63,8 @@ def convert_checkpoint(
 
     with staging_dir(dst) as staging:
         module_bits = write_tensors(plan, staging, target_dtype, plan_recipe, max_shard_bytes, progress)
-        config = output_config(source.raw_config, plan_recipe, module_bits, dtype, text_only)
+        left_float = [module_path(t.info.name) for t in plan if plan_recipe.left_float(t.info.name, t.info.shape)]
+        config = output_config(source.raw_config, plan_recipe, module_bits, dtype, text_only, left_float)
         _write_json(staging / "config.json", config)
         copy_side_files(root, staging)
         publish(staging, dst)
@@ -142,9 +143,15 @@ def _load_lazily(file: Path) -> dict[str, mx.array]:
 
 
 def output_config(
-    raw: dict[str, Any], recipe: Recipe, module_bits: dict[str, int], dtype: str, text_only: bool
+    raw: dict[str, Any],
+    recipe: Recipe,
+    module_bits: dict[str, int],
+    dtype: str,
+    text_only: bool,
+    left_float: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """The source config.json with the output dtype and, when quantized, the quantization block."""
+    """The source config.json with the output dtype and, when quantized, the quantization block (`left_float`:
+    modules the recipe would quantize but whose width the group size does not divide)."""
     config = copy.deepcopy(raw)
     if text_only:
         config.pop("vision_config", None)
@@ -152,7 +159,7 @@ def output_config(
         if key in config:
             config[key] = dtype
     if recipe.quantizes:
-        block = recipe.config_block(module_bits)
+        block = recipe.config_block(module_bits, left_float)
         config["quantization"] = block
         config["quantization_config"] = copy.deepcopy(block)
     return config

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,7 +60,15 @@ class Recipe:
 
     def bits_for(self, name: str, shape: tuple[int, ...]) -> int | None:
         """Bits for a text tensor, or None to keep it in the float dtype."""
-        if self.bits is None or len(shape) < 2 or shape[-1] % self.group_size:
+        bits = self._bits_by_name(name, shape)
+        return None if bits is None or shape[-1] % self.group_size else bits
+
+    def left_float(self, name: str, shape: tuple[int, ...]) -> bool:
+        """Whether the recipe would quantize this tensor but the group size does not divide its width."""
+        return self._bits_by_name(name, shape) is not None and shape[-1] % self.group_size != 0
+
+    def _bits_by_name(self, name: str, shape: tuple[int, ...]) -> int | None:
+        if self.bits is None or len(shape) < 2:
             return None
         if _EXPERTS.search(name):
             return self.bits
@@ -67,12 +76,15 @@ class Recipe:
             return MIXED_DENSE_BITS if self.name == "mixed" else self.bits
         return None
 
-    def config_block(self, module_bits: dict[str, int]) -> dict[str, Any]:
-        """The config.json `quantization` block: defaults plus modules that deviate from them."""
+    def config_block(self, module_bits: dict[str, int], left_float: Iterable[str] = ()) -> dict[str, Any]:
+        """The config.json `quantization` block: defaults, modules whose bits deviate from them, and `false` for
+        modules left float (as mlx-lm writes them: a loader must not look for their scales)."""
         block: dict[str, Any] = {"group_size": self.group_size, "bits": self.bits, "mode": MODE}
         for module, bits in sorted(module_bits.items()):
             if bits != self.bits:
                 block[module] = {"group_size": self.group_size, "bits": bits}
+        for module in sorted(left_float):
+            block[module] = False
         return block
 
 

@@ -112,7 +112,8 @@ def fuse_checkpoint(
         writer = ShardWriter(staging, max_shard_bytes)
         module_bits = _write_modules(loaded, writer, base_quantization, base_dtypes, plan, target_dtype, progress)
         writer.finish()
-        config = _output_config(raw_config, plan, module_bits, base_quantization, dtype)
+        left_float = _left_float(loaded, plan) if plan is not None else []
+        config = _output_config(raw_config, plan, module_bits, base_quantization, dtype, left_float)
         config["fused_adapter"] = _adapter_note(adapter, adapter_config)
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         copy_side_files(root, staging)
@@ -216,10 +217,24 @@ def _target(
         return base_quantization.get(path)
     if not plan.quantizes or path.startswith(VISION_PREFIXES):
         return None
-    # The recipe reads source names: expert stacks without `.weight`, other tensors with it.
-    name = path if path.endswith(_EXPERT_SUFFIXES) else f"{path}.weight"
-    bits = plan.bits_for(name, _float_shape(module))
+    bits = plan.bits_for(_recipe_name(path), _float_shape(module))
     return (plan.group_size, bits, MODE) if bits is not None else None
+
+
+def _left_float(model: Model, plan: Recipe) -> list[str]:
+    """The modules `plan` would quantize but whose width its group size does not divide."""
+    return [
+        path
+        for path, module in model.named_modules()
+        if isinstance(module, _QUANTIZED + _FLOAT)
+        and not path.startswith(VISION_PREFIXES)
+        and plan.left_float(_recipe_name(path), _float_shape(module))
+    ]
+
+
+def _recipe_name(path: str) -> str:
+    """The source name the recipe reads: expert stacks without `.weight`, other tensors with it."""
+    return path if path.endswith(_EXPERT_SUFFIXES) else f"{path}.weight"
 
 
 def _float_shape(module: nn.Module) -> tuple[int, ...]:
@@ -266,6 +281,7 @@ def _output_config(
     written: dict[str, Quantization],
     base_quantization: dict[str, Quantization],
     dtype: str | None,
+    left_float: list[str],
 ) -> dict[str, Any]:
     config = copy.deepcopy(raw)
     if dtype is not None:
@@ -276,7 +292,7 @@ def _output_config(
         config.pop("quantization", None)
         config.pop("quantization_config", None)
     if plan is not None and written:
-        block = plan.config_block({path: bits for path, (_, bits, _) in written.items()})
+        block = plan.config_block({path: bits for path, (_, bits, _) in written.items()}, left_float)
         config["quantization"] = block
         config["quantization_config"] = copy.deepcopy(block)
     elif written and not (raw.get("quantization") or raw.get("quantization_config")):
