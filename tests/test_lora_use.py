@@ -165,7 +165,7 @@ def test_a_server_with_an_adapter_answers_as_the_library(base, adapter):
     model, tokenizer = mlx_dgemma.load(base, adapter_path=adapter)
     engine = Engine(model, tokenizer)
     try:
-        with LiveServer(create_app(engine, "tuned")) as live:
+        with LiveServer(create_app(engine, "tuned", adapter=str(adapter))) as live:
             body = {
                 "model": "tuned",
                 "messages": [{"role": "user", "content": PROMPT}],
@@ -174,10 +174,14 @@ def test_a_server_with_an_adapter_answers_as_the_library(base, adapter):
                 "seed": 3,
             }
             response = httpx.post(f"{live.url}/v1/chat/completions", json=body, timeout=60)
+            (card,) = httpx.get(f"{live.url}/v1/models", timeout=60).json()["data"]
+            shown = httpx.post(f"{live.url}/api/show", json={"model": "tuned"}, timeout=60).json()
     finally:
         engine.close()
     assert response.status_code == 200, response.text
     assert response.json()["choices"][0]["message"]["content"] == expected
+    assert card["id"] == "tuned" and card["adapter"] == str(adapter)  # clients can tell which adapter answers
+    assert f"ADAPTER {adapter}" in shown["modelfile"]
 
 
 # ----------------------------------------------------------------- refusals

@@ -98,6 +98,7 @@ def serve(
         allowed_origins=allow_origin or (),
         hosts=(host,),
         allow_remote_images=allow_remote_images,
+        adapter=str(adapter) if adapter is not None else None,
     )
     config = uvicorn.Config(
         app, log_level="warning", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS, access_log=False

@@ -30,6 +30,7 @@ def create_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     hosts: Iterable[str] = (),
     allow_remote_images: bool = False,
+    adapter: str | None = None,
 ) -> FastAPI:
     """The app serving `engine`'s model as `model_name`.
 
@@ -37,8 +38,9 @@ def create_app(
     `allowed_origins`: web pages (their `Origin`) that may call it; "*" for any.
     `hosts`: names the server answers to besides 127.0.0.1, localhost and [::1] (its --host).
     `allow_remote_images`: fetch images given as http(s) URLs (else only data: URLs and base64 are taken).
+    `adapter`: the LoRA adapter the model was loaded with, which /v1/models and /api/show name.
     """
-    server = Server(engine, model_name, allow_remote_images=allow_remote_images)
+    server = Server(engine, model_name, allow_remote_images=allow_remote_images, adapter=adapter)
     # No interactive docs: they would be one more thing a web page could reach.
     app = FastAPI(title="dgemma serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server

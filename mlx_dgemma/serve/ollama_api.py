@@ -63,8 +63,10 @@ def router(server: Server) -> APIRouter:
         body = await parse_body(request, OllamaShowRequest)
         _check_model(server, body.model or body.name)
         info = {"general.architecture": "diffusiongemma", "diffusiongemma.context_length": server.context}
+        # A Modelfile's ADAPTER line, as Ollama shows a model made with one.
+        adapter = f"FROM {server.model_name}\nADAPTER {server.adapter}\n" if server.adapter is not None else ""
         return {
-            "modelfile": "",
+            "modelfile": adapter,
             "parameters": f"num_ctx {server.context}",
             "template": SHOW_TEMPLATE,
             "details": _model_entry(server)["details"],

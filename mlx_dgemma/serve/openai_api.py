@@ -111,7 +111,8 @@ def router(server: Server) -> APIRouter:
 
 
 def _model_card(server: Server) -> dict[str, Any]:
-    return {"id": server.model_name, "object": "model", "created": server.created, "owned_by": "mlx-dgemma"}
+    card = {"id": server.model_name, "object": "model", "created": server.created, "owned_by": "mlx-dgemma"}
+    return card if server.adapter is None else {**card, "adapter": server.adapter}
 
 
 def _check_model(server: Server, name: str | None) -> None:

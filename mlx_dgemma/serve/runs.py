@@ -69,6 +69,7 @@ class Server:
     engine: Engine
     model_name: str
     allow_remote_images: bool = False  # fetch http(s) image URLs (off: a client could make the server fetch any URL)
+    adapter: str | None = None  # the LoRA adapter the model was loaded with
     created: int = field(default_factory=lambda: int(time.time()))
     _preparing: threading.Lock = field(default_factory=threading.Lock)
 
