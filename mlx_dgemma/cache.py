@@ -160,18 +160,12 @@ class EncoderCache:
         batch.batch_size = len(rows)
         shifts = [batch.offset - row.offset for row in rows]
         if any(shifts) or any(row.valid is not None for row in rows):
-            batch.valid = mx.concatenate(
-                [
-                    mx.concatenate(
-                        [
-                            mx.zeros((1, shift), dtype=mx.bool_),
-                            row.valid if row.valid is not None else mx.ones((1, row.offset), dtype=mx.bool_),
-                        ],
-                        axis=1,
-                    )
-                    for row, shift in zip(rows, shifts)
-                ]
-            )
+
+            def padded_validity(row: EncoderCache, shift: int) -> mx.array:
+                own = row.valid if row.valid is not None else mx.ones((1, row.offset), dtype=mx.bool_)
+                return mx.concatenate([mx.zeros((1, shift), dtype=mx.bool_), own], axis=1)
+
+            batch.valid = mx.concatenate([padded_validity(row, shift) for row, shift in zip(rows, shifts)])
         batch.position_shift = mx.array(shifts, dtype=mx.int32) if any(shifts) else None
         return batch
 
