@@ -82,19 +82,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--no-adaptive", action="store_true", help="skip the adaptive-stopping generation")
     parser.add_argument("--out", type=Path, default=None, help=f"output directory (default {DEFAULT_OUT})")
-    parser.add_argument("--rebuild", action="store_true", help="rebuild the checkpoint even if cached")
-    parser.add_argument("--no-openblas", action="store_true", help="do not preload OpenBLAS into the MLX runtimes")
     parser.add_argument("--no-chart", action="store_true", help="do not draw the PNG chart")
-    parser.add_argument(
-        "--timeout", type=float, default=3600, help="seconds allowed per phase of a runtime (default 3600)"
-    )
-    parser.add_argument(
-        "--quiet-wait",
-        type=float,
-        default=None,
-        help="before each phase, wait up to this many seconds for other processes to leave the CPUs idle "
-        "(default 300; --quick: 0). Their load during each phase is recorded either way",
-    )
+    orchestrate.add_run_options(parser, "phase of a runtime", "the MLX runtimes")
     parser.add_argument(
         "--sequential",
         action="store_true",
@@ -336,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         lambda name: child_env(name in MLX_RUNTIMES, openblas),
         args.timeout,
         not args.sequential,
-        args.quiet_wait if args.quiet_wait is not None else (0.0 if args.quick else 300.0),
+        orchestrate.quiet_wait(args.quiet_wait, args.quick),
     )
     document["runtimes"].update(results)
     document["wall_s"] = time.perf_counter() - started

@@ -37,7 +37,6 @@ import argparse
 import datetime
 import hashlib
 import json
-import os
 import shlex
 import statistics
 import sys
@@ -48,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from .build import REPO
+from .orchestrate import add_run_options, quiet_wait
 from .shapes import PRESETS, VISION, Shape
 
 DEFAULT_OUT = REPO / "bench" / "out" / "image"
@@ -75,16 +75,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--out", type=Path, default=DEFAULT_OUT, help=f"checkpoints, logs, JSON (default {DEFAULT_OUT})"
     )
-    parser.add_argument("--rebuild", action="store_true", help="rebuild the checkpoint even if cached")
-    parser.add_argument("--no-openblas", action="store_true", help="do not preload OpenBLAS into the runtimes")
-    parser.add_argument("--timeout", type=float, default=3600, help="seconds allowed per runtime (default 3600)")
-    parser.add_argument(
-        "--quiet-wait",
-        type=float,
-        default=None,
-        help="before each runtime, wait up to this many seconds for other processes to leave the CPUs idle "
-        "(default 300; quick: 0). Their load during each runtime's run is recorded either way",
-    )
+    add_run_options(parser, "runtime", "the runtimes")
     args = parser.parse_args(argv)
     args.runtimes = [name.strip() for name in args.runtimes.split(",") if name.strip()]
     unknown = sorted(set(args.runtimes) - set(RUNTIMES))
@@ -99,8 +90,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error("--image-size: both sides must be positive")
     args.image_size = (width, height)
     args.repeats = args.repeats or (2 if args.shape == "quick" else 5)
-    if args.quiet_wait is None:
-        args.quiet_wait = 0.0 if args.shape == "quick" else 300.0
+    args.quiet_wait = quiet_wait(args.quiet_wait, args.shape == "quick")
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
     return args
@@ -450,7 +440,7 @@ def main(argv: list[str]) -> int:
     from mlx_dgemma.images import VisionSettings, prepare_image
 
     from .cli import OPENBLAS, _relay, child_env, git_state, machine
-    from .orchestrate import _machine_busy, wait_until_quiet
+    from .orchestrate import LoadMeter, wait_until_quiet
 
     shape = PRESETS[args.shape]
     vision, budget, _ = VISION[args.shape]
@@ -538,18 +528,13 @@ def main(argv: list[str]) -> int:
         spec_path, result_path = logs / f"{shape.name}-{name}-spec.json", logs / f"{shape.name}-{name}-result.json"
         spec_path.write_text(json.dumps(spec, indent=2))
         result_path.unlink(missing_ok=True)
-        waited, load = wait_until_quiet([], args.quiet_wait) if args.quiet_wait > 0 else (0.0, None)
+        waited, _ = wait_until_quiet([], args.quiet_wait)
         print(f"[bench image] {name} ...", file=sys.stderr)
         command = [sys.executable, "-m", "bench.image", "--worker", str(spec_path), str(result_path)]
-        busy, ours = _machine_busy(), sum(os.times()[:4])
-        code, timed_out, wall, _ = _relay(
-            command, child_env(True, openblas), logs / f"{shape.name}-{name}.log", args.timeout
-        )
-        after = _machine_busy()
-        # Cores kept busy by other processes while the worker ran: the machine's busy time less ours and the worker's.
-        foreign = (
-            None if busy is None or after is None else max(0.0, (after - busy - sum(os.times()[:4]) + ours) / wall)
-        )
+        meter = LoadMeter([])  # cores other processes keep busy while the worker runs
+        log = logs / f"{shape.name}-{name}.log"
+        code, timed_out, _, _ = _relay(command, child_env(True, openblas), log, args.timeout)
+        foreign = meter.foreign_cores()
         if result_path.is_file():
             document["runtimes"][name] = json.loads(result_path.read_text())
             document["runtimes"][name].update(quiet_wait_s=waited, foreign_cores=foreign)

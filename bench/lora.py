@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import re
 import shlex
 import shutil
@@ -49,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from .build import REPO
+from .orchestrate import add_run_options, quiet_wait
 from .shapes import PRESETS, Shape
 
 DEFAULT_OUT = REPO / "bench" / "out" / "lora"
@@ -86,16 +86,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--modes", default="plain,checkpoint", help="comma-separated: plain, checkpoint")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the data")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"checkpoints, data, logs, JSON ({DEFAULT_OUT})")
-    parser.add_argument("--rebuild", action="store_true", help="rebuild the checkpoint even if cached")
-    parser.add_argument("--no-openblas", action="store_true", help="do not preload OpenBLAS into dgemma lora")
-    parser.add_argument("--timeout", type=float, default=3600, help="seconds allowed per mode (default 3600)")
-    parser.add_argument(
-        "--quiet-wait",
-        type=float,
-        default=None,
-        help="before each mode, wait up to this many seconds for other processes to leave the CPUs idle "
-        "(default 300; quick: 0). Their load during each run is recorded either way",
-    )
+    add_run_options(parser, "mode", "dgemma lora")
     args = parser.parse_args(argv)
     if args.quick and args.shape not in (None, "quick"):
         parser.error("--quick is --shape quick")
@@ -104,8 +95,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.iters = args.iters or iters
     args.prompt_tokens = args.prompt_tokens or prompt
     args.answer_tokens = args.answer_tokens or answer
-    if args.quiet_wait is None:
-        args.quiet_wait = 0.0 if args.shape == "quick" else 300.0
+    args.quiet_wait = quiet_wait(args.quiet_wait, args.shape == "quick")
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not args.modes or set(args.modes) - set(MODES):
         parser.error(f"--modes: choose from {', '.join(MODES)}")
@@ -420,7 +410,7 @@ def header(document: dict[str, Any]) -> str:
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     from .cli import OPENBLAS, child_env, git_state, machine
-    from .orchestrate import _machine_busy, wait_until_quiet
+    from .orchestrate import LoadMeter, wait_until_quiet
 
     shape = PRESETS[args.shape]
     out = args.out.resolve()
@@ -451,18 +441,12 @@ def main(argv: list[str]) -> int:
         flags = ["--model", str(checkpoint), "--data", str(data_dir), "--iters", str(args.iters), "--batch-size", "1"]
         flags += ["--lora-rank", str(args.lora_rank), "--steps-per-report", "1", "--steps-per-eval", "0"]
         flags += ["--adapter-path", str(adapters), "--seed", str(args.seed), *MODES[mode]]
-        waited, _ = wait_until_quiet([], args.quiet_wait) if args.quiet_wait > 0 else (0.0, None)
+        waited, _ = wait_until_quiet([], args.quiet_wait)
         print(f"[bench lora] {MODE_LABELS[mode]} ...", file=sys.stderr)
-        busy, ours = _machine_busy(), sum(os.times()[:4])
         command = [sys.executable, "-m", "mlx_dgemma.cli", "lora", *flags]
+        meter = LoadMeter([])  # cores other processes keep busy while dgemma lora runs
         run = run_lora(command, child_env(True, openblas), logs / f"{shape.name}-{mode}.log", args.timeout)
-        after = _machine_busy()
-        # Cores kept busy by other processes meanwhile: the machine's busy time less ours and the child's.
-        foreign = (
-            None
-            if busy is None or after is None
-            else max(0.0, (after - busy - sum(os.times()[:4]) + ours) / run["wall_s"])
-        )
+        foreign = meter.foreign_cores()
         result = {
             "command": "dgemma lora " + " ".join(shlex.quote(a) for a in flags),
             "exit_code": run["exit_code"],

@@ -11,6 +11,7 @@ next starts (one process alive at a time: use it where memory is tight).
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import queue
@@ -40,8 +41,9 @@ def _machine_busy() -> float | None:
 
 
 def _process_cpu(pids: list[int]) -> float:
-    """CPU seconds used so far by these processes (all their threads) and by this one."""
-    total = sum(os.times()[:2])
+    """CPU seconds used so far by these processes (all their threads), by this one and by its children it has
+    waited for (a child that ran to its end within an interval is ours, not foreign load)."""
+    total = sum(os.times()[:4])
     for pid in pids:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -49,6 +51,31 @@ def _process_cpu(pids: list[int]) -> float:
         except (OSError, IndexError, ValueError):
             pass
     return total
+
+
+QUIET_WAIT = 300.0  # seconds a measured run waits at most for the CPUs to go idle (a quick run: none)
+
+
+def add_run_options(parser: argparse.ArgumentParser, unit: str, preload_into: str) -> None:
+    """The options of every benchmark that runs its measurements in child processes, each `unit` on its own:
+    --rebuild, --no-openblas, --timeout and --quiet-wait (see `quiet_wait`)."""
+    parser.add_argument("--rebuild", action="store_true", help="rebuild the checkpoint even if cached")
+    parser.add_argument("--no-openblas", action="store_true", help=f"do not preload OpenBLAS into {preload_into}")
+    parser.add_argument("--timeout", type=float, default=3600, help=f"seconds allowed per {unit} (default 3600)")
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=None,
+        help=f"before each {unit}, wait up to this many seconds for other processes to leave the CPUs idle "
+        f"(default {QUIET_WAIT:g}; quick: 0). Their load during each {unit} is recorded either way",
+    )
+
+
+def quiet_wait(given: float | None, quick: bool) -> float:
+    """--quiet-wait's value: as given, else none for a quick run and QUIET_WAIT otherwise."""
+    if given is not None:
+        return given
+    return 0.0 if quick else QUIET_WAIT
 
 
 class LoadMeter:
@@ -71,7 +98,10 @@ class LoadMeter:
 
 
 def wait_until_quiet(pids: list[int], max_wait: float, threshold: float = 0.25) -> tuple[float, float | None]:
-    """Wait (up to max_wait s) until other processes use under `threshold` cores over a 2 s window."""
+    """Wait (up to max_wait s) until other processes use under `threshold` cores over a 2 s window; the seconds
+    waited and the last load seen (max_wait <= 0: no wait, no load)."""
+    if max_wait <= 0:
+        return 0.0, None
     start = time.perf_counter()
     load = None
     while True:
