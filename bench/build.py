@@ -17,6 +17,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from types import ModuleType
 
 from .shapes import Shape
 
@@ -24,10 +25,10 @@ REPO = Path(__file__).resolve().parent.parent
 MARKER = "bench_shape.json"
 
 
-def _test_checkpoints():
-    """tests/checkpoints.py, imported by path (it is test code, not a package)."""
-    path = REPO / "tests" / "checkpoints.py"
-    spec = importlib.util.spec_from_file_location("dgemma_test_checkpoints", path)
+def helper_from_tests(name: str) -> ModuleType:
+    """A helper module of tests/ (`checkpoints`, `tokenizer_fixture`), imported by path: it is test code, not a
+    package."""
+    spec = importlib.util.spec_from_file_location(f"dgemma_test_{name}", REPO / "tests" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -47,7 +48,7 @@ def is_complete(path: Path, shape: Shape) -> bool:
 def build_float(shape: Shape, dest: Path, seed: int = 0) -> Path:
     import torch
 
-    checkpoints = _test_checkpoints()
+    checkpoints = helper_from_tests("checkpoints")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[shape.dtype]
     staging = dest.with_name(dest.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)

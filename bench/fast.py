@@ -122,13 +122,13 @@ def parse_variant(text: str) -> dict[str, Any]:
 def checkpoint(shape: Shape, gain: float, out: Path, well_conditioned: bool = False) -> Path:
     """A random-weight checkpoint of `shape` with the final norm scaled by `gain`, built once and kept;
     `well_conditioned`: routers with clear margins and softer attention (tests/checkpoints.py)."""
-    from .serve import _test_module
+    from .build import helper_from_tests
 
     suffix = "-conditioned" if well_conditioned else ""
     path = out / "checkpoints" / f"{shape.checkpoint_name()}-gain{gain:g}{suffix}"
     if (path / "config.json").is_file():
         return path
-    checkpoints = _test_module("checkpoints")
+    checkpoints = helper_from_tests("checkpoints")
     model = checkpoints.build_reference_model(
         seed=0, canvas_length=shape.canvas_length, final_norm_gain=gain, well_conditioned=well_conditioned, **shape.text
     )

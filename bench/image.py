@@ -143,15 +143,13 @@ def checkpoint_path(shape: Shape, vision: dict[str, Any], out: Path, seed: int) 
 
 def build_checkpoint(spec: dict[str, Any]) -> None:
     """In its own process (torch): the reference model with the shape's tower, written in Google's layout."""
-    import importlib.util
     import shutil
 
     import torch
 
-    path = REPO / "tests" / "checkpoints.py"
-    module_spec = importlib.util.spec_from_file_location("dgemma_test_checkpoints", path)
-    checkpoints = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(checkpoints)
+    from .build import helper_from_tests
+
+    checkpoints = helper_from_tests("checkpoints")
     dest = Path(spec["dest"])
     staging = dest.with_name(dest.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)

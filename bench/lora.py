@@ -109,15 +109,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def build_float(spec: dict[str, Any]) -> None:
     """In its own process (torch): the reference model of the shape, in Google's layout, with the test tokenizer."""
-    import importlib.util
+    from .build import helper_from_tests
 
-    from .build import _test_checkpoints
-
-    checkpoints = _test_checkpoints()
-    fixture = REPO / "tests" / "tokenizer_fixture.py"
-    module_spec = importlib.util.spec_from_file_location("dgemma_test_tokenizer", fixture)
-    tokenizer = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(tokenizer)
+    checkpoints, tokenizer = helper_from_tests("checkpoints"), helper_from_tests("tokenizer_fixture")
     dest = Path(spec["dest"])
     staging = dest.with_name(dest.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)

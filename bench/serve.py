@@ -23,7 +23,6 @@ same server) and against the infill's own time alone.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import signal
 import socket
@@ -38,24 +37,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .build import REPO
+from .build import helper_from_tests
 from .shapes import PRESETS
 
 SUFFIX = "\n    return total\n"
 
 
-def _test_module(name: str) -> Any:
-    """A helper module of tests/ (test code, not a package), imported by path."""
-    spec = importlib.util.spec_from_file_location(f"dgemma_test_{name}", REPO / "tests" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def build_checkpoint(shape_name: str, canvas: int, folder: Path) -> Path:
     """A random-weight checkpoint of the preset shape written by the reference, with the test tokenizer."""
     shape = replace(PRESETS[shape_name], canvas_length=canvas)
-    checkpoints, tokenizer = _test_module("checkpoints"), _test_module("tokenizer_fixture")
+    checkpoints, tokenizer = helper_from_tests("checkpoints"), helper_from_tests("tokenizer_fixture")
     model = checkpoints.build_reference_model(seed=0, canvas_length=canvas, **shape.text)
     path = checkpoints.save_reference_checkpoint(model, folder / "checkpoint")
     tokenizer.write_tokenizer(path, vocab_size=shape.text["vocab_size"])
