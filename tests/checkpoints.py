@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+from transformers.cache_utils import DynamicCache
 
 # A small text shape that still exercises every architectural feature: several
 # sliding layers then a full one, GQA, different head sizes and KV heads on full
@@ -165,3 +166,31 @@ def save_reference_checkpoint(
     elif spelling != "per_layer":
         raise ValueError(f"unknown spelling {spelling!r}")
     return path
+
+
+class ReferenceRun:
+    """Drives the reference as its `generate` does: the encoder fills the cache, the decoder reads it."""
+
+    def __init__(self, model):
+        self.model = model
+        self.cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+        self.mask = None
+
+    @torch.no_grad()
+    def encode(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        if mask is not None or self.mask is not None:
+            new = mask if mask is not None else torch.ones_like(ids, dtype=torch.bool)
+            self.mask = new.bool() if self.mask is None else torch.cat([self.mask, new.bool()], dim=1)
+        self.model.model.encoder(input_ids=ids, attention_mask=self.mask, past_key_values=self.cache)
+
+    @torch.no_grad()
+    def denoise(self, canvas: torch.Tensor, self_conditioning_logits: torch.Tensor | None = None) -> torch.Tensor:
+        decoder_mask = None
+        if self.mask is not None:
+            decoder_mask = torch.nn.functional.pad(self.mask, (0, canvas.shape[1]), value=True)
+        return self.model(
+            decoder_input_ids=canvas,
+            past_key_values=self.cache,
+            self_conditioning_logits=self_conditioning_logits,
+            decoder_attention_mask=decoder_mask,
+        ).logits

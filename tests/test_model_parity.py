@@ -12,9 +12,8 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
-from checkpoints import SMALL_TEXT, build_reference_model, save_reference_checkpoint
+from checkpoints import SMALL_TEXT, ReferenceRun, build_reference_model, save_reference_checkpoint
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear
-from transformers.cache_utils import DynamicCache
 
 import mlx_dgemma
 from mlx_dgemma.backends import cuda
@@ -35,34 +34,6 @@ def to_mx(tensor: torch.Tensor) -> mx.array:
 
 def max_error(ours: mx.array, reference: torch.Tensor) -> float:
     return float(np.abs(np.array(ours.astype(mx.float32)) - reference.float().numpy()).max())
-
-
-class ReferenceRun:
-    """Drives the reference the way its `generate` does: encoder fills, decoder reads."""
-
-    def __init__(self, model):
-        self.model = model
-        self.cache = DynamicCache(config=model.config.get_text_config(decoder=True))
-        self.mask = None
-
-    @torch.no_grad()
-    def encode(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-        if mask is not None or self.mask is not None:
-            new = mask if mask is not None else torch.ones_like(ids, dtype=torch.bool)
-            self.mask = new.bool() if self.mask is None else torch.cat([self.mask, new.bool()], dim=1)
-        self.model.model.encoder(input_ids=ids, attention_mask=self.mask, past_key_values=self.cache)
-
-    @torch.no_grad()
-    def denoise(self, canvas: torch.Tensor, self_conditioning_logits: torch.Tensor | None = None) -> torch.Tensor:
-        decoder_mask = None
-        if self.mask is not None:
-            decoder_mask = torch.nn.functional.pad(self.mask, (0, canvas.shape[1]), value=True)
-        return self.model(
-            decoder_input_ids=canvas,
-            past_key_values=self.cache,
-            self_conditioning_logits=self_conditioning_logits,
-            decoder_attention_mask=decoder_mask,
-        ).logits
 
 
 # Heads of 16, and of 32 (64 on the full layers): MLX picks its attention kernels by head size.

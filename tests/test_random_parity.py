@@ -16,6 +16,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
+from checkpoints import ReferenceRun
 from random_configs import (
     SEED_VARIABLE,
     DrawnConfig,
@@ -28,7 +29,6 @@ from random_configs import (
     run_seed,
     save_drawn_checkpoint,
 )
-from transformers.cache_utils import DynamicCache
 
 import mlx_dgemma
 from mlx_dgemma.convert import convert_checkpoint
@@ -68,34 +68,6 @@ def quantized_draw(bits: int) -> DrawnConfig:
 
 def to_mx(tensor: torch.Tensor | None) -> mx.array | None:
     return None if tensor is None else mx.array(tensor.numpy())
-
-
-class ReferenceRun:
-    """Drives the reference as its `generate` does: the encoder fills the cache, the decoder reads it."""
-
-    def __init__(self, model):
-        self.model = model
-        self.cache = DynamicCache(config=model.config.get_text_config(decoder=True))
-        self.mask = None
-
-    @torch.no_grad()
-    def encode(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-        if mask is not None or self.mask is not None:
-            new = mask if mask is not None else torch.ones_like(ids)
-            self.mask = new.bool() if self.mask is None else torch.cat([self.mask, new.bool()], dim=1)
-        self.model.model.encoder(input_ids=ids, attention_mask=self.mask, past_key_values=self.cache)
-
-    @torch.no_grad()
-    def denoise(self, canvas: torch.Tensor, self_conditioning_logits: torch.Tensor | None = None) -> torch.Tensor:
-        decoder_mask = None
-        if self.mask is not None:
-            decoder_mask = torch.nn.functional.pad(self.mask, (0, canvas.shape[1]), value=True)
-        return self.model(
-            decoder_input_ids=canvas,
-            past_key_values=self.cache,
-            self_conditioning_logits=self_conditioning_logits,
-            decoder_attention_mask=decoder_mask,
-        ).logits
 
 
 def assert_logits_close(ours: mx.array, reference: torch.Tensor, label: str) -> None:
