@@ -5,21 +5,24 @@
     python -m bench fast --variant settle_entropy=0.01 --variant refresh_every=0   # other FastSettings
     python -m bench fast --help
 
-On the CPU in float32 a step is compute-bound, as on a Mac's GPU. Two random-weight checkpoints of the shape,
+On the CPU in float32 a step is compute-bound, as on a Mac's GPU. Random-weight checkpoints of the shape,
 written by the reference (tests/checkpoints.py): a *confident* one, its final norm scaled up and its routers and
-attention well conditioned (clear expert margins, softer attention: less chaotic), whose canvases settle over
-about half the step budget as trained weights' are reported to, and a *flat* one (the tests' scale), whose positions
-hardly settle. For each checkpoint and prompt (seeded random tokens), one canvas in exact mode, then one in fast
-mode per `--variant` (default: FastSettings' defaults), from copies of one encoded prompt, the sampler's
-defaults otherwise (48 steps at most, adaptive stopping). Reported per mode: denoising steps per canvas, canvas
-positions run through the decoder per step and over the canvas (against exact mode's), step time and tokens/s
-(a canvas's tokens over its denoising time, the prompt encoded before), the committed tokens fast mode shares
-with exact mode and the mean KL(exact || fast) between the logits each committed from (exact: its last step's;
-fast: its final pass's, or its last step's merged logits), and fast mode's own per-step error: the KL and the
-argmaxes differing between the logits it decides from and those the exact model computes from the same inputs.
-A row of exact mode with its logits perturbed by `--noise-floor` shows how far exact mode itself drifts under so
-small a change: random weights are chaotic, which bounds what agreement between modes can say here. Then what
-a new live-count shape costs: per bucket size, the first fast step of that size against warm ones.
+attention well conditioned (clear expert margins, softer attention: less chaotic), whose canvases settle over about
+half the step budget as trained weights' are reported to, and a *flat* one (the tests' scale), whose positions
+hardly settle; on request (`--checkpoints`) an *ordered* one, the confident one with its feed-forward outputs scaled
+down, whose positions mostly keep their own token. For each checkpoint and prompt (seeded random tokens), one canvas
+in exact mode, then one in fast mode per `--variant` (default: FastSettings' defaults), from copies of one encoded
+prompt, the sampler's defaults otherwise (48 steps at most, adaptive stopping). Reported per mode: denoising steps
+per canvas, canvas positions run through the decoder per step and over the canvas (against exact mode's), step time
+and tokens/s (a canvas's tokens over its denoising time, the prompt encoded before), the committed tokens fast mode
+shares with exact mode and the mean KL(exact || fast) between the logits each committed from (exact: its last
+step's; fast: its final pass's, or its last step's merged logits), and fast mode's own per-step error: the KL and
+the argmaxes differing between the logits it decides from and those the exact model computes from the same inputs. A
+row of exact mode with its logits perturbed by `--noise-floor` shows how far exact mode itself drifts under so small
+a change: random weights are chaotic, which bounds what agreement between modes can say here. Then what a new
+live-count shape costs: per bucket size, the first fast step of that size against warm ones. For exact mode it also
+reports how many positions change their argmax per step, and how many predict, then commit, the random token the
+canvas started with there (random weights tend to copy their input).
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ DEFAULT_OUT = REPO / "bench" / "out" / "fast"
 # again: at 28 the median entropy is 3 nats); 4 is the tests' checkpoints'.
 CONFIDENT_GAIN = 11.0
 FLAT_GAIN = 4.0
+# The ordered checkpoint's feed-forward output scale: low enough that exact mode is no longer chaotic.
+ORDERED_FEED_FORWARD = 0.3
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -65,7 +70,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="fast mode with these FastSettings changed (repeatable; default: the defaults)",
     )
     parser.add_argument(
-        "--checkpoints", default="confident,flat", help="which checkpoints, comma-separated (default: both)"
+        "--checkpoints",
+        default="confident,flat",
+        help="which of confident, flat and ordered, comma-separated (default: confident,flat)",
     )
     parser.add_argument(
         "--noise-floor",
@@ -119,18 +126,28 @@ def parse_variant(text: str) -> dict[str, Any]:
 # -- checkpoints ---------------------------------------------------------------------------------------------------
 
 
-def checkpoint(shape: Shape, gain: float, out: Path, well_conditioned: bool = False) -> Path:
+def checkpoint(
+    shape: Shape, gain: float, out: Path, well_conditioned: bool = False, feed_forward_gain: float = 1.0
+) -> Path:
     """A random-weight checkpoint of `shape` with the final norm scaled by `gain`, built once and kept;
-    `well_conditioned`: routers with clear margins and softer attention (tests/checkpoints.py)."""
+    `well_conditioned`: routers with clear margins and softer attention; `feed_forward_gain` scales the layers'
+    feed-forward outputs (tests/checkpoints.py)."""
     from .build import helper_from_tests
 
-    suffix = "-conditioned" if well_conditioned else ""
+    suffix = ("-conditioned" if well_conditioned else "") + (
+        f"-ff{feed_forward_gain:g}" if feed_forward_gain != 1 else ""
+    )
     path = out / "checkpoints" / f"{shape.checkpoint_name()}-gain{gain:g}{suffix}"
     if (path / "config.json").is_file():
         return path
     checkpoints = helper_from_tests("checkpoints")
     model = checkpoints.build_reference_model(
-        seed=0, canvas_length=shape.canvas_length, final_norm_gain=gain, well_conditioned=well_conditioned, **shape.text
+        seed=0,
+        canvas_length=shape.canvas_length,
+        final_norm_gain=gain,
+        well_conditioned=well_conditioned,
+        feed_forward_gain=feed_forward_gain,
+        **shape.text,
     )
     staging = path.with_name(path.name + ".partial")
     checkpoints.save_reference_checkpoint(model, staging)
@@ -150,6 +167,7 @@ class Recorder:
         self.model = model
         self.segments: list[list[tuple[int, Any, Any]]] = []  # runs of (pass number, positions, logits)
         self.whole_argmax: list[Any] = []  # each pass over the whole canvas's argmax, left lazy until read
+        self.first_canvas: Any = None  # the canvas the first pass read: the random tokens it started from
         self.count = 0
         self._denoise = model.denoise
 
@@ -158,6 +176,8 @@ class Recorder:
             logits = self._denoise(canvas, cache, conditioning, positions=positions)
             self.count += 1
             if positions is None:
+                if self.first_canvas is None:
+                    self.first_canvas = canvas
                 self.segments = [*self.segments[-2:], []]
                 self.whole_argmax.append(logits.argmax(axis=-1))
             self.segments[-1].append((self.count, positions, logits))
@@ -174,6 +194,12 @@ class Recorder:
         `passes` whole passes (exact mode: its steps): what a mode forwarding only changing positions forwards."""
         argmaxes = [np.array(argmax) for argmax in self.whole_argmax[:passes]]
         return statistics.fmean(float((a != b).mean()) for a, b in zip(argmaxes, argmaxes[1:]))
+
+    def own_noise(self, tokens: np.ndarray) -> tuple[float, float]:
+        """The shares of positions whose first argmax, and whose committed token, is the random token the canvas
+        started with there."""
+        start = np.array(self.first_canvas[0])
+        return float((np.array(self.whole_argmax[0][0]) == start).mean()), float((tokens == start).mean())
 
     def merged(self, upto: int) -> np.ndarray:
         """The logits as of pass number `upto` (1-based): the last whole pass before it, the later ones merged in."""
@@ -213,6 +239,7 @@ class Run:
     logits: np.ndarray
     sizes: list[int] = field(default_factory=list)
     changing: float | None = None  # exact mode: positions whose argmax changes from one step to the next
+    own_noise: tuple[float, float] | None = None  # exact mode: Recorder.own_noise
 
 
 def one_canvas(model: Any, cache: Any, settings: Any, seed: int) -> Run:
@@ -233,8 +260,10 @@ def one_canvas(model: Any, cache: Any, settings: Any, seed: int) -> Run:
         step_passes = steps + (steps < settings.steps)  # the step launched before the stop was seen is dropped
         upto = recorder.count if recorder.count > step_passes else steps
         logits = recorder.merged(upto)[0]
-        changing = recorder.changing(steps) if settings.speed == "exact" and steps > 1 else None
-    return Run(settings.speed, steps, result.forwarded, seconds, tokens, logits, changing=changing)
+        exact = settings.speed == "exact"
+        changing = recorder.changing(steps) if exact and steps > 1 else None
+        own_noise = recorder.own_noise(tokens) if exact else None
+    return Run(settings.speed, steps, result.forwarded, seconds, tokens, logits, changing=changing, own_noise=own_noise)
 
 
 def step_errors(model: Any, cache: Any, settings: Any, seed: int) -> tuple[float, float]:
@@ -312,6 +341,7 @@ def compare(model: Any, shape: Shape, args: argparse.Namespace, variants: list[d
             "step_kl": 0.0,
             "step_argmax": 0.0,
             "changing": exact.changing,
+            "own_noise": exact.own_noise,
         }
         if args.noise_floor:
             noisy = one_canvas(NoisyLogits(model, args.noise_floor, prompt), cache, base, prompt)
@@ -455,13 +485,21 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, list[dict[str, Any]]] = {}
     buckets: list[dict[str, float]] = []
     started = time.perf_counter()
+    kinds = {
+        "confident": (args.confident_gain, True, 1.0),
+        "flat": (args.flat_gain, False, 1.0),
+        "ordered": (args.confident_gain, True, ORDERED_FEED_FORWARD),
+    }
     chosen = [name.strip() for name in args.checkpoints.split(",")]
-    for name, gain in (("confident", args.confident_gain), ("flat", args.flat_gain)):
+    if unknown := sorted(set(chosen) - set(kinds)):
+        raise SystemExit(f"--checkpoints: unknown {', '.join(unknown)}; choose from {', '.join(kinds)}")
+    for name, (gain, conditioned, feed_forward) in kinds.items():
         if name not in chosen:
             continue
-        confident = name == "confident"
-        model = load_model(checkpoint(shape, gain, args.out, well_conditioned=confident))
-        label = f"{name} (final norm ×{gain:g}{', well conditioned' if confident else ''})"
+        model = load_model(checkpoint(shape, gain, args.out, conditioned, feed_forward))
+        label = f"{name} (final norm ×{gain:g}{', well conditioned' if conditioned else ''}" + (
+            f", feed-forward ×{feed_forward:g})" if feed_forward != 1 else ")"
+        )
         if name == "confident" and not args.no_buckets:
             buckets = bucket_costs(model, shape, args.prompt_tokens)
         results[label] = []
@@ -480,12 +518,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"FastSettings defaults: {FastSettings()}\n")
     print(table(results, variants, shape.canvas_length, args.noise_floor))
     for label, rows in results.items():
-        changing = [row["changing"] for row in rows if row["variant"] == "exact" and row.get("changing") is not None]
-        if changing:
-            print(
-                f"\nExact mode, {label}: {statistics.fmean(changing):.0%} of the positions change their argmax "
-                "from one step to the next (mean over its steps): what a fast mode forwarding only those would forward."
+        exact_rows = [row for row in rows if row["variant"] == "exact"]
+        changing = [row["changing"] for row in exact_rows if row["changing"] is not None]
+        first, committed = (statistics.fmean(row["own_noise"][i] for row in exact_rows) for i in (0, 1))
+        print(
+            f"\nExact mode, {label}: "
+            + (
+                f"{statistics.fmean(changing):.0%} of the positions change their argmax from one step to the next "
+                "(mean over its steps), what a fast mode forwarding only those would forward; "
+                if changing
+                else ""
             )
+            + f"the first step predicts the random token a position started with at {first:.0%} of them, "
+            f"and {committed:.0%} of the committed tokens are that token."
+        )
     if buckets:
         print(f"\nA fast step per live-count bucket, confident checkpoint, prompt {args.prompt_tokens}:\n")
         print(bucket_table(buckets))

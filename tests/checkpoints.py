@@ -59,6 +59,7 @@ def build_reference_model(
     canvas_length: int = 16,
     final_norm_gain: float = 4.0,
     well_conditioned: bool = False,
+    feed_forward_gain: float = 1.0,
     vision_overrides: dict | None = None,
     **text_overrides,
 ) -> DiffusionGemmaForBlockDiffusion:
@@ -74,6 +75,9 @@ def build_reference_model(
     different expert or attention pattern. `well_conditioned` gives routers
     clear margins and attention soft scores, so that reduced-precision
     checkpoints (bf16, quantized) can be held to meaningful tolerances.
+    `feed_forward_gain` scales every layer's feed-forward output norm: below 1
+    a position's residual stream keeps more of its own token's embedding (a
+    more ordered network, `python -m bench fast`'s *ordered* checkpoint).
 
     The vision tower's weights are spread too (`jitter_vision`), from a
     generator of their own: the text weights are the same with or without it.
@@ -98,6 +102,8 @@ def build_reference_model(
                 param.copy_(jitter(param.shape, 0.3))
         decoder = model.model.decoder
         decoder.norm.weight.mul_(final_norm_gain)
+        for layer in decoder.layers:
+            layer.post_feedforward_layernorm.weight.mul_(feed_forward_gain)
         if well_conditioned:
             for layer in decoder.layers:
                 layer.router.proj.weight.mul_(50.0)

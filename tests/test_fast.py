@@ -338,13 +338,20 @@ def test_bench_fast_quick_runs(tmp_path, capsys):
     from bench import fast
 
     arguments = ["--quick", "--prompts", "1", "--no-openblas", "--out", str(tmp_path)]
-    assert fast.main([*arguments, "--variant", "bucket=4,refresh_every=0"]) == 0
+    checkpoints = ["--checkpoints", "confident,flat,ordered"]
+    assert fast.main([*arguments, *checkpoints, "--variant", "bucket=4,refresh_every=0"]) == 0
     table = capsys.readouterr().out
     assert "| confident (final norm ×11, well conditioned) | exact |" in table
     assert "| flat (final norm ×4) | fast bucket=4" in table
+    assert "| ordered (final norm ×11, well conditioned, feed-forward ×0.3) | exact |" in table
     assert "| positions forwarded | first step, ms |" in table
     assert "Exact mode, confident (final norm ×11, well conditioned): " in table and "change their argmax" in table
-    assert json.loads((tmp_path / "quick.json").read_text())["results"]
+    assert "the first step predicts the random token a position started with at " in table
+    results = json.loads((tmp_path / "quick.json").read_text())["results"]
+    own_noise = [row["own_noise"] for rows in results.values() for row in rows if row["variant"] == "exact"]
+    assert len(own_noise) == 3 and all(0 <= share <= 1 for pair in own_noise for share in pair)
+    with pytest.raises(SystemExit, match="unknown trained"):
+        fast.main([*arguments, "--checkpoints", "confident,trained"])
 
 
 def test_the_server_takes_speed_under_concurrent_requests(flat):

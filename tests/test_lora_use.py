@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -214,6 +215,37 @@ def test_bad_adapters_are_one_line_errors(base, adapter, capsys, tmp_path):
     weights = corrupt / "adapters.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     assert "cannot read" in refused(corrupt)
+
+
+def test_info_describes_an_adapter(base, adapter, capsys, tmp_path):
+    arrays = mx.load(str(adapter / "adapters.safetensors"))
+    parameters = sum(value.size for value in arrays.values())
+    code, out, err = dgemma(capsys, "info", str(base), "--adapter", str(adapter))
+    assert code == 0, err
+    assert f"adapter        {adapter}: LoRA rank 4, scale 2, on 6 of 6 layers: self_attn.q_proj," in out
+    assert f"{parameters:,} parameters" in out and f"trained on {base}, a model of this shape" in out
+    code, out, err = dgemma(capsys, "info", str(base), "--adapter", str(adapter), "--json")
+    facts = json.loads(out)
+    assert facts["adapter"]["parameters"] == parameters and facts["adapter"]["shape_difference"] is None
+    assert "experts.gate_up_proj" in facts["adapter"]["keys"]
+    _, alone, _ = dgemma(capsys, "info", str(base), "--json")
+    added = facts["memory"]["total"] - json.loads(alone)["memory"]["total"]
+    assert added == (adapter / "adapters.safetensors").stat().st_size
+
+    # An adapter recorded as trained on a wider model is named so; one already fused into the model too.
+    wider = tmp_path / "wider"
+    shutil.copytree(adapter, wider)
+    config = json.loads((wider / "adapter_config.json").read_text())
+    config["base_model"]["shape"]["hidden_size"] = 128
+    (wider / "adapter_config.json").write_text(json.dumps(config))
+    code, out, err = dgemma(capsys, "info", str(base), "--adapter", str(wider))
+    assert code == 0 and "another model's (hidden_size 128 there, 64 here): this model refuses it" in out
+    fused = fuse_checkpoint(base, adapter, tmp_path / "fused").path
+    code, out, err = dgemma(capsys, "info", str(fused), "--adapter", str(adapter))
+    assert code == 0 and "already fused into this model" in out
+
+    code, out, err = dgemma(capsys, "info", str(base), "--adapter", str(tmp_path / "missing"))
+    assert code == 1 and out == "" and err.startswith("error: no adapter directory") and len(err.splitlines()) == 1
 
 
 # ----------------------------------------------------------------- dgemma fuse

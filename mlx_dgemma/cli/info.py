@@ -77,8 +77,9 @@ def _memory(path: Path, context: int) -> dict[str, Any]:
     }
 
 
-def describe(path: Path, context: int | None) -> dict[str, Any]:
-    """The facts `dgemma info` shows; raises (one line) on a context beyond the model's or broken weight files."""
+def describe(path: Path, context: int | None, adapter: Path | None = None) -> dict[str, Any]:
+    """The facts `dgemma info` shows, with the LoRA adapter at `adapter` if given; raises (one line) on a context
+    beyond the model's, broken weight files or an unreadable adapter."""
     config = ModelConfig.from_path(path)
     limit = config.text.max_position_embeddings
     if context is None:
@@ -88,7 +89,7 @@ def describe(path: Path, context: int | None) -> dict[str, Any]:
     # A random or truncated file would otherwise be skipped by the estimates and reported as fitting.
     files = check_weights(path)
     counts = count_parameters(config)
-    return {
+    facts = {
         "path": str(path),
         "architecture": _architecture(config),
         "parameters": {"total": counts.total, "active": counts.active, "groups": counts.groups},
@@ -98,6 +99,14 @@ def describe(path: Path, context: int | None) -> dict[str, Any]:
         "vision_bytes": vision_bytes(path) if config.has_vision else 0,
         "memory": _memory(path, context),
     }
+    if adapter is not None:
+        from ..lora.adapters import describe_adapter  # mlx_lm's tuner loads only for an adapter
+
+        facts["adapter"] = describe_adapter(adapter, config)
+        memory = facts["memory"]
+        memory["total"] += facts["adapter"]["bytes"]
+        memory["fits"] = memory["fits"] and memory["total"] <= memory["available"]
+    return facts
 
 
 def _heads(count: int | None, dim: int | None) -> str:
@@ -150,13 +159,32 @@ def _storage_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
     ]
 
 
-def _memory_rows(memory: dict[str, Any]) -> list[tuple[str, str]]:
+def _adapter_rows(adapter: dict[str, Any]) -> list[tuple[str, str]]:
+    trained_on = f"trained on {adapter['trained_on']}" if adapter["trained_on"] else "its base model unrecorded"
+    if adapter["fused_into_this_model"]:
+        verdict = "already fused into this model (dgemma fuse): load the model alone"
+    elif adapter["shape_difference"]:
+        verdict = f"another model's ({adapter['shape_difference']}): this model refuses it"
+    else:
+        verdict = "a model of this shape"
+    return [
+        (
+            "adapter",
+            f"{adapter['path']}: LoRA rank {adapter['rank']}, scale {adapter['scale']:g}, on "
+            f"{adapter['layers']} of {adapter['of_layers']} layers: {', '.join(adapter['keys'])}",
+        ),
+        ("", f"{adapter['parameters']:,} parameters, {format_bytes(adapter['bytes'])}; {trained_on}, {verdict}"),
+    ]
+
+
+def _memory_rows(memory: dict[str, Any], adapter_bytes: int = 0) -> list[tuple[str, str]]:
     verdict = "fits" if memory["fits"] else "does NOT fit"
     dense = memory["dequantized_dense"]
     peak = (
         f"about {format_bytes(memory['total'])} at {memory['context']:,} tokens: weights "
         f"{format_bytes(memory['weights'])}"
         + (f" + dense layers dequantized on this GPU {format_bytes(dense)}" if dense else "")
+        + (f" + adapter {format_bytes(adapter_bytes)}" if adapter_bytes else "")
         + f" + KV cache {format_bytes(memory['kv_cache'])} + activations {format_bytes(memory['activations'])}"
     )
     return [
@@ -170,7 +198,8 @@ def format_info(info: dict[str, Any]) -> str:
         ("model", info["path"]),
         *_architecture_rows(info["architecture"]),
         *_storage_rows(info),
-        *_memory_rows(info["memory"]),
+        *(_adapter_rows(info["adapter"]) if "adapter" in info else []),
+        *_memory_rows(info["memory"], info["adapter"]["bytes"] if "adapter" in info else 0),
     ]
     return "\n".join(f"{label:<14} {value}".rstrip() for label, value in rows)
 
@@ -194,14 +223,24 @@ def info(
             f"{IMAGE_PROMPT_TOKENS} for one image where the model reads images, or the model's maximum).",
         ),
     ] = None,
+    adapter: Annotated[
+        Path | None,
+        typer.Option(
+            "--adapter",
+            metavar="DIR",
+            help="Also describe this LoRA adapter directory (from dgemma lora) and whether it fits the model.",
+        ),
+    ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the same facts as one JSON object.")] = False,
 ) -> None:
     """Describe a checkpoint: shape, parameters, quantization, size, and memory needed here.
 
     Shows the architecture, parameters in total and active per token, the
     quantization, the size on disk, and the estimated peak memory for a context
-    of --context tokens compared with this machine's memory. Reads config.json
-    and the safetensors headers only (checking them); nothing is loaded.
+    of --context tokens compared with this machine's memory; with --adapter,
+    the adapter's LoRA settings and size and whether it was trained on a model
+    of this shape. Reads config.json and the safetensors headers only (checking
+    them); nothing is loaded.
     """
-    facts = describe(resolve_model_path(model), context)
+    facts = describe(resolve_model_path(model), context, adapter)
     print(json.dumps(facts, indent=2) if json_output else format_info(facts))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 from mlx_lm.tuner.lora import LoRALinear, LoRASwitchLinear
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
+from ..config import ModelConfig
+from ..memory import WeightsFileError, read_safetensors_header
 from ..model import Model
 
 ADAPTER_FILE = "adapters.safetensors"
@@ -123,9 +126,9 @@ def adapter_weights(model: nn.Module) -> dict[str, mx.array]:
 # ----------------------------------------------------------------- the base model's identity
 
 
-def base_shape(model: Model) -> dict[str, Any]:
+def base_shape(config: ModelConfig) -> dict[str, Any]:
     """The shape fields an adapter depends on."""
-    text = model.text_config
+    text = config.text
     return {
         "vocab_size": text.vocab_size,
         "hidden_size": text.hidden_size,
@@ -135,8 +138,16 @@ def base_shape(model: Model) -> dict[str, Any]:
         "num_attention_heads": text.num_attention_heads,
         "num_experts": text.num_experts,
         "layers": [[shape.layer_type, shape.head_dim, shape.num_key_value_heads] for shape in text.layers],
-        "canvas_length": model.config.canvas_length,
+        "canvas_length": config.canvas_length,
     }
+
+
+def shape_difference(trained: dict[str, Any], here: dict[str, Any]) -> str | None:
+    """How the shape an adapter was trained on (`base_shape`) differs from `here`, in words; None if it does not."""
+    for key, value in here.items():
+        if key in trained and trained[key] != value:
+            return "the layer layout" if key == "layers" else f"{key} {trained[key]} there, {value} here"
+    return None
 
 
 def weights_fingerprint(model: Model) -> str:
@@ -157,7 +168,7 @@ def weights_fingerprint(model: Model) -> str:
 def base_identity(model: Model, path: str | Path | None) -> dict[str, Any]:
     return {
         "path": str(path) if path is not None else None,
-        "shape": base_shape(model),
+        "shape": base_shape(model.config),
         "weights_fingerprint": weights_fingerprint(model),
     }
 
@@ -167,12 +178,9 @@ def check_base(model: Model, config: dict[str, Any], where: Path, strict: bool =
     base = config.get("base_model")
     if not isinstance(base, dict):
         return  # an mlx-lm adapter: nothing recorded to compare; shapes are checked on load
-    trained = base.get("shape") or {}
-    here = base_shape(model)
-    for key, value in here.items():
-        if key in trained and trained[key] != value:
-            shown = "the layer layout" if key == "layers" else f"{key} {trained[key]} there, {value} here"
-            raise AdapterError(f"the adapter at {where} was trained on another model ({shown})")
+    difference = shape_difference(base.get("shape") or {}, base_shape(model.config))
+    if difference:
+        raise AdapterError(f"the adapter at {where} was trained on another model ({difference})")
     fingerprint = base.get("weights_fingerprint")
     if strict and fingerprint and fingerprint != weights_fingerprint(model):
         trained_on = f" ({base['path']})" if base.get("path") else ""
@@ -194,11 +202,16 @@ def adapter_digest(directory: Path) -> str | None:
     return "sha256:" + digest.hexdigest()
 
 
+def fused_into(config: ModelConfig, directory: Path) -> bool:
+    """Whether `dgemma fuse` made the model of `config` by merging the adapter at `directory` into its base."""
+    fused = config.raw.get("fused_adapter")
+    return isinstance(fused, dict) and bool(fused.get("digest")) and fused["digest"] == adapter_digest(directory)
+
+
 def check_not_fused(model: Model, directory: Path) -> None:
     """Refuse to add an adapter to a model that `dgemma fuse` already merged it into: the fused model keeps its
     base's norm weights, so the base check alone would let the update in twice."""
-    fused = model.config.raw.get("fused_adapter")
-    if isinstance(fused, dict) and fused.get("digest") and fused["digest"] == adapter_digest(directory):
+    if fused_into(model.config, directory):
         raise AdapterError(f"the adapter at {directory} is already fused into this model (dgemma fuse): load it alone")
 
 
@@ -336,6 +349,35 @@ def apply_adapter(model: Model, path: str | Path, strict_base: bool = True) -> d
     load_adapter_weights(model, directory)
     model.eval()
     return config
+
+
+def describe_adapter(path: str | Path, config: ModelConfig) -> dict[str, Any]:
+    """What `dgemma info --adapter` shows of the adapter at `path` beside the model of `config`: its LoRA settings,
+    parameters and size, the model it was trained on, and whether that model's shape is this one's. Reads the
+    adapter's config and its arrays file's header only; one-line `AdapterError`s as `apply_adapter` gives."""
+    directory = Path(path).expanduser()
+    adapter = read_adapter_config(directory)
+    settings, num_layers = settings_from_config(adapter, directory)
+    file = directory / ADAPTER_FILE
+    if not file.is_file():
+        raise AdapterError(f"no {ADAPTER_FILE} in {directory}")
+    try:
+        header = read_safetensors_header(file)
+    except WeightsFileError as error:
+        raise AdapterError(str(error)) from None
+    base = adapter.get("base_model") if isinstance(adapter.get("base_model"), dict) else {}
+    layers = len(config.text.layers)
+    return {
+        "path": str(directory),
+        **settings.lora_parameters(),
+        "layers": layers if num_layers == -1 else num_layers,
+        "of_layers": layers,
+        "parameters": sum(math.prod(entry["shape"]) for entry in header.values()),
+        "bytes": file.stat().st_size,
+        "trained_on": base.get("path") or adapter.get("model"),
+        "shape_difference": shape_difference(base.get("shape") or {}, base_shape(config)),
+        "fused_into_this_model": fused_into(config, directory),
+    }
 
 
 def fuse_adapter(model: Model) -> Model:
