@@ -497,9 +497,9 @@ def main(argv: list[str] | None = None) -> int:
         if name not in chosen:
             continue
         model = load_model(checkpoint(shape, gain, args.out, conditioned, feed_forward))
-        label = f"{name} (final norm ×{gain:g}{', well conditioned' if conditioned else ''}" + (
-            f", feed-forward ×{feed_forward:g})" if feed_forward != 1 else ")"
-        )
+        notes = [f"final norm ×{gain:g}", *(["well conditioned"] if conditioned else [])]
+        notes += [f"feed-forward ×{feed_forward:g}"] if feed_forward != 1 else []
+        label = f"{name} ({', '.join(notes)})"
         if name == "confident" and not args.no_buckets:
             buckets = bucket_costs(model, shape, args.prompt_tokens)
         results[label] = []
@@ -521,17 +521,17 @@ def main(argv: list[str] | None = None) -> int:
         exact_rows = [row for row in rows if row["variant"] == "exact"]
         changing = [row["changing"] for row in exact_rows if row["changing"] is not None]
         first, committed = (statistics.fmean(row["own_noise"][i] for row in exact_rows) for i in (0, 1))
-        print(
-            f"\nExact mode, {label}: "
-            + (
+        clauses = [
+            f"the first step predicts the random token a position started with at {first:.0%} of them, "
+            f"and {committed:.0%} of the committed tokens are that token"
+        ]
+        if changing:
+            clauses.insert(
+                0,
                 f"{statistics.fmean(changing):.0%} of the positions change their argmax from one step to the next "
-                "(mean over its steps), what a fast mode forwarding only those would forward; "
-                if changing
-                else ""
+                "(mean over its steps), what a fast mode forwarding only those would forward",
             )
-            + f"the first step predicts the random token a position started with at {first:.0%} of them, "
-            f"and {committed:.0%} of the committed tokens are that token."
-        )
+        print(f"\nExact mode, {label}: " + "; ".join(clauses) + ".")
     if buckets:
         print(f"\nA fast step per live-count bucket, confident checkpoint, prompt {args.prompt_tokens}:\n")
         print(bucket_table(buckets))

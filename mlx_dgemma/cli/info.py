@@ -56,10 +56,10 @@ def _architecture(config: ModelConfig) -> dict[str, Any]:
     }
 
 
-def _memory(path: Path, context: int) -> dict[str, Any]:
+def _memory(path: Path, context: int, adapter_bytes: int = 0) -> dict[str, Any]:
     estimate = estimate_memory(path, context)
     available, source = available_memory()
-    fits_stored = estimate.total <= available
+    fits_stored = estimate.total + adapter_bytes <= available
     # As loading will do: under CUDA the dense layers dequantized, when that fits.
     options, extra = cuda_options_that_fit(path, estimate) if fits_stored else (None, 0)
     dequantized = fits_stored and options is None and cuda.available()
@@ -70,7 +70,8 @@ def _memory(path: Path, context: int) -> dict[str, Any]:
         "activations": estimate.activations,
         "dense_layers": "dequantized" if dequantized else "quantized",
         "dequantized_dense": extra,
-        "total": estimate.total + extra,
+        "adapter": adapter_bytes,
+        "total": estimate.total + extra + adapter_bytes,
         "available": available,
         "available_source": source,
         "fits": fits_stored,
@@ -89,6 +90,11 @@ def describe(path: Path, context: int | None, adapter: Path | None = None) -> di
     # A random or truncated file would otherwise be skipped by the estimates and reported as fitting.
     files = check_weights(path)
     counts = count_parameters(config)
+    adapter_facts = None
+    if adapter is not None:
+        from ..lora.adapters import describe_adapter  # mlx_lm's tuner loads only for an adapter
+
+        adapter_facts = describe_adapter(adapter, config)
     facts = {
         "path": str(path),
         "architecture": _architecture(config),
@@ -97,15 +103,10 @@ def describe(path: Path, context: int | None, adapter: Path | None = None) -> di
         "disk_bytes": model_bytes(path),
         "safetensors_files": len(files),
         "vision_bytes": vision_bytes(path) if config.has_vision else 0,
-        "memory": _memory(path, context),
+        "memory": _memory(path, context, adapter_facts["bytes"] if adapter_facts else 0),
     }
-    if adapter is not None:
-        from ..lora.adapters import describe_adapter  # mlx_lm's tuner loads only for an adapter
-
-        facts["adapter"] = describe_adapter(adapter, config)
-        memory = facts["memory"]
-        memory["total"] += facts["adapter"]["bytes"]
-        memory["fits"] = memory["fits"] and memory["total"] <= memory["available"]
+    if adapter_facts is not None:
+        facts["adapter"] = adapter_facts
     return facts
 
 
@@ -177,14 +178,14 @@ def _adapter_rows(adapter: dict[str, Any]) -> list[tuple[str, str]]:
     ]
 
 
-def _memory_rows(memory: dict[str, Any], adapter_bytes: int = 0) -> list[tuple[str, str]]:
+def _memory_rows(memory: dict[str, Any]) -> list[tuple[str, str]]:
     verdict = "fits" if memory["fits"] else "does NOT fit"
     dense = memory["dequantized_dense"]
     peak = (
         f"about {format_bytes(memory['total'])} at {memory['context']:,} tokens: weights "
         f"{format_bytes(memory['weights'])}"
         + (f" + dense layers dequantized on this GPU {format_bytes(dense)}" if dense else "")
-        + (f" + adapter {format_bytes(adapter_bytes)}" if adapter_bytes else "")
+        + (f" + adapter {format_bytes(memory['adapter'])}" if memory["adapter"] else "")
         + f" + KV cache {format_bytes(memory['kv_cache'])} + activations {format_bytes(memory['activations'])}"
     )
     return [
@@ -199,7 +200,7 @@ def format_info(info: dict[str, Any]) -> str:
         *_architecture_rows(info["architecture"]),
         *_storage_rows(info),
         *(_adapter_rows(info["adapter"]) if "adapter" in info else []),
-        *_memory_rows(info["memory"], info["adapter"]["bytes"] if "adapter" in info else 0),
+        *_memory_rows(info["memory"]),
     ]
     return "\n".join(f"{label:<14} {value}".rstrip() for label, value in rows)
 
