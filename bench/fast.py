@@ -1,28 +1,36 @@
 """Fast mode against exact mode in one run: positions forwarded, step time, tokens/s and agreement.
 
-    python -m bench fast                      # bench shape, canvas 256, float32 on the CPU: a few minutes
-    python -m bench fast --quick              # a tiny shape: a smoke run of seconds
+    python -m bench fast                      # bench shape, canvas 256, float32 on the CPU
+    python -m bench fast --quick              # a tiny shape: a smoke run (the trained checkpoints are their own)
     python -m bench fast --variant settle_entropy=0.01 --variant refresh_every=0   # other FastSettings
     python -m bench fast --help
 
-On the CPU in float32 a step is compute-bound, as on a Mac's GPU. Random-weight checkpoints of the shape,
-written by the reference (tests/checkpoints.py): a *confident* one, its final norm scaled up and its routers and
-attention well conditioned (clear expert margins, softer attention: less chaotic), whose canvases settle over about
-half the step budget as trained weights' are reported to, and a *flat* one (the tests' scale), whose positions
-hardly settle; on request (`--checkpoints`) an *ordered* one, the confident one with its feed-forward outputs scaled
-down, whose positions mostly keep their own token. For each checkpoint and prompt (seeded random tokens), one canvas
-in exact mode, then one in fast mode per `--variant` (default: FastSettings' defaults), from copies of one encoded
-prompt, the sampler's defaults otherwise (48 steps at most, adaptive stopping). Reported per mode: denoising steps
-per canvas, canvas positions run through the decoder per step and over the canvas (against exact mode's), step time
-and tokens/s (a canvas's tokens over its denoising time, the prompt encoded before), the committed tokens fast mode
-shares with exact mode and the mean KL(exact || fast) between the logits each committed from (exact: its last
-step's; fast: its final pass's, or its last step's merged logits), and fast mode's own per-step error: the KL and
-the argmaxes differing between the logits it decides from and those the exact model computes from the same inputs. A
-row of exact mode with its logits perturbed by `--noise-floor` shows how far exact mode itself drifts under so small
-a change: random weights are chaotic, which bounds what agreement between modes can say here. Then what a new
-live-count shape costs: per bucket size, the first fast step of that size against warm ones. For exact mode it also
-reports how many positions change their argmax per step, and how many predict, then commit, the random token the
-canvas started with there (random weights tend to copy their input).
+Checkpoints (`--checkpoints`, each built once and kept under --out):
+- *trained* and *trained-ends* (bench/trained.py): a small DiffusionGemma trained here on a Markov-chain language,
+  whose canvases turn noise into text and then hold it, as trained weights' do; in *trained* every answer runs to
+  the canvas's end, in *trained-ends* answers end (after a canvas's length on average) and fill follows, as short
+  replies do. Their text is checkable: the table's last column is the share of adjacent pairs the language allows.
+  Their shape is small (canvas 64), too small to be compute-bound, so their tokens/s are also given as projected at
+  the run's shape: each step costing what a fast step of as many positions (scaled) costs there, by the bucket
+  table (measured on the confident checkpoint of the run's shape, unless --no-buckets).
+- random-weight checkpoints of the run's shape, written by the reference (tests/checkpoints.py): *confident*, its
+  final norm scaled up and its routers and attention well conditioned; *flat* (the tests' scale), whose positions
+  hardly settle; *ordered*, the confident one with its feed-forward outputs scaled down. Random weights copy their
+  input and then wander or keep it; they show fast mode's mechanics and step costs, not what it costs in text.
+
+For each checkpoint and prompt (seeded: random tokens, or the language's), one canvas in exact mode, then one in
+fast mode per `--variant` (default: FastSettings' defaults, the bucket scaled to a shorter canvas), from copies of
+one encoded prompt, the sampler's defaults otherwise (48 steps at most, adaptive stopping). Reported per mode:
+denoising steps per canvas, canvas positions run through the decoder per step and over the canvas (against exact
+mode's), step time and tokens/s (a canvas's tokens over its denoising time, the prompt encoded before), the
+committed tokens fast mode shares with exact mode and the mean KL(exact || fast) between the logits each committed
+from (exact: its last step's; fast: its final pass's, or its last step's merged logits), and fast mode's own
+per-step error: the KL and the argmaxes differing between the logits it decides from and those the exact model
+computes from the same inputs. A row of exact mode with its logits perturbed by `--noise-floor` shows how far
+exact mode itself drifts under so small a change. For exact mode: how many positions change their argmax per
+step, after what share of the steps a position's argmax takes its final value (what forwarding each position only
+until then would forward), and how many positions predict, then commit, the random token they started with. Then
+what a new live-count shape costs: per bucket size, the first fast step of that size against warm ones.
 """
 
 from __future__ import annotations
@@ -35,13 +43,16 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from . import trained
 from .build import REPO
 from .shapes import PRESETS, Shape
+from .trained import FILL
 
 OPENBLAS = Path("/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0")
 DEFAULT_OUT = REPO / "bench" / "out" / "fast"
@@ -71,8 +82,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--checkpoints",
-        default="confident,flat",
-        help="which of confident, flat and ordered, comma-separated (default: confident,flat)",
+        default="trained,trained-ends,confident,flat",
+        help="which of trained, trained-ends, confident, flat and ordered, comma-separated (default: all but ordered)",
+    )
+    parser.add_argument(
+        "--training-steps",
+        type=int,
+        default=None,
+        help="the trained checkpoint's training steps (default 1000: about 12 minutes on two cores, once)",
     )
     parser.add_argument(
         "--noise-floor",
@@ -195,6 +212,15 @@ class Recorder:
         argmaxes = [np.array(argmax) for argmax in self.whole_argmax[:passes]]
         return statistics.fmean(float((a != b).mean()) for a, b in zip(argmaxes, argmaxes[1:]))
 
+    def until_final(self, passes: int) -> float:
+        """The share of the first `passes` whole passes (exact mode: its steps) that come before each position's
+        argmax takes its final value, averaged over positions: what a mode forwarding each position until then, and
+        not after, would forward."""
+        argmaxes = np.stack([np.array(argmax[0]) for argmax in self.whole_argmax[:passes]])
+        differs = argmaxes != argmaxes[-1]
+        last = np.where(differs.any(axis=0), passes - 1 - np.argmax(differs[::-1], axis=0), -1)
+        return float((last + 2).mean() / passes)  # the pass that first shows the final value is forwarded too
+
     def own_noise(self, tokens: np.ndarray) -> tuple[float, float]:
         """The shares of positions whose first argmax, and whose committed token, is the random token the canvas
         started with there."""
@@ -239,6 +265,7 @@ class Run:
     logits: np.ndarray
     sizes: list[int] = field(default_factory=list)
     changing: float | None = None  # exact mode: positions whose argmax changes from one step to the next
+    until_final: float | None = None  # exact mode: Recorder.until_final
     own_noise: tuple[float, float] | None = None  # exact mode: Recorder.own_noise
 
 
@@ -262,8 +289,10 @@ def one_canvas(model: Any, cache: Any, settings: Any, seed: int) -> Run:
         logits = recorder.merged(upto)[0]
         exact = settings.speed == "exact"
         changing = recorder.changing(steps) if exact and steps > 1 else None
+        until_final = recorder.until_final(steps) if exact else None
         own_noise = recorder.own_noise(tokens) if exact else None
-    return Run(settings.speed, steps, result.forwarded, seconds, tokens, logits, changing=changing, own_noise=own_noise)
+    figures = dict(changing=changing, until_final=until_final, own_noise=own_noise)
+    return Run(settings.speed, steps, result.forwarded, seconds, tokens, logits, **figures)
 
 
 def step_errors(model: Any, cache: Any, settings: Any, seed: int) -> tuple[float, float]:
@@ -312,51 +341,96 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
-def compare(model: Any, shape: Shape, args: argparse.Namespace, variants: list[dict[str, Any]]) -> Iterator[dict]:
+@dataclass
+class Subject:
+    """A checkpoint to compare the modes on: its shape, how its prompts are made and, for the trained one, the
+    language its text is checked against."""
+
+    label: str
+    path: Path
+    shape: Shape
+    prompt_tokens: int
+    language: Any = None  # trained.MarkovLanguage
+
+    def prompt(self, index: int) -> np.ndarray:
+        """(1, prompt_tokens) token ids, seeded by `index`: random tokens, or a stretch of the language."""
+        if self.language is not None:
+            from .trained import prompt
+
+            return prompt(self.language, index)
+        vocab = self.shape.text["vocab_size"]
+        return np.random.default_rng(index).integers(3, vocab, (1, self.prompt_tokens))
+
+    def scaled(self, changes: dict[str, Any]) -> dict[str, Any]:
+        """FastSettings changes for this canvas: unless given, the bucket for its length (`scaled_bucket`)."""
+        return {"bucket": scaled_bucket(self.shape.canvas_length), **changes}
+
+
+def scaled_bucket(length: int) -> int:
+    """The default bucket in proportion to a canvas of `length`: the released canvas's share, so that a short
+    canvas's live counts come in as many sizes."""
+    from mlx_dgemma.sampler import FastSettings
+
+    return max(1, FastSettings().bucket * length // 256)
+
+
+def compare(model: Any, subject: Subject, args: argparse.Namespace, variants: list[dict[str, Any]]) -> Iterator[dict]:
     """Per prompt: exact mode, then each fast variant, from copies of one encoded prompt."""
     import mlx.core as mx
 
     from mlx_dgemma.generate import default_settings, prefill
 
+    shape = subject.shape
     base = default_settings(model).updated(max_new_tokens=shape.canvas_length, steps=args.steps)
-    vocab = shape.text["vocab_size"]
+    fast_settings = [
+        base.updated(speed="fast", fast=replace(base.fast, **subject.scaled(changes))) for changes in variants
+    ]
     # Compile every graph once (decisions of each mode, the buckets' first shapes) before timing anything.
     warm_cache = model.make_cache()
-    prefill(model, warm_cache, mx.array(np.random.default_rng(99).integers(3, vocab, (1, 32))))
-    for changes in [None, *variants]:
-        settings = base.updated(steps=min(base.steps, 6))
-        if changes is not None:
-            settings = settings.updated(speed="fast", fast=replace(settings.fast, **changes))
-        one_canvas(model, warm_cache, settings, 99)
+    prefill(model, warm_cache, mx.array(np.random.default_rng(99).integers(3, shape.text["vocab_size"], (1, 32))))
+    for settings in [base, *fast_settings]:
+        one_canvas(model, warm_cache, settings.updated(steps=min(base.steps, 6)), 99)
     for prompt in range(args.prompts):
         cache = model.make_cache()
-        ids = np.random.default_rng(prompt).integers(3, vocab, (1, args.prompt_tokens))
+        ids = subject.prompt(prompt)
         prefill(model, cache, mx.array(ids))
+        figures = partial(_figures, shape=shape, subject=subject, context=ids[0, -1:])
         exact = one_canvas(model, cache, base, prompt)
-        figures = _figures(exact, exact, shape)
         yield {
             "prompt": prompt,
             "variant": "exact",
-            **figures,
+            **figures(exact, exact),
             "step_kl": 0.0,
             "step_argmax": 0.0,
             "changing": exact.changing,
+            "until_final": exact.until_final,
             "own_noise": exact.own_noise,
         }
         if args.noise_floor:
             noisy = one_canvas(NoisyLogits(model, args.noise_floor, prompt), cache, base, prompt)
-            figures = _figures(noisy, exact, shape)
-            yield {"prompt": prompt, "variant": "noise", **figures, "step_kl": None, "step_argmax": None}
-        for index, changes in enumerate(variants):
-            settings = base.updated(speed="fast", fast=replace(base.fast, **changes))
+            yield {"prompt": prompt, "variant": "noise", **figures(noisy, exact), "step_kl": None, "step_argmax": None}
+        for index, settings in enumerate(fast_settings):
             fast = one_canvas(model, cache, settings, prompt)
             step_kl, step_argmax = step_errors(model, cache, settings, prompt)
-            figures = _figures(fast, exact, shape)
-            yield {"prompt": prompt, "variant": index, **figures, "step_kl": step_kl, "step_argmax": step_argmax}
+            yield {
+                "prompt": prompt,
+                "variant": index,
+                **figures(fast, exact),
+                "step_kl": step_kl,
+                "step_argmax": step_argmax,
+            }
 
 
-def _figures(run: Run, exact: Run, shape: Shape) -> dict[str, Any]:
+def _figures(run: Run, exact: Run, shape: Shape, subject: Subject, context: np.ndarray) -> dict[str, Any]:
+    """A run's figures against exact mode's; for a trained checkpoint, how much of its text (after the prompt's
+    last token, `context`) the language allows, and how many of its tokens come before an end."""
+    valid = answer = None
+    if subject.language is not None:
+        valid = subject.language.valid(np.append(context, run.tokens))
+        answer = int(np.argmax(run.tokens == FILL)) if FILL in run.tokens else len(run.tokens)
     return {
+        "valid": valid,
+        "answer": answer,
         "steps": run.steps,
         "forwarded": run.forwarded,
         "forwarded_vs_exact": run.forwarded / exact.forwarded,
@@ -382,6 +456,7 @@ def bucket_costs(model: Any, shape: Shape, prompt_tokens: int) -> list[dict[str,
     cache = model.make_cache()
     prefill(model, cache, mx.array(np.random.default_rng(7).integers(3, vocab, (1, prompt_tokens))))
     settings = default_settings(model).updated(speed="fast")
+    settings = settings.updated(fast=replace(settings.fast, bucket=scaled_bucket(length)))
     noise = SeededNoise(7)
     canvas = FastCanvas(model, cache, settings, noise, 0, None, length)
     first_step = canvas.step(BlockSampler(model, settings, noise).initial_state(1, length, 0, None), 1)
@@ -407,7 +482,7 @@ def bucket_costs(model: Any, shape: Shape, prompt_tokens: int) -> list[dict[str,
 def summary(rows: list[dict[str, Any]], variant: int | str, length: int) -> dict[str, float]:
     """One variant's figures over the prompts: means, and totals over totals for rates."""
     mine = [row for row in rows if row["variant"] == variant]
-    keys = ("steps", "forwarded", "shared", "kl", "step_kl", "step_argmax")
+    keys = ("steps", "forwarded", "shared", "kl", "step_kl", "step_argmax", "valid")
     mean = {key: _mean(row[key] for row in mine) for key in keys}
     seconds = sum(row["seconds"] for row in mine)
     exact_seconds = sum(row["seconds"] for row in rows if row["variant"] == "exact")
@@ -429,16 +504,20 @@ def _mean(values: Iterator[float | None]) -> float | None:
 
 
 def table(
-    results: dict[str, list[dict[str, Any]]], variants: list[dict[str, Any]], length: int, noise_floor: float
+    results: dict[str, list[dict[str, Any]]],
+    lengths: dict[str, int],
+    variants: list[dict[str, Any]],
+    noise_floor: float,
 ) -> str:
     names = ["exact", *(["noise"] if noise_floor else []), *range(len(variants))]
     lines = [
         "| checkpoint | mode | steps/canvas | positions forwarded/step | forwarded vs exact | step, ms | tokens/s "
         "| vs exact | tokens shared with exact | KL(exact ‖ fast), committed logits | per-step KL, same inputs "
-        "| per-step argmax differing |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| per-step argmax differing | text valid |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for checkpoint_name, rows in results.items():
+        length = lengths[checkpoint_name]
         for name in names:
             s = summary(rows, name, length)
             if name in ("exact", "noise"):
@@ -447,12 +526,28 @@ def table(
                 mode = "fast " + (_describe(variants[name]) or "(defaults)")
             step_kl = "–" if s["step_kl"] is None else f"{s['step_kl']:.2g}"
             step_argmax = "–" if s["step_argmax"] is None else f"{s['step_argmax']:.2%}"
+            valid = "–" if s["valid"] is None else f"{s['valid']:.1%}"
             lines.append(
                 f"| {checkpoint_name} | {mode} | {s['steps']:.1f} | {s['per_step']:.1f} of {length} "
                 f"| {s['forwarded_vs_exact']:.0%} | {s['step_ms']:.0f} | {s['tokens_per_s']:.1f} "
-                f"| {s['speedup']:.2f}× | {s['shared']:.1%} | {s['kl']:.2g} | {step_kl} | {step_argmax} |"
+                f"| {s['speedup']:.2f}× | {s['shared']:.1%} | {s['kl']:.2g} | {step_kl} | {step_argmax} | {valid} |"
             )
     return "\n".join(lines)
+
+
+def projected_speedup(rows: list[dict[str, Any]], variant: int, length: int, buckets: list[dict[str, float]]) -> float:
+    """Exact mode's time over `variant`'s had each step cost what a fast step of as many positions, scaled to the
+    bucket table's canvas, costs there (a line fitted to its warm steps): a small model's own steps are too short
+    to be compute-bound."""
+    sizes = np.array([row["size"] for row in buckets], dtype=np.float64)
+    per_position, per_step = np.polyfit(sizes, [row["warm_s"] for row in buckets], 1)
+    scale = sizes.max() / length
+
+    def seconds(name: int | str) -> float:
+        mine = [row for row in rows if row["variant"] == name]
+        return sum(per_step * row["steps"] + per_position * scale * row["forwarded"] for row in mine)
+
+    return seconds("exact") / seconds(variant)
 
 
 def _describe(changes: dict[str, Any]) -> str:
@@ -467,25 +562,11 @@ def bucket_table(rows: list[dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    _with_openblas(argv, args)
-    shape = PRESETS[args.shape or ("quick" if args.quick else "bench")]
-    args.prompts = args.prompts or (2 if args.quick else 3)
-    args.prompt_tokens = args.prompt_tokens or (64 if shape.name == "quick" else 512)
-    # The quick canvas (32) is one default bucket: smaller buckets let it show anything.
-    variants = [parse_variant(text) for text in (args.variant or ["bucket=4" if shape.name == "quick" else ""])]
-
-    import mlx.core as mx
-
-    from mlx_dgemma.loader import load_model
-    from mlx_dgemma.sampler import FastSettings
-
-    results: dict[str, list[dict[str, Any]]] = {}
-    buckets: list[dict[str, float]] = []
-    started = time.perf_counter()
+def subjects(args: argparse.Namespace, shape: Shape) -> Iterator[Subject]:
+    """The checkpoints `--checkpoints` names, in the order given, each built the first time."""
     kinds = {
+        "trained": 0.0,
+        "trained-ends": trained.ENDING,
         "confident": (args.confident_gain, True, 1.0),
         "flat": (args.flat_gain, False, 1.0),
         "ordered": (args.confident_gain, True, ORDERED_FEED_FORWARD),
@@ -493,17 +574,51 @@ def main(argv: list[str] | None = None) -> int:
     chosen = [name.strip() for name in args.checkpoints.split(",")]
     if unknown := sorted(set(chosen) - set(kinds)):
         raise SystemExit(f"--checkpoints: unknown {', '.join(unknown)}; choose from {', '.join(kinds)}")
-    for name, (gain, conditioned, feed_forward) in kinds.items():
-        if name not in chosen:
+    for name in chosen:
+        if name.startswith("trained"):
+            language = trained.MarkovLanguage.seeded(ending=kinds[name])
+            path = trained.checkpoint(args.out, language, args.training_steps)
+            answers = f"answers ending after {1 / language.ending:.0f} tokens on average" if language.ending else "text"
+            notes = (
+                f"Markov language, {answers}, {args.training_steps} steps, canvas {trained.TRAINED_SHAPE.canvas_length}"
+            )
+            yield Subject(f"{name} ({notes})", path, trained.TRAINED_SHAPE, trained.PROMPT_TOKENS, language)
             continue
-        model = load_model(checkpoint(shape, gain, args.out, conditioned, feed_forward))
+        gain, conditioned, feed_forward = kinds[name]
         notes = [f"final norm ×{gain:g}", *(["well conditioned"] if conditioned else [])]
         notes += [f"feed-forward ×{feed_forward:g}"] if feed_forward != 1 else []
-        label = f"{name} ({', '.join(notes)})"
-        if name == "confident" and not args.no_buckets:
-            buckets = bucket_costs(model, shape, args.prompt_tokens)
-        results[label] = []
-        for row in compare(model, shape, args, variants):
+        path = checkpoint(shape, gain, args.out, conditioned, feed_forward)
+        yield Subject(f"{name} ({', '.join(notes)})", path, shape, args.prompt_tokens)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    _with_openblas(argv, args)
+    shape = PRESETS[args.shape or ("quick" if args.quick else "bench")]
+    args.prompts = args.prompts or (2 if args.quick else 3)
+    args.prompt_tokens = args.prompt_tokens or (64 if shape.name == "quick" else 512)
+    variants = [parse_variant(text) for text in (args.variant or [""])]
+    args.training_steps = args.training_steps or trained.TRAINING_STEPS
+
+    import mlx.core as mx
+
+    from mlx_dgemma.loader import load_model
+    from mlx_dgemma.sampler import FastSettings
+
+    results: dict[str, list[dict[str, Any]]] = {}
+    chosen: dict[str, Subject] = {}
+    buckets: list[dict[str, float]] = []
+    started = time.perf_counter()
+    if not args.no_buckets:
+        model = load_model(checkpoint(shape, args.confident_gain, args.out, well_conditioned=True))
+        buckets = bucket_costs(model, shape, args.prompt_tokens)
+        del model
+    for subject in subjects(args, shape):
+        model = load_model(subject.path)
+        label = subject.label
+        results[label], chosen[label] = [], subject
+        for row in compare(model, subject, args, variants):
             results[label].append(row)
             print(f"[bench fast] {label} prompt {row['prompt']} {row['variant']}: {_line(row)}", file=sys.stderr)
         del model
@@ -515,30 +630,62 @@ def main(argv: list[str] | None = None) -> int:
     )
     blas = "OpenBLAS preloaded" if _openblas_loaded() else "MLX's bundled BLAS"
     print(f"{title}\n\n`{command.strip()}` ({blas}, wall {time.perf_counter() - started:.0f} s)\n")
-    print(f"FastSettings defaults: {FastSettings()}\n")
-    print(table(results, variants, shape.canvas_length, args.noise_floor))
+    print(f"FastSettings defaults: {FastSettings()}; the bucket scales with a shorter canvas (Subject.scaled)\n")
+    lengths = {label: subject.shape.canvas_length for label, subject in chosen.items()}
+    print(table(results, lengths, variants, args.noise_floor))
     for label, rows in results.items():
-        exact_rows = [row for row in rows if row["variant"] == "exact"]
-        changing = [row["changing"] for row in exact_rows if row["changing"] is not None]
-        first, committed = (statistics.fmean(row["own_noise"][i] for row in exact_rows) for i in (0, 1))
-        clauses = [
-            f"the first step predicts the random token a position started with at {first:.0%} of them, "
-            f"and {committed:.0%} of the committed tokens are that token"
-        ]
-        if changing:
-            clauses.insert(
-                0,
-                f"{statistics.fmean(changing):.0%} of the positions change their argmax from one step to the next "
-                "(mean over its steps), what a fast mode forwarding only those would forward",
+        print(f"\nExact mode, {label}: " + "; ".join(_exact_clauses(rows)) + ".")
+        if chosen[label].language is not None and chosen[label].language.ending:
+            print(_by_answer(rows, lengths[label], len(variants)))
+        if chosen[label].shape is not shape and buckets:
+            speedups = [projected_speedup(rows, index, lengths[label], buckets) for index in range(len(variants))]
+            print(
+                f"Tokens/s against exact mode had each step cost what the '{shape.name}' shape's does for as many "
+                f"positions (its bucket table): " + ", ".join(f"{speedup:.2f}×" for speedup in speedups) + "."
             )
-        print(f"\nExact mode, {label}: " + "; ".join(clauses) + ".")
     if buckets:
-        print(f"\nA fast step per live-count bucket, confident checkpoint, prompt {args.prompt_tokens}:\n")
+        print(f"\nA fast step per live-count bucket, '{shape.name}' shape (confident), prompt {args.prompt_tokens}:\n")
         print(bucket_table(buckets))
     args.out.mkdir(parents=True, exist_ok=True)
     document = {"command": command, "variants": variants, "results": results, "buckets": buckets}
     (args.out / f"{shape.name}.json").write_text(json.dumps(document, indent=2))
     return 0
+
+
+def _by_answer(rows: list[dict[str, Any]], length: int, variants: int) -> str:
+    """Fast mode's positions forwarded against exact mode's, apart for the prompts whose exact answer ends within
+    the canvas and for those whose answer runs to its end."""
+    parts = []
+    for name, ends in (("ending within the canvas", True), ("running to its end", False)):
+        prompts = {row["prompt"] for row in rows if row["variant"] == "exact" and (row["answer"] < length) == ends}
+        if not prompts:
+            continue
+        mine = [row for row in rows if row["prompt"] in prompts]
+        answer = statistics.fmean(row["answer"] for row in mine if row["variant"] == "exact")
+        shares = [summary(mine, index, length)["forwarded_vs_exact"] for index in range(variants)]
+        figures = ", ".join(f"{share:.0%}" for share in shares)
+        parts.append(f"answers {name} ({len(prompts)} prompts, {answer:.0f} tokens on average): {figures}")
+    return "Positions forwarded against exact mode's, per variant, by answer: " + "; ".join(parts) + "."
+
+
+def _exact_clauses(rows: list[dict[str, Any]]) -> list[str]:
+    """What exact mode's canvases did: how many positions change their argmax a step, how many copy their noise."""
+    exact_rows = [row for row in rows if row["variant"] == "exact"]
+    first, committed = (statistics.fmean(row["own_noise"][i] for row in exact_rows) for i in (0, 1))
+    clauses = [
+        f"the first step predicts the random token a position started with at {first:.0%} of them, "
+        f"and {committed:.0%} of the committed tokens are that token"
+    ]
+    changing = [row["changing"] for row in exact_rows if row["changing"] is not None]
+    if changing:
+        until_final = statistics.fmean(row["until_final"] for row in exact_rows)
+        clauses[:0] = [
+            f"{statistics.fmean(changing):.0%} of the positions change their argmax from one step to the next "
+            "(mean over its steps)",
+            f"a position's argmax takes its final value after {until_final:.0%} of the steps (mean, counting the step "
+            "that shows it): a mode forwarding each position until then would forward that share",
+        ]
+    return clauses
 
 
 def _line(row: dict[str, Any]) -> str:

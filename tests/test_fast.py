@@ -338,20 +338,46 @@ def test_bench_fast_quick_runs(tmp_path, capsys):
     from bench import fast
 
     arguments = ["--quick", "--prompts", "1", "--no-openblas", "--out", str(tmp_path)]
-    checkpoints = ["--checkpoints", "confident,flat,ordered"]
+    checkpoints = ["--checkpoints", "confident,flat,ordered,trained-ends", "--training-steps", "3"]
     assert fast.main([*arguments, *checkpoints, "--variant", "bucket=4,refresh_every=0"]) == 0
     table = capsys.readouterr().out
     assert "| confident (final norm ×11, well conditioned) | exact |" in table
     assert "| flat (final norm ×4) | fast bucket=4" in table
     assert "| ordered (final norm ×11, well conditioned, feed-forward ×0.3) | exact |" in table
+    trained = "trained-ends (Markov language, answers ending after 64 tokens on average, 3 steps, canvas 64)"
+    assert f"| {trained} | exact | " in table and f"| {trained} | fast bucket=4, refresh_every=0 | " in table
     assert "| positions forwarded | first step, ms |" in table
     assert "Exact mode, confident (final norm ×11, well conditioned): " in table and "change their argmax" in table
     assert "the first step predicts the random token a position started with at " in table
+    assert "a position's argmax takes its final value after " in table
+    assert "Tokens/s against exact mode had each step cost what the 'quick' shape's does" in table
     results = json.loads((tmp_path / "quick.json").read_text())["results"]
     own_noise = [row["own_noise"] for rows in results.values() for row in rows if row["variant"] == "exact"]
-    assert len(own_noise) == 3 and all(0 <= share <= 1 for pair in own_noise for share in pair)
-    with pytest.raises(SystemExit, match="unknown trained"):
-        fast.main([*arguments, "--checkpoints", "confident,trained"])
+    assert len(own_noise) == 4 and all(0 <= share <= 1 for pair in own_noise for share in pair)
+    valid = [row["valid"] for row in results[trained]]
+    assert len(valid) == 3 and all(0 <= share <= 1 for share in valid)
+    assert all(row["valid"] is None for row in results["flat (final norm ×4)"])
+    with pytest.raises(SystemExit, match="unknown learned"):
+        fast.main([*arguments, "--checkpoints", "confident,learned"])
+
+
+def test_the_trained_checkpoints_language():
+    """The bench's Markov language: its own text is valid, answers end with fill (what follows is not read), other
+    pairs are not."""
+    from bench.trained import FILL, PROMPT_TOKENS, MarkovLanguage
+
+    rng = np.random.default_rng(0)
+    text, answers = MarkovLanguage.seeded(), MarkovLanguage.seeded(ending=1 / 8)
+    assert text.valid(np.array(text.example(rng, 64))) == 1.0
+    lengths = [len(answers.example(rng, 64)) - PROMPT_TOKENS for _ in range(50)]
+    assert min(lengths) >= 1 and max(lengths) <= 64 and np.mean(lengths) < 16
+    sample = np.array(answers.example(rng, 64))
+    ended = np.append(sample, [FILL, 0, 0])
+    assert answers.valid(ended) == 1.0 and text.valid(ended) < 1.0
+    assert answers.valid(np.array([FILL, sample[0]])) == 0.0  # nothing follows an end
+    successors = set(text.successors[sample[0] - 10].tolist())
+    stranger = next(token for token in range(10, 74) if token not in successors)
+    assert text.valid(np.array([sample[0], stranger])) == 0.0
 
 
 def test_the_server_takes_speed_under_concurrent_requests(flat):
