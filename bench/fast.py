@@ -8,11 +8,12 @@
 Checkpoints (`--checkpoints`, each built once and kept under --out):
 - *trained* and *trained-ends* (bench/trained.py): a small DiffusionGemma trained here on a Markov-chain language,
   whose canvases turn noise into text and then hold it, as trained weights' do; in *trained* every answer runs to
-  the canvas's end, in *trained-ends* answers end (after a canvas's length on average) and fill follows, as short
-  replies do. Their text is checkable: the table's last column is the share of adjacent pairs the language allows.
-  Their shape is small (canvas 64), too small to be compute-bound, so their tokens/s are also given as projected at
-  the run's shape: each step costing what a fast step of as many positions (scaled) costs there, by the bucket
-  table (measured on the confident checkpoint of the run's shape, unless --no-buckets).
+  the canvas's end, in *trained-ends* answers may end (with chance 1/64 after each token) and end-of-text fills
+  the canvas after them, as after a short reply. Their text is checkable: the table's last column is the share of
+  adjacent pairs the language allows. Their shape is small (canvas 64), too small to be compute-bound, so their
+  tokens/s are also given as projected at the run's shape: each step costing what a fast step of as many positions
+  (scaled) costs there, by the bucket table (measured on the confident checkpoint of the run's shape, unless
+  --no-buckets).
 - random-weight checkpoints of the run's shape, written by the reference (tests/checkpoints.py): *confident*, its
   final norm scaled up and its routers and attention well conditioned; *flat* (the tests' scale), whose positions
   hardly settle; *ordered*, the confident one with its feed-forward outputs scaled down. Random weights copy their
@@ -89,7 +90,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--training-steps",
         type=int,
         default=None,
-        help="the trained checkpoint's training steps (default 1000: about 12 minutes on two cores, once)",
+        help="the trained checkpoints' training steps (default 1000: about 11 minutes each on two cores, once)",
     )
     parser.add_argument(
         "--noise-floor",
@@ -355,9 +356,7 @@ class Subject:
     def prompt(self, index: int) -> np.ndarray:
         """(1, prompt_tokens) token ids, seeded by `index`: random tokens, or a stretch of the language."""
         if self.language is not None:
-            from .trained import prompt
-
-            return prompt(self.language, index)
+            return trained.prompt(self.language, index)
         vocab = self.shape.text["vocab_size"]
         return np.random.default_rng(index).integers(3, vocab, (1, self.prompt_tokens))
 
@@ -564,27 +563,26 @@ def bucket_table(rows: list[dict[str, float]]) -> str:
 
 def subjects(args: argparse.Namespace, shape: Shape) -> Iterator[Subject]:
     """The checkpoints `--checkpoints` names, in the order given, each built the first time."""
-    kinds = {
-        "trained": 0.0,
-        "trained-ends": trained.ENDING,
+    endings = {"trained": 0.0, "trained-ends": trained.ENDING}
+    random_weights = {
         "confident": (args.confident_gain, True, 1.0),
         "flat": (args.flat_gain, False, 1.0),
         "ordered": (args.confident_gain, True, ORDERED_FEED_FORWARD),
     }
     chosen = [name.strip() for name in args.checkpoints.split(",")]
-    if unknown := sorted(set(chosen) - set(kinds)):
-        raise SystemExit(f"--checkpoints: unknown {', '.join(unknown)}; choose from {', '.join(kinds)}")
+    if unknown := sorted(set(chosen) - set(endings) - set(random_weights)):
+        names = ", ".join([*endings, *random_weights])
+        raise SystemExit(f"--checkpoints: unknown {', '.join(unknown)}; choose from {names}")
     for name in chosen:
-        if name.startswith("trained"):
-            language = trained.MarkovLanguage.seeded(ending=kinds[name])
+        if name in endings:
+            language = trained.MarkovLanguage.seeded(ending=endings[name])
             path = trained.checkpoint(args.out, language, args.training_steps)
-            answers = f"answers ending after {1 / language.ending:.0f} tokens on average" if language.ending else "text"
-            notes = (
-                f"Markov language, {answers}, {args.training_steps} steps, canvas {trained.TRAINED_SHAPE.canvas_length}"
-            )
+            answers = f"answers ending with chance 1/{1 / language.ending:.0f} a token" if language.ending else "text"
+            canvas = trained.TRAINED_SHAPE.canvas_length
+            notes = f"Markov language, {answers}, {args.training_steps} steps, canvas {canvas}"
             yield Subject(f"{name} ({notes})", path, trained.TRAINED_SHAPE, trained.PROMPT_TOKENS, language)
             continue
-        gain, conditioned, feed_forward = kinds[name]
+        gain, conditioned, feed_forward = random_weights[name]
         notes = [f"final norm ×{gain:g}", *(["well conditioned"] if conditioned else [])]
         notes += [f"feed-forward ×{feed_forward:g}"] if feed_forward != 1 else []
         path = checkpoint(shape, gain, args.out, conditioned, feed_forward)

@@ -7,10 +7,13 @@ objective instead turns noise into text and then holds it, which is what fast mo
 
 The language is a Markov chain over `SYMBOLS` tokens, each followed by one of `SUCCESSORS` tokens with the
 probabilities `PROBABILITIES`: text whose quality is checkable (the share of adjacent pairs the chain allows) and
-whose next token is often, not always, clear. The model is the tests' reference checkpoint at `TRAINED_TEXT`,
-every weight trained with mlx_dgemma's own objective (lora/objective.py `block_diffusion_loss`) on prompts of
-`PROMPT_TOKENS` followed by one canvas of continuation. It is built once (some minutes on two cores), with its
-progress printed, and kept under the bench's output folder.
+whose next token is often, not always, clear. With `ending`, answers stop at random (with that chance after each
+token, at the canvas's end at the latest) and end-of-text fills the canvas after them, as after a short reply.
+The model starts as the tests' random reference checkpoint at `TRAINED_TEXT` (written by transformers, in the
+released layout); every weight is then trained with mlx_dgemma's own objective (lora/objective.py
+`block_diffusion_loss`) on prompts of `PROMPT_TOKENS` followed by one canvas of answer. Each language's
+checkpoint is built once (about 11 minutes on two cores), with its progress printed, and kept under the bench's
+output folder.
 """
 
 from __future__ import annotations
@@ -21,10 +24,14 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .shapes import Shape
+from .shapes import QUICK_TEXT, Shape
+
+if TYPE_CHECKING:
+    from mlx_dgemma.model import Model
 
 SYMBOLS = 64
 FIRST_SYMBOL = 10  # below it: the special tokens' ids
@@ -37,22 +44,18 @@ TRAINING_STEPS = 1000
 BATCH = 16
 LEARNING_RATE = 2e-3
 
+# The quick shape's structure (three sliding-window layers, then a full-attention one), big enough to learn the
+# language in a thousand steps.
 TRAINED_TEXT = dict(
+    QUICK_TEXT,
     vocab_size=384,
     hidden_size=128,
-    intermediate_size=256,
-    moe_intermediate_size=64,
-    num_hidden_layers=4,  # three sliding-window layers, then one full-attention layer
-    num_attention_heads=4,
-    num_key_value_heads=2,
+    num_hidden_layers=4,
     head_dim=32,
     global_head_dim=64,
-    num_global_key_value_heads=1,
+    intermediate_size=256,
+    moe_intermediate_size=64,
     sliding_window=256,
-    num_experts=8,
-    top_k_experts=2,
-    use_bidirectional_attention="vision",
-    max_position_embeddings=4096,
 )
 TRAINED_SHAPE = Shape("trained", TRAINED_TEXT, canvas_length=64)
 
@@ -124,7 +127,7 @@ def checkpoint(out: Path, language: MarkovLanguage, steps: int = TRAINING_STEPS)
     return path
 
 
-def _train(path: Path, language: MarkovLanguage, steps: int) -> tuple[object, list[float]]:
+def _train(path: Path, language: MarkovLanguage, steps: int) -> tuple[Model, list[float]]:
     import mlx.core as mx
     import mlx.nn as nn
     import mlx.optimizers as optim
@@ -161,7 +164,7 @@ def _train(path: Path, language: MarkovLanguage, steps: int) -> tuple[object, li
     return model, losses
 
 
-def _save_weights(model: object, file: Path) -> None:
+def _save_weights(model: Model, file: Path) -> None:
     import mlx.core as mx
     from mlx.utils import tree_flatten
 

@@ -344,7 +344,7 @@ def test_bench_fast_quick_runs(tmp_path, capsys):
     assert "| confident (final norm ×11, well conditioned) | exact |" in table
     assert "| flat (final norm ×4) | fast bucket=4" in table
     assert "| ordered (final norm ×11, well conditioned, feed-forward ×0.3) | exact |" in table
-    trained = "trained-ends (Markov language, answers ending after 64 tokens on average, 3 steps, canvas 64)"
+    trained = "trained-ends (Markov language, answers ending with chance 1/64 a token, 3 steps, canvas 64)"
     assert f"| {trained} | exact | " in table and f"| {trained} | fast bucket=4, refresh_every=0 | " in table
     assert "| positions forwarded | first step, ms |" in table
     assert "Exact mode, confident (final norm ×11, well conditioned): " in table and "change their argmax" in table
