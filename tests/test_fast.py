@@ -380,6 +380,20 @@ def test_the_trained_checkpoints_language():
     assert text.valid(np.array([sample[0], stranger])) == 0.0
 
 
+def test_the_trained_checkpoint_is_the_same_from_every_clone(tmp_path):
+    """Training is seeded throughout: two builds of the bench's trained checkpoint write the same weights, so what
+    bench/RESULTS.md reports for it is what a fresh clone trains on the same machine."""
+    from bench.trained import MarkovLanguage, checkpoint
+
+    language = MarkovLanguage.seeded(ending=1 / 8)
+    first, second = (checkpoint(tmp_path / name, language, steps=2) for name in ("a", "b"))
+    assert first.name == second.name and not list(tmp_path.rglob("*.partial"))
+    weights = [(path / "model.safetensors").read_bytes() for path in (first, second)]
+    assert weights[0] == weights[1]
+    losses = json.loads((first / "training.json").read_text())["losses"]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+
+
 def test_the_server_takes_speed_under_concurrent_requests(flat):
     """ "speed": "fast" on each API's route: concurrent fast requests each get what the library gives alone;
     a bad value is a 400 naming the field."""
