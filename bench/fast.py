@@ -1,7 +1,7 @@
 """Fast mode against exact mode in one run: positions forwarded, step time, tokens/s and agreement.
 
     python -m bench fast                      # bench shape, canvas 256, float32 on the CPU
-    python -m bench fast --quick              # a tiny shape: a smoke run (the trained checkpoints are their own)
+    python -m bench fast --quick              # a smoke run: the quick shape, the trained checkpoints barely trained
     python -m bench fast --variant settle_entropy=0.01 --variant refresh_every=0   # other FastSettings
     python -m bench fast --help
 
@@ -61,6 +61,8 @@ DEFAULT_OUT = REPO / "bench" / "out" / "fast"
 # again: at 28 the median entropy is 3 nats); 4 is the tests' checkpoints'.
 CONFIDENT_GAIN = 11.0
 FLAT_GAIN = 4.0
+# Enough for a smoke run to take every path (seconds), not to learn the language.
+QUICK_TRAINING_STEPS = 20
 # The ordered checkpoint's feed-forward output scale: low enough that exact mode is no longer chaotic.
 ORDERED_FEED_FORWARD = 0.3
 
@@ -68,7 +70,11 @@ ORDERED_FEED_FORWARD = 0.3
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench fast", description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default=None, choices=sorted(PRESETS), help="a preset shape (default bench)")
-    parser.add_argument("--quick", action="store_true", help="the quick shape (canvas 32), 2 prompts")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"the quick shape (canvas 32), 2 prompts, {QUICK_TRAINING_STEPS} training steps: a smoke run",
+    )
     parser.add_argument("--prompts", type=int, default=None, help="prompts per checkpoint (default 3)")
     parser.add_argument("--prompt-tokens", type=int, default=None, help="prompt length (default 512; quick 64)")
     parser.add_argument("--confident-gain", type=float, default=CONFIDENT_GAIN, help="final norm scale, confident")
@@ -90,7 +96,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--training-steps",
         type=int,
         default=None,
-        help="the trained checkpoints' training steps (default 1000: about 11 minutes each on two cores, once)",
+        help="the trained checkpoints' training steps (default 1000: about 11 minutes each on two cores, once; "
+        f"--quick: {QUICK_TRAINING_STEPS})",
     )
     parser.add_argument(
         "--noise-floor",
@@ -597,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
     args.prompts = args.prompts or (2 if args.quick else 3)
     args.prompt_tokens = args.prompt_tokens or (64 if shape.name == "quick" else 512)
     variants = [parse_variant(text) for text in (args.variant or [""])]
-    args.training_steps = args.training_steps or trained.TRAINING_STEPS
+    args.training_steps = args.training_steps or (QUICK_TRAINING_STEPS if args.quick else trained.TRAINING_STEPS)
 
     import mlx.core as mx
 
