@@ -109,7 +109,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--no-buckets", action="store_true", help="skip timing each bucket size's first pass")
     parser.add_argument("--no-openblas", action="store_true", help="do not preload OpenBLAS (MLX's CPU fp32 BLAS)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"checkpoints and JSON (default {DEFAULT_OUT})")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.training_steps is not None and args.training_steps < 1:
+        parser.error("--training-steps must be at least 1")
+    return args
 
 
 def _with_openblas(argv: list[str], args: argparse.Namespace) -> None:
@@ -568,21 +571,29 @@ def bucket_table(rows: list[dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+ENDINGS = {"trained": 0.0, "trained-ends": trained.ENDING}
+RANDOM_WEIGHTS = ("confident", "flat", "ordered")
+
+
+def checkpoint_names(text: str) -> list[str]:
+    """`--checkpoints`, checked before anything is built."""
+    chosen = [name.strip() for name in text.split(",")]
+    if unknown := sorted(set(chosen) - set(ENDINGS) - set(RANDOM_WEIGHTS)):
+        names = ", ".join([*ENDINGS, *RANDOM_WEIGHTS])
+        raise SystemExit(f"--checkpoints: unknown {', '.join(unknown)}; choose from {names}")
+    return chosen
+
+
 def subjects(args: argparse.Namespace, shape: Shape) -> Iterator[Subject]:
     """The checkpoints `--checkpoints` names, in the order given, each built the first time."""
-    endings = {"trained": 0.0, "trained-ends": trained.ENDING}
     random_weights = {
         "confident": (args.confident_gain, True, 1.0),
         "flat": (args.flat_gain, False, 1.0),
         "ordered": (args.confident_gain, True, ORDERED_FEED_FORWARD),
     }
-    chosen = [name.strip() for name in args.checkpoints.split(",")]
-    if unknown := sorted(set(chosen) - set(endings) - set(random_weights)):
-        names = ", ".join([*endings, *random_weights])
-        raise SystemExit(f"--checkpoints: unknown {', '.join(unknown)}; choose from {names}")
-    for name in chosen:
-        if name in endings:
-            language = trained.MarkovLanguage.seeded(ending=endings[name])
+    for name in checkpoint_names(args.checkpoints):
+        if name in ENDINGS:
+            language = trained.MarkovLanguage.seeded(ending=ENDINGS[name])
             path = trained.checkpoint(args.out, language, args.training_steps)
             answers = f"answers ending with chance 1/{1 / language.ending:.0f} a token" if language.ending else "text"
             canvas = trained.TRAINED_SHAPE.canvas_length
@@ -604,6 +615,7 @@ def main(argv: list[str] | None = None) -> int:
     args.prompts = args.prompts or (2 if args.quick else 3)
     args.prompt_tokens = args.prompt_tokens or (64 if shape.name == "quick" else 512)
     variants = [parse_variant(text) for text in (args.variant or [""])]
+    checkpoint_names(args.checkpoints)
     args.training_steps = args.training_steps or (QUICK_TRAINING_STEPS if args.quick else trained.TRAINING_STEPS)
 
     import mlx.core as mx
