@@ -364,7 +364,7 @@ def test_bench_fast_quick_runs(tmp_path, capsys):
 def test_the_trained_checkpoints_language():
     """The bench's Markov language: its own text is valid, answers end with fill (what follows is not read), other
     pairs are not."""
-    from bench.trained import FILL, PROMPT_TOKENS, MarkovLanguage
+    from bench.trained import FILL, FIRST_SYMBOL, PROMPT_TOKENS, SYMBOLS, MarkovLanguage
 
     rng = np.random.default_rng(0)
     text, answers = MarkovLanguage.seeded(), MarkovLanguage.seeded(ending=1 / 8)
@@ -375,8 +375,8 @@ def test_the_trained_checkpoints_language():
     ended = np.append(sample, [FILL, 0, 0])
     assert answers.valid(ended) == 1.0 and text.valid(ended) < 1.0
     assert answers.valid(np.array([FILL, sample[0]])) == 0.0  # nothing follows an end
-    successors = set(text.successors[sample[0] - 10].tolist())
-    stranger = next(token for token in range(10, 74) if token not in successors)
+    successors = set(text.successors[sample[0] - FIRST_SYMBOL].tolist())
+    stranger = next(token for token in range(FIRST_SYMBOL, FIRST_SYMBOL + SYMBOLS) if token not in successors)
     assert text.valid(np.array([sample[0], stranger])) == 0.0
 
 
