@@ -53,7 +53,6 @@ import numpy as np
 from . import trained
 from .build import REPO
 from .shapes import PRESETS, Shape
-from .trained import FILL
 
 OPENBLAS = Path("/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0")
 DEFAULT_OUT = REPO / "bench" / "out" / "fast"
@@ -436,7 +435,7 @@ def _figures(run: Run, exact: Run, shape: Shape, subject: Subject, context: np.n
     valid = answer = None
     if subject.language is not None:
         valid = subject.language.valid(np.append(context, run.tokens))
-        answer = int(np.argmax(run.tokens == FILL)) if FILL in run.tokens else len(run.tokens)
+        answer = trained.answer_length(run.tokens)
     return {
         "valid": valid,
         "answer": answer,
@@ -584,14 +583,14 @@ def checkpoint_names(text: str) -> list[str]:
     return chosen
 
 
-def subjects(args: argparse.Namespace, shape: Shape) -> Iterator[Subject]:
-    """The checkpoints `--checkpoints` names, in the order given, each built the first time."""
+def subjects(args: argparse.Namespace, shape: Shape, names: list[str]) -> Iterator[Subject]:
+    """The checkpoints `names` (from `checkpoint_names`), in that order, each built the first time."""
     random_weights = {
         "confident": (args.confident_gain, True, 1.0),
         "flat": (args.flat_gain, False, 1.0),
         "ordered": (args.confident_gain, True, ORDERED_FEED_FORWARD),
     }
-    for name in checkpoint_names(args.checkpoints):
+    for name in names:
         if name in ENDINGS:
             language = trained.MarkovLanguage.seeded(ending=ENDINGS[name])
             path = trained.checkpoint(args.out, language, args.training_steps)
@@ -615,7 +614,7 @@ def main(argv: list[str] | None = None) -> int:
     args.prompts = args.prompts or (2 if args.quick else 3)
     args.prompt_tokens = args.prompt_tokens or (64 if shape.name == "quick" else 512)
     variants = [parse_variant(text) for text in (args.variant or [""])]
-    checkpoint_names(args.checkpoints)
+    names = checkpoint_names(args.checkpoints)
     args.training_steps = args.training_steps or (QUICK_TRAINING_STEPS if args.quick else trained.TRAINING_STEPS)
 
     import mlx.core as mx
@@ -631,7 +630,7 @@ def main(argv: list[str] | None = None) -> int:
         model = load_model(checkpoint(shape, args.confident_gain, args.out, well_conditioned=True))
         buckets = bucket_costs(model, shape, args.prompt_tokens)
         del model
-    for subject in subjects(args, shape):
+    for subject in subjects(args, shape, names):
         model = load_model(subject.path)
         label = subject.label
         results[label], chosen[label] = [], subject

@@ -91,10 +91,12 @@ class MarkovLanguage:
         return tuple(int(token) for token in (*prompt, *self.sample(rng, length, start=int(prompt[-1]))))
 
     def valid(self, tokens: np.ndarray) -> float:
-        """The share of adjacent pairs of `tokens` that the language allows, up to its end (with `ending`: its first
-        FILL, after which the sampler pads), the pair that ends it included."""
-        if self.ending and FILL in tokens[1:]:
-            tokens = tokens[: 2 + int(np.argmax(tokens[1:] == FILL))]
+        """The share of adjacent pairs of `tokens` (a context token, then an answer) that the language allows, up to
+        the answer's end (with `ending`: its first FILL, after which the sampler pads), the pair that ends it
+        included."""
+        answer = answer_length(tokens[1:])
+        if self.ending and answer < len(tokens) - 1:
+            tokens = tokens[: answer + 2]
         previous, following = tokens[:-1], tokens[1:]
         known = (previous >= FIRST_SYMBOL) & (previous < FIRST_SYMBOL + SYMBOLS)
         rows = self.successors[np.clip(previous - FIRST_SYMBOL, 0, SYMBOLS - 1)]
@@ -102,6 +104,11 @@ class MarkovLanguage:
         if self.ending:
             allowed |= known & (following == FILL)
         return float(allowed.mean())
+
+
+def answer_length(tokens: np.ndarray) -> int:
+    """How many of `tokens` come before the first FILL (all of them without one)."""
+    return int(np.argmax(tokens == FILL)) if FILL in tokens else len(tokens)
 
 
 def checkpoint(out: Path, language: MarkovLanguage, steps: int = TRAINING_STEPS) -> Path:
