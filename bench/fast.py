@@ -194,7 +194,7 @@ class Recorder:
         self.model = model
         self.segments: list[list[tuple[int, Any, Any]]] = []  # runs of (pass number, positions, logits)
         self.whole_argmax: list[Any] = []  # each pass over the whole canvas's argmax, left lazy until read
-        self.first_canvas: Any = None  # the canvas the first pass read: the random tokens it started from
+        self.whole_inputs: list[Any] = []  # the canvas each pass over the whole canvas read; the first: its noise
         self.count = 0
         self._denoise = model.denoise
 
@@ -203,8 +203,7 @@ class Recorder:
             logits = self._denoise(canvas, cache, conditioning, positions=positions)
             self.count += 1
             if positions is None:
-                if self.first_canvas is None:
-                    self.first_canvas = canvas
+                self.whole_inputs.append(canvas)
                 self.segments = [*self.segments[-2:], []]
                 self.whole_argmax.append(logits.argmax(axis=-1))
             self.segments[-1].append((self.count, positions, logits))
@@ -222,6 +221,13 @@ class Recorder:
         argmaxes = [np.array(argmax) for argmax in self.whole_argmax[:passes]]
         return statistics.fmean(float((a != b).mean()) for a, b in zip(argmaxes, argmaxes[1:]))
 
+    def inputs_changing(self, passes: int) -> float:
+        """The share of positions whose input token differs from the previous whole pass's, the first pass counting
+        them all, over the first `passes` whole passes (exact mode: its steps): what a mode forwarding the positions
+        whose own token changed, and only those, would forward."""
+        inputs = np.stack([np.array(canvas[0]) for canvas in self.whole_inputs[:passes]])
+        return float(((inputs[1:] != inputs[:-1]).sum() + inputs.shape[1]) / inputs.size)
+
     def until_final(self, passes: int) -> float:
         """The share of the first `passes` whole passes (exact mode: its steps) that come before each position's
         argmax takes its final value, averaged over positions: what a mode forwarding each position until then, and
@@ -234,7 +240,7 @@ class Recorder:
     def own_noise(self, tokens: np.ndarray) -> tuple[float, float]:
         """The shares of positions whose first argmax, and whose committed token, is the random token the canvas
         started with there."""
-        start = np.array(self.first_canvas[0])
+        start = np.array(self.whole_inputs[0][0])
         return float((np.array(self.whole_argmax[0][0]) == start).mean()), float((tokens == start).mean())
 
     def merged(self, upto: int) -> np.ndarray:
@@ -276,6 +282,7 @@ class Run:
     sizes: list[int] = field(default_factory=list)
     changing: float | None = None  # exact mode: positions whose argmax changes from one step to the next
     until_final: float | None = None  # exact mode: Recorder.until_final
+    inputs_changing: float | None = None  # exact mode: Recorder.inputs_changing
     own_noise: tuple[float, float] | None = None  # exact mode: Recorder.own_noise
 
 
@@ -300,8 +307,9 @@ def one_canvas(model: Any, cache: Any, settings: Any, seed: int) -> Run:
         exact = settings.speed == "exact"
         changing = recorder.changing(steps) if exact and steps > 1 else None
         until_final = recorder.until_final(steps) if exact else None
+        inputs_changing = recorder.inputs_changing(steps) if exact else None
         own_noise = recorder.own_noise(tokens) if exact else None
-    figures = dict(changing=changing, until_final=until_final, own_noise=own_noise)
+    figures = dict(changing=changing, until_final=until_final, inputs_changing=inputs_changing, own_noise=own_noise)
     return Run(settings.speed, steps, result.forwarded, seconds, tokens, logits, **figures)
 
 
@@ -412,6 +420,7 @@ def compare(model: Any, subject: Subject, args: argparse.Namespace, variants: li
             "step_argmax": 0.0,
             "changing": exact.changing,
             "until_final": exact.until_final,
+            "inputs_changing": exact.inputs_changing,
             "own_noise": exact.own_noise,
         }
         if args.noise_floor:
@@ -695,7 +704,11 @@ def _exact_clauses(rows: list[dict[str, Any]]) -> list[str]:
     changing = [row["changing"] for row in exact_rows if row["changing"] is not None]
     if changing:
         until_final = statistics.fmean(row["until_final"] for row in exact_rows)
+        inputs_changing = statistics.fmean(row["inputs_changing"] for row in exact_rows)
         clauses[:0] = [
+            f"{inputs_changing:.0%} of the positions read another token than at the step before (mean over its "
+            "steps, the first counting them all: the sampler renoises every position it does not accept): a mode "
+            "forwarding only the positions whose own token changed would forward that share",
             f"{statistics.fmean(changing):.0%} of the positions change their argmax from one step to the next "
             "(mean over its steps)",
             f"a position's argmax takes its final value after {until_final:.0%} of the steps (mean, counting the step "

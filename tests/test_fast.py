@@ -350,10 +350,13 @@ def test_bench_fast_quick_runs(tmp_path, capsys):
     assert "Exact mode, confident (final norm ×11, well conditioned): " in table and "change their argmax" in table
     assert "the first step predicts the random token a position started with at " in table
     assert "a position's argmax takes its final value after " in table
+    assert "of the positions read another token than at the step before" in table
     assert "Tokens/s against exact mode had each step cost what the 'quick' shape's does" in table
     results = json.loads((tmp_path / "quick.json").read_text())["results"]
     own_noise = [row["own_noise"] for rows in results.values() for row in rows if row["variant"] == "exact"]
     assert len(own_noise) == 4 and all(0 <= share <= 1 for pair in own_noise for share in pair)
+    exact_rows = [row for rows in results.values() for row in rows if row["variant"] == "exact"]
+    assert all(1 / row["steps"] <= row["inputs_changing"] <= 1 for row in exact_rows)  # the first step: every one
     valid = [row["valid"] for row in results[trained]]
     assert len(valid) == 3 and all(0 <= share <= 1 for share in valid)
     assert all(row["valid"] is None for row in results["flat (final norm ×4)"])
