@@ -28,7 +28,10 @@ committed tokens fast mode shares with exact mode and the mean KL(exact || fast)
 from (exact: its last step's; fast: its final pass's, or its last step's merged logits), and fast mode's own
 per-step error: the KL and the argmaxes differing between the logits it decides from and those the exact model
 computes from the same inputs. A row of exact mode with its logits perturbed by `--noise-floor` shows how far
-exact mode itself drifts under so small a change. For exact mode: how many positions change their argmax per
+exact mode itself drifts under so small a change. With `--reveal P`, a row per threshold for another sampler
+(bench/reveal.py: positions revealed for good once their draw is that likely, only the others forwarded): what
+giving up exact mode's sampler buys in positions and costs in agreement. For exact mode: how many positions read
+another token than at the step before (what forwarding only those would forward), change their argmax per
 step, after what share of the steps a position's argmax takes its final value (what forwarding each position only
 until then would forward), and how many positions predict, then commit, the random token they started with. Then
 what a new live-count shape costs: per bucket size, the first fast step of that size against warm ones.
@@ -52,6 +55,7 @@ import numpy as np
 
 from . import trained
 from .build import REPO
+from .reveal import reveal_canvas
 from .shapes import PRESETS, Shape
 
 OPENBLAS = Path("/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0")
@@ -87,6 +91,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="fast mode with these FastSettings changed (repeatable; default: the defaults)",
     )
     parser.add_argument(
+        "--reveal",
+        action="append",
+        type=float,
+        default=[],
+        metavar="THRESHOLD",
+        help="also run another sampler, which reveals positions whose draw has at least this probability and never "
+        "revisits them, forwarding only the rest (bench/reveal.py; repeatable)",
+    )
+    parser.add_argument(
         "--checkpoints",
         default="trained,trained-ends,confident,flat",
         help="which of trained, trained-ends, confident, flat and ordered, comma-separated (default: all but ordered)",
@@ -111,6 +124,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.training_steps is not None and args.training_steps < 1:
         parser.error("--training-steps must be at least 1")
+    if any(not 0 < threshold <= 1 for threshold in args.reveal):
+        parser.error("--reveal takes a probability in (0, 1]")
     return args
 
 
@@ -406,6 +421,9 @@ def compare(model: Any, subject: Subject, args: argparse.Namespace, variants: li
     prefill(model, warm_cache, mx.array(np.random.default_rng(99).integers(3, shape.text["vocab_size"], (1, 32))))
     for settings in [base, *fast_settings]:
         one_canvas(model, warm_cache, settings.updated(steps=min(base.steps, 6)), 99)
+    bucket = subject.scaled({})["bucket"]
+    for threshold in args.reveal:
+        reveal_canvas(model, warm_cache, base.updated(steps=min(base.steps, 6)), 99, threshold, bucket)
     for prompt in range(args.prompts):
         cache = model.make_cache()
         ids = subject.prompt(prompt)
@@ -436,6 +454,14 @@ def compare(model: Any, subject: Subject, args: argparse.Namespace, variants: li
                 "step_kl": step_kl,
                 "step_argmax": step_argmax,
             }
+        for threshold in args.reveal:
+            revealed = Run("reveal", **reveal_canvas(model, cache, base, prompt, threshold, bucket))
+            name = reveal_name(threshold)
+            yield {"prompt": prompt, "variant": name, **figures(revealed, exact), "step_kl": None, "step_argmax": None}
+
+
+def reveal_name(threshold: float) -> str:
+    return f"reveal {threshold:g}"
 
 
 def _figures(run: Run, exact: Run, shape: Shape, subject: Subject, context: np.ndarray) -> dict[str, Any]:
@@ -525,8 +551,9 @@ def table(
     lengths: dict[str, int],
     variants: list[dict[str, Any]],
     noise_floor: float,
+    reveals: list[float],
 ) -> str:
-    names = ["exact", *(["noise"] if noise_floor else []), *range(len(variants))]
+    names = ["exact", *(["noise"] if noise_floor else []), *range(len(variants)), *map(reveal_name, reveals)]
     lines = [
         "| checkpoint | mode | steps/canvas | positions forwarded/step | forwarded vs exact | step, ms | tokens/s "
         "| vs exact | tokens shared with exact | KL(exact ‖ fast), committed logits | per-step KL, same inputs "
@@ -539,6 +566,8 @@ def table(
             s = summary(rows, name, length)
             if name in ("exact", "noise"):
                 mode = "exact" if name == "exact" else f"exact, logits × (1 + {noise_floor:g}·N(0, 1))"
+            elif isinstance(name, str):
+                mode = f"another sampler: revealed for good at p ≥ {name.split()[1]}"
             else:
                 mode = "fast " + (_describe(variants[name]) or "(defaults)")
             step_kl = "–" if s["step_kl"] is None else f"{s['step_kl']:.2g}"
@@ -552,7 +581,9 @@ def table(
     return "\n".join(lines)
 
 
-def projected_speedup(rows: list[dict[str, Any]], variant: int, length: int, buckets: list[dict[str, float]]) -> float:
+def projected_speedup(
+    rows: list[dict[str, Any]], variant: int | str, length: int, buckets: list[dict[str, float]]
+) -> float:
     """Exact mode's time over `variant`'s had each step cost what a fast step of as many positions, scaled to the
     bucket table's canvas, costs there (a line fitted to its warm steps): a small model's own steps are too short
     to be compute-bound."""
@@ -657,13 +688,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{title}\n\n`{command.strip()}` ({blas}, wall {time.perf_counter() - started:.0f} s)\n")
     print(f"FastSettings defaults: {FastSettings()}; the bucket scales with a shorter canvas (Subject.scaled)\n")
     lengths = {label: subject.shape.canvas_length for label, subject in chosen.items()}
-    print(table(results, lengths, variants, args.noise_floor))
+    print(table(results, lengths, variants, args.noise_floor, args.reveal))
+    compared = [*range(len(variants)), *map(reveal_name, args.reveal)]
     for label, rows in results.items():
         print(f"\nExact mode, {label}: " + "; ".join(_exact_clauses(rows)) + ".")
         if chosen[label].language is not None and chosen[label].language.ending:
-            print(_by_answer(rows, lengths[label], len(variants)))
+            print(_by_answer(rows, lengths[label], compared))
         if chosen[label].shape is not shape and buckets:
-            speedups = [projected_speedup(rows, index, lengths[label], buckets) for index in range(len(variants))]
+            speedups = [projected_speedup(rows, name, lengths[label], buckets) for name in compared]
             print(
                 f"Tokens/s against exact mode had each step cost what the '{shape.name}' shape's does for as many "
                 f"positions (its bucket table): " + ", ".join(f"{speedup:.2f}×" for speedup in speedups) + "."
@@ -677,7 +709,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _by_answer(rows: list[dict[str, Any]], length: int, variants: int) -> str:
+def _by_answer(rows: list[dict[str, Any]], length: int, variants: list[int | str]) -> str:
     """Fast mode's positions forwarded against exact mode's, apart for the prompts whose exact answer ends within
     the canvas and for those whose answer runs to its end."""
     parts = []
@@ -687,7 +719,7 @@ def _by_answer(rows: list[dict[str, Any]], length: int, variants: int) -> str:
             continue
         mine = [row for row in rows if row["prompt"] in prompts]
         answer = statistics.fmean(row["answer"] for row in mine if row["variant"] == "exact")
-        shares = [summary(mine, index, length)["forwarded_vs_exact"] for index in range(variants)]
+        shares = [summary(mine, name, length)["forwarded_vs_exact"] for name in variants]
         figures = ", ".join(f"{share:.0%}" for share in shares)
         parts.append(f"answers {name} ({len(prompts)} prompts, {answer:.0f} tokens on average): {figures}")
     return "Positions forwarded against exact mode's, per variant, by answer: " + "; ".join(parts) + "."

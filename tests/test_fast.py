@@ -23,7 +23,14 @@ from mlx_dgemma import Chat, FastSettings, SamplerSettings, SeededNoise, edit, f
 from mlx_dgemma.cli import common
 from mlx_dgemma.cli.chat import ChatRepl
 from mlx_dgemma.fast import _live_decisions, bucketed, live_positions
-from mlx_dgemma.sampler import BlockSampler, Pins, StepState, _step_decisions, accepted_positions
+from mlx_dgemma.sampler import (
+    BlockSampler,
+    Pins,
+    StepState,
+    _step_decisions,
+    accepted_positions,
+    linear_temperature,
+)
 from mlx_dgemma.serve.app import create_app
 from mlx_dgemma.serve.engine import Engine
 
@@ -318,6 +325,41 @@ def test_generate_fast_on_the_command_line(flat_path, capsys):
     assert exact["stats"]["positions_forwarded"] == exact["stats"]["denoising_steps"] * 16
 
 
+def _encoded(model, seed: int):
+    cache = model.make_cache()
+    model.encode(mx.array(np.random.default_rng(seed).integers(3, 380, (1, 12))), cache)
+    return cache
+
+
+def test_the_reveal_sampler_reveals_everything_it_may_at_once(certain):
+    from bench.reveal import reveal_canvas
+
+    settings = SamplerSettings(max_new_tokens=16)
+    cache = _encoded(certain, 3)
+    run = reveal_canvas(certain, cache, settings, seed=3, threshold=1e-6, bucket=4)
+    assert (run["steps"], run["forwarded"]) == (1, 16)
+    # Every position takes its first draw: the first step's logits at its temperature, with exact mode's noise.
+    logits = certain.denoise(SeededNoise(3).tokens(0, 0, (1, 16), certain.text_config.vocab_size), cache)
+    temperature = linear_temperature(settings.steps, settings)
+    draws = mx.argmax(logits / temperature + SeededNoise(3).gumbel(0, 1, logits.shape), axis=-1)
+    np.testing.assert_array_equal(run["tokens"], np.array(draws[0]))
+
+
+def test_the_reveal_sampler_forwards_what_is_not_revealed_and_what_was_just_revealed(flat):
+    from bench.reveal import reveal_canvas
+
+    model, _ = flat
+    # No draw of these flat logits is certain: one position is revealed a step, the most confident one.
+    with Passes(model) as passes:
+        run = reveal_canvas(model, _encoded(model, 4), SamplerSettings(max_new_tokens=16), 4, 1.0, bucket=1)
+    assert run["steps"] == 16
+    # Step k > 1 forwards the 17 - k positions not yet revealed and the one the step before revealed.
+    assert passes.sizes == [None, *(18 - k for k in range(2, 17))]
+    assert run["forwarded"] == 16 + sum(18 - k for k in range(2, 17))
+    revealed_after = [set(np.setdiff1d(np.arange(16), passes.positions[k][0])) for k in range(2, 16)]
+    assert all(earlier <= later for earlier, later in zip(revealed_after, revealed_after[1:]))
+
+
 def test_bench_quality_runs_on_a_tiny_checkpoint(flat_path, capsys, tmp_path):
     """Random weights score nothing; the run proves every task is made, run in both modes and checked."""
     from bench import quality
@@ -339,13 +381,14 @@ def test_bench_fast_quick_runs(tmp_path, capsys):
 
     arguments = ["--quick", "--prompts", "1", "--no-openblas", "--out", str(tmp_path)]
     checkpoints = ["--checkpoints", "confident,flat,ordered,trained-ends", "--training-steps", "3"]
-    assert fast.main([*arguments, *checkpoints, "--variant", "bucket=4,refresh_every=0"]) == 0
+    assert fast.main([*arguments, *checkpoints, "--variant", "bucket=4,refresh_every=0", "--reveal", "0.9"]) == 0
     table = capsys.readouterr().out
     assert "| confident (final norm ×11, well conditioned) | exact |" in table
     assert "| flat (final norm ×4) | fast bucket=4" in table
     assert "| ordered (final norm ×11, well conditioned, feed-forward ×0.3) | exact |" in table
     trained = "trained-ends (Markov language, answers ending with chance 1/64 a token, 3 steps, canvas 64)"
     assert f"| {trained} | exact | " in table and f"| {trained} | fast bucket=4, refresh_every=0 | " in table
+    assert f"| {trained} | another sampler: revealed for good at p ≥ 0.9 | " in table
     assert "| positions forwarded | first step, ms |" in table
     assert "Exact mode, confident (final norm ×11, well conditioned): " in table and "change their argmax" in table
     assert "the first step predicts the random token a position started with at " in table
@@ -358,10 +401,15 @@ def test_bench_fast_quick_runs(tmp_path, capsys):
     exact_rows = [row for rows in results.values() for row in rows if row["variant"] == "exact"]
     assert all(1 / row["steps"] <= row["inputs_changing"] <= 1 for row in exact_rows)  # the first step: every one
     valid = [row["valid"] for row in results[trained]]
-    assert len(valid) == 3 and all(0 <= share <= 1 for share in valid)
+    assert len(valid) == 4 and all(0 <= share <= 1 for share in valid)
+    revealed = [row for rows in results.values() for row in rows if row["variant"] == "reveal 0.9"]
+    assert len(revealed) == 4 and all(row["forwarded"] <= row["steps"] * 64 for row in revealed)
     assert all(row["valid"] is None for row in results["flat (final norm ×4)"])
     with pytest.raises(SystemExit, match="unknown learned"):
         fast.main([*arguments, "--checkpoints", "confident,learned"])
+    with pytest.raises(SystemExit):
+        fast.main([*arguments, "--reveal", "1.5"])
+    assert "--reveal takes a probability in (0, 1]" in capsys.readouterr().err
 
 
 def test_the_trained_checkpoints_language():
