@@ -28,13 +28,14 @@ committed tokens fast mode shares with exact mode and the mean KL(exact || fast)
 from (exact: its last step's; fast: its final pass's, or its last step's merged logits), and fast mode's own
 per-step error: the KL and the argmaxes differing between the logits it decides from and those the exact model
 computes from the same inputs. A row of exact mode with its logits perturbed by `--noise-floor` shows how far
-exact mode itself drifts under so small a change. With `--reveal P`, a row per threshold for another sampler
-(bench/reveal.py: positions revealed for good once their draw is that likely, only the others forwarded): what
-giving up exact mode's sampler buys in positions and costs in agreement. For exact mode: how many positions read
-another token than at the step before (what forwarding only those would forward), change their argmax per
-step, after what share of the steps a position's argmax takes its final value (what forwarding each position only
-until then would forward), and how many positions predict, then commit, the random token they started with. Then
-what a new live-count shape costs: per bucket size, the first fast step of that size against warm ones.
+exact mode itself drifts under so small a change, and one with another seed how much two of its samples share.
+With `--reveal P`, a row per threshold for another sampler (bench/reveal.py: positions revealed for good once
+their draw is that likely, only the others forwarded): what leaving DiffusionGemma's sampler buys in positions
+and costs in text. For exact mode: how many positions read another token than at the step before (what
+forwarding only those would forward), change their argmax per step, after what share of the steps a position's
+argmax takes its final value (what forwarding each position only until then would forward), and how many
+positions predict, then commit, the random token they started with. Then what a new live-count shape costs: per
+bucket size, the first fast step of that size against warm ones.
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ FLAT_GAIN = 4.0
 QUICK_TRAINING_STEPS = 20
 # The ordered checkpoint's feed-forward output scale: low enough that exact mode is no longer chaotic.
 ORDERED_FEED_FORWARD = 0.3
+# Added to a prompt's seed for exact mode's run with other noise: how much two samples of the model share.
+OTHER_SEED = 1000
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -444,6 +447,8 @@ def compare(model: Any, subject: Subject, args: argparse.Namespace, variants: li
         if args.noise_floor:
             noisy = one_canvas(NoisyLogits(model, args.noise_floor, prompt), cache, base, prompt)
             yield {"prompt": prompt, "variant": "noise", **figures(noisy, exact), "step_kl": None, "step_argmax": None}
+        other = one_canvas(model, cache, base, prompt + OTHER_SEED)
+        yield {"prompt": prompt, "variant": "other seed", **figures(other, exact), "step_kl": None, "step_argmax": None}
         for index, settings in enumerate(fast_settings):
             fast = one_canvas(model, cache, settings, prompt)
             step_kl, step_argmax = step_errors(model, cache, settings, prompt)
@@ -553,7 +558,13 @@ def table(
     noise_floor: float,
     reveals: list[float],
 ) -> str:
-    names = ["exact", *(["noise"] if noise_floor else []), *range(len(variants)), *map(reveal_name, reveals)]
+    names = [
+        "exact",
+        *(["noise"] if noise_floor else []),
+        "other seed",
+        *range(len(variants)),
+        *map(reveal_name, reveals),
+    ]
     lines = [
         "| checkpoint | mode | steps/canvas | positions forwarded/step | forwarded vs exact | step, ms | tokens/s "
         "| vs exact | tokens shared with exact | KL(exact ‖ fast), committed logits | per-step KL, same inputs "
@@ -564,8 +575,12 @@ def table(
         length = lengths[checkpoint_name]
         for name in names:
             s = summary(rows, name, length)
-            if name in ("exact", "noise"):
-                mode = "exact" if name == "exact" else f"exact, logits × (1 + {noise_floor:g}·N(0, 1))"
+            if name in ("exact", "noise", "other seed"):
+                mode = {
+                    "exact": "exact",
+                    "noise": f"exact, logits × (1 + {noise_floor:g}·N(0, 1))",
+                    "other seed": "exact, another seed",
+                }[name]
             elif isinstance(name, str):
                 mode = f"another sampler: revealed for good at p ≥ {name.split()[1]}"
             else:

@@ -389,6 +389,7 @@ def test_bench_fast_quick_runs(tmp_path, capsys):
     trained = "trained-ends (Markov language, answers ending with chance 1/64 a token, 3 steps, canvas 64)"
     assert f"| {trained} | exact | " in table and f"| {trained} | fast bucket=4, refresh_every=0 | " in table
     assert f"| {trained} | another sampler: revealed for good at p ≥ 0.9 | " in table
+    assert f"| {trained} | exact, another seed | " in table
     assert "| positions forwarded | first step, ms |" in table
     assert "Exact mode, confident (final norm ×11, well conditioned): " in table and "change their argmax" in table
     assert "the first step predicts the random token a position started with at " in table
@@ -401,7 +402,7 @@ def test_bench_fast_quick_runs(tmp_path, capsys):
     exact_rows = [row for rows in results.values() for row in rows if row["variant"] == "exact"]
     assert all(1 / row["steps"] <= row["inputs_changing"] <= 1 for row in exact_rows)  # the first step: every one
     valid = [row["valid"] for row in results[trained]]
-    assert len(valid) == 4 and all(0 <= share <= 1 for share in valid)
+    assert len(valid) == 5 and all(0 <= share <= 1 for share in valid)
     revealed = [row for rows in results.values() for row in rows if row["variant"] == "reveal 0.9"]
     assert len(revealed) == 4 and all(row["forwarded"] <= row["steps"] * 64 for row in revealed)
     assert all(row["valid"] is None for row in results["flat (final norm ×4)"])
