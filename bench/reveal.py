@@ -1,13 +1,14 @@
 """Another sampler, for comparison with fast mode: reveal positions at a confidence threshold, never revisit them.
 
-mlx-vlm's default DiffusionGemma sampler and the published fast runners for diffusion LLMs (Fast-dLLM and its
-kin) work this way: at each step, every position not yet revealed whose drawn token has a probability of at least
+mlx-vlm's default DiffusionGemma sampler and the published fast runners for diffusion LLMs (Fast-dLLM and its kin)
+work this way: at each step, every position not yet revealed whose drawn token has a probability of at least
 `threshold` is revealed (the most confident one at least, all of them at the last step) and keeps that token for
-good; the others are renoised as the entropy-bound sampler renoises them. A revealed position's token never
-changes again, so after the step that reveals it no pass needs to forward it: its keys and values stay as that
-pass left them. This runner forwards only the positions not yet revealed (their count rounded up to fast mode's
-buckets) and stops once all are revealed. It is not DiffusionGemma's sampler, so its text is not exact mode's:
-`python -m bench fast --reveal 0.9` measures how far apart they are, and how much less it forwards.
+good; the others are renoised as the entropy-bound sampler renoises them (DiffusionGemma has no mask token). A
+revealed position's token never changes again, so once a pass has read it (the step after the one that revealed it)
+no pass needs to forward it: its keys and values stay as that pass left them. This runner forwards only the
+positions not yet revealed and those revealed by the step before (their count rounded up to fast mode's buckets) and
+stops once all are revealed. It is not DiffusionGemma's sampler, so its text is not exact mode's: `python -m bench
+fast --reveal 0.9` measures how far apart they are, and how much less it forwards.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ import numpy as np
 
 
 def reveal_canvas(model: Any, cache: Any, settings: Any, seed: int, threshold: float, bucket: int) -> dict[str, Any]:
-    """One canvas of batch 1 from a copy of `cache` with `SeededNoise(seed)` (exact mode's noise), the positions a
-    step forwards rounded up to a multiple of `bucket`: its steps, positions forwarded, seconds, committed tokens
-    and the logits each position last had."""
+    """One canvas of batch 1 and `settings.max_new_tokens` positions from a copy of `cache`, with `SeededNoise(seed)`
+    (exact mode's noise), the positions a step forwards rounded up to a multiple of `bucket`: its steps, positions
+    forwarded, seconds, committed tokens and the logits each position last had."""
     import mlx.core as mx
 
     from mlx_dgemma.fast import _gumbel_rows, bucketed
