@@ -424,7 +424,7 @@ def compare(model: Any, subject: Subject, args: argparse.Namespace, variants: li
     prefill(model, warm_cache, mx.array(np.random.default_rng(99).integers(3, shape.text["vocab_size"], (1, 32))))
     for settings in [base, *fast_settings]:
         one_canvas(model, warm_cache, settings.updated(steps=min(base.steps, 6)), 99)
-    bucket = subject.scaled({})["bucket"]
+    bucket = scaled_bucket(shape.canvas_length)
     for threshold in args.reveal:
         reveal_canvas(model, warm_cache, base.updated(steps=min(base.steps, 6)), 99, threshold, bucket)
     for prompt in range(args.prompts):
@@ -741,7 +741,8 @@ def _by_answer(rows: list[dict[str, Any]], length: int, variants: list[int | str
 
 
 def _exact_clauses(rows: list[dict[str, Any]]) -> list[str]:
-    """What exact mode's canvases did: how many positions change their argmax a step, how many copy their noise."""
+    """What exact mode's canvases did: how many positions read another token or change their argmax a step, when
+    argmaxes take their final values, how many positions copy their noise."""
     exact_rows = [row for row in rows if row["variant"] == "exact"]
     first, committed = (statistics.fmean(row["own_noise"][i] for row in exact_rows) for i in (0, 1))
     clauses = [

@@ -25,7 +25,7 @@ def reveal_canvas(model: Any, cache: Any, settings: Any, seed: int, threshold: f
     forwarded, seconds, committed tokens and the logits each position last had."""
     import mlx.core as mx
 
-    from mlx_dgemma.fast import _gumbel_rows, bucketed
+    from mlx_dgemma.fast import _gumbel_rows, bucketed, live_positions
     from mlx_dgemma.sampler import SeededNoise, linear_temperature
 
     cache = cache.copy()
@@ -34,7 +34,7 @@ def reveal_canvas(model: Any, cache: Any, settings: Any, seed: int, threshold: f
     length, vocab = settings.max_new_tokens, model.text_config.vocab_size
     canvas = noise.tokens(0, 0, (1, length), vocab)
     revealed = mx.zeros((1, length), dtype=mx.bool_)
-    logits = conditioning = just_revealed = None
+    logits = conditioning = settled = None
     forwarded = step_index = 0
     live = length
     start = time.perf_counter()
@@ -45,10 +45,10 @@ def reveal_canvas(model: Any, cache: Any, settings: Any, seed: int, threshold: f
             fresh = model.denoise(canvas, cache, conditioning)
             gumbel = noise.gumbel(0, step_index, fresh.shape)
         else:
-            # Unrevealed positions, then those revealed by the last step (they read a new token: forwarded once
+            # Unrevealed positions and those revealed by the last step (they read a new token: forwarded once
             # more), then the others to fill the bucket.
-            rank = mx.where(revealed, mx.where(just_revealed, 1, 2), 0) * length + mx.arange(length)
-            positions = mx.argsort(rank, axis=-1)[:, : bucketed(live, bucket, length)]
+            size = bucketed(live, bucket, length)
+            positions = live_positions(settled, mx.zeros(settled.shape, dtype=mx.int32), None, size)
             fresh = model.denoise(
                 mx.take_along_axis(canvas, positions, 1),
                 cache,
@@ -69,10 +69,10 @@ def reveal_canvas(model: Any, cache: Any, settings: Any, seed: int, threshold: f
         chosen = mx.where(was_revealed, kept, mx.where(reveal, draws.astype(kept.dtype), fresh_tokens))
         canvas = mx.put_along_axis(canvas, positions, chosen, axis=1)
         revealed = mx.put_along_axis(revealed, positions, was_revealed | reveal, axis=1)
-        just_revealed = mx.put_along_axis(mx.zeros_like(revealed), positions, reveal, axis=1)
+        settled = revealed & ~mx.put_along_axis(mx.zeros_like(revealed), positions, reveal, axis=1)
         logits = fresh if logits is None else mx.put_along_axis(logits, positions[..., None], fresh, axis=1)
         conditioning = (logits / temperature).astype(model.embedding_dtype)
-        live = int((~revealed | just_revealed).sum().item())
+        live = int((~settled).sum().item())
         if bool(revealed.all().item()):
             break
     seconds = time.perf_counter() - start
